@@ -1,0 +1,1 @@
+"""Quantization algorithms: pure functions on one weight matrix (plus its statistics) -> codes."""
