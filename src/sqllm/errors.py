@@ -36,3 +36,7 @@ class DataUnavailable(SqllmError):
 
 class OutputExists(SqllmError):
     """An output folder that already exists, written without --overwrite."""
+
+
+class NumericalError(SqllmError):
+    """A computation that cannot proceed on these numbers (e.g. a Hessian not positive definite)."""
