@@ -1,0 +1,114 @@
+"""Calibration windows and evaluation token streams, from dataset names or local text files.
+
+A *source* is a name (``wikitext2``, ``c4``, ``ptb``; loaded through ``datasets`` when reachable) or a
+local ``.txt`` / ``.raw`` / ``.tokens`` / ``.jsonl`` file. Calibration draws ``n`` windows of ``seqlen``
+tokens at seeded random offsets of the tokenized text (the GPTQ protocol); evaluation tokenizes the
+whole text once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .errors import DataUnavailable, InvalidConfig, NotEnoughText
+
+LOCAL_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl")
+Split = Literal["calib", "eval"]
+
+# name -> (datasets args, split for calibration, split for evaluation, text field)
+DATASETS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), "train", "test", "text"),
+    "ptb": (("ptb_text_only", "penn_treebank"), "train", "test", "sentence"),
+    "c4": (("allenai/c4", "en"), "train", "validation", "text"),
+}
+
+
+def _read_local(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidConfig(f"{path}:{i + 1} is not a JSON object with a 'text' field") from None
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def _read_dataset(name: str, split: Split) -> str:
+    args, calib_split, eval_split, field = DATASETS[name]
+    try:
+        import datasets
+    except ImportError:
+        raise DataUnavailable(
+            f"dataset {name!r} needs the 'datasets' package (pip install datasets), or pass a local text file"
+        ) from None
+    hf_split = calib_split if split == "calib" else eval_split
+    try:
+        if name == "c4":
+            shard = "train" if split == "calib" else "validation"
+            files = {shard: f"en/c4-{shard}.00000-of-{'01024' if shard == 'train' else '00008'}.json.gz"}
+            ds = datasets.load_dataset(args[0], data_files=files, split=shard)
+        else:
+            ds = datasets.load_dataset(*args, split=hf_split)
+    except Exception as exc:  # the hub raises many types when offline
+        raise DataUnavailable(
+            f"dataset {name!r} could not be loaded ({type(exc).__name__}); pass a local text file instead"
+        ) from None
+    sep = " " if name == "ptb" else "\n\n"
+    return sep.join(ds[field])
+
+
+def load_text(source: str, split: Split = "eval") -> str:
+    """The raw text of a source: a local file, or the calibration / evaluation split of a named dataset."""
+    path = Path(source).expanduser()
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataUnavailable(f"text file {source!r} does not exist")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise InvalidConfig(f"text file {source!r}: supported suffixes are {', '.join(LOCAL_SUFFIXES)}")
+        return _read_local(path)
+    if source in DATASETS:
+        return _read_dataset(source, split)
+    raise DataUnavailable(
+        f"unknown text source {source!r}: give a local {'/'.join(LOCAL_SUFFIXES)} file or one of "
+        f"{', '.join(DATASETS)}"
+    )
+
+
+def tokenize(tokenizer: Any, text: str) -> Tensor:
+    """Token ids of ``text`` as one stream ``[1, T]`` (no truncation, no special tokens added)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
+    return ids.long()
+
+
+def calibration_windows(tokenizer: Any, source: str, n: int, seqlen: int, seed: int = 0) -> Tensor:
+    """``[n, seqlen]`` token windows at seeded random offsets of the source's calibration text."""
+    if n < 1 or seqlen < 2:
+        raise InvalidConfig(f"calibration needs n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
+    ids = tokenize(tokenizer, load_text(source, "calib"))[0]
+    return sample_windows(ids, n, seqlen, seed, what=f"calibration source {source!r}")
+
+
+def sample_windows(ids: Tensor, n: int, seqlen: int, seed: int, what: str = "text") -> Tensor:
+    """``[n, seqlen]`` windows of the stream ``ids: [T]`` at offsets drawn with ``seed``."""
+    if ids.numel() <= seqlen:
+        raise NotEnoughText(
+            f"{what} has {ids.numel()} tokens, too few for windows of {seqlen}; "
+            f"use a shorter --calib-seqlen or a longer text"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_tokens(tokenizer: Any, source: str) -> Tensor:
+    """The whole evaluation text of ``source`` tokenized once: ``[1, T]``."""
+    return tokenize(tokenizer, load_text(source, "eval"))

@@ -1,0 +1,1 @@
+"""Block-by-block calibration: capture block inputs, collect statistics, call solvers, propagate."""

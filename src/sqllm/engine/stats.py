@@ -1,0 +1,46 @@
+"""Statistics accumulators fed with a linear layer's inputs, one batch at a time (``update(x)``/``result()``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class HessianAccumulator:
+    """``H = 2/N * sum_t x_t x_t^T`` over all N calibration tokens (GPTQ's layer-wise Hessian), ``[in, in]``."""
+
+    def __init__(self, n_in: int):
+        self.sum = torch.zeros(n_in, n_in, dtype=torch.float32)
+        self.count = 0
+
+    def update(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def result(self) -> Tensor:
+        return self.sum * (2.0 / max(self.count, 1))
+
+
+class InputSampler:
+    """A seeded sample of input rows, ``[<= max_rows, in]``: the calibration tokens SliM-LLM's bit
+    allocation search evaluates its candidates on. Each batch contributes ``per_batch`` rows."""
+
+    def __init__(self, max_rows: int, per_batch: int, seed: int = 0):
+        self.max_rows = max_rows
+        self.per_batch = per_batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: list[Tensor] = []
+        self.count = 0
+
+    def update(self, x: Tensor) -> None:
+        if self.count >= self.max_rows:
+            return
+        x = x.reshape(-1, x.shape[-1])
+        take = min(self.per_batch, x.shape[0], self.max_rows - self.count)
+        idx = torch.randperm(x.shape[0], generator=self.gen)[:take]
+        self.rows.append(x[idx].float().cpu())
+        self.count += take
+
+    def result(self) -> Tensor:
+        return torch.cat(self.rows)

@@ -1,0 +1,63 @@
+"""Tables, JSON and run metadata: the only place (with the CLI) that prints."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Any, Sequence
+
+import torch
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    print(markdown_table(headers, rows))
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """One table of a quantization run's bits per weight by part."""
+    bpw = summary.get("bits_per_weight", {})
+    rows = [[k, f"{v:.4f}"] for k, v in bpw.items()]
+    print(f"{summary['method']}: {summary['linears']} linears, {summary['weights']:,} weights, "
+          f"{summary['seconds']:.1f} s" + (f" -> {summary['output']}" if "output" in summary else ""))
+    if "sparse_values" in summary:
+        print(f"sparse: {summary['sparse_values']:,} values ({summary['sparse_pct']:.3f}%)")
+    print_table(["part", "bits/weight"], rows)
+
+
+def git_commit(path: str | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=path, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=path)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark result needs to be read correctly: machine, threads, library versions."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,103 @@
+"""The block loop on tiny models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sqllm.codes import QuantizedMatrix
+from sqllm.engine.loop import EngineOptions, capture_first_block_inputs, quantize_blocks
+from sqllm.methods import HESSIAN, INPUTS, LayerStats, MethodSpec, get_method
+from sqllm.models import arch_spec, get_blocks, linear_names
+from sqllm.config import RTNConfig
+
+from conftest import tiny_model
+
+
+class _Exact:
+    """Dense codes that reproduce the weight exactly (an identity quantizer)."""
+
+    def __init__(self, w):
+        self.w = w.clone()
+        self.shape = tuple(w.shape)
+
+    def dequantize(self):
+        return self.w
+
+
+def _recording_identity(seen: dict):
+    def solve(w, stats: LayerStats, cfg):
+        seen[stats.name] = stats
+        return QuantizedMatrix(dense=_Exact(w))
+
+    return MethodSpec("identity", RTNConfig, frozenset({HESSIAN, INPUTS}), solve, "test identity")
+
+
+def _windows(n=4, L=16, vocab=256, seed=0):
+    return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_identity_quantizer_leaves_logits_unchanged(tiny):
+    windows = _windows()
+    with torch.no_grad():
+        before = tiny(windows).logits
+    seen: dict = {}
+    arch = arch_spec(tiny)
+    res = quantize_blocks(tiny, arch, _recording_identity(seen), RTNConfig(4), windows=windows,
+                          opts=EngineOptions(batch_size=3, progress=False))
+    with torch.no_grad():
+        after = tiny(windows).logits
+    assert torch.equal(before, after)
+    assert sorted(res) == sorted(linear_names(tiny)) == sorted(seen)
+    assert all(s.hessian is not None and s.inputs is not None for s in seen.values())
+
+
+def test_hessian_matches_direct_computation():
+    model = tiny_model("llama")
+    arch = arch_spec(model)
+    windows = _windows(n=5, L=12)
+    seen: dict = {}
+    quantize_blocks(model, arch, _recording_identity(seen), RTNConfig(4), windows=windows,
+                    opts=EngineOptions(batch_size=2, progress=False))
+    # q_proj of block 0 sees input_layernorm(embeddings)
+    block = get_blocks(model, arch)[0]
+    with torch.no_grad():
+        x = block.input_layernorm(model.model.embed_tokens(windows)).reshape(-1, 64)
+    expected = 2.0 / x.shape[0] * x.T @ x
+    got = seen["model.layers.0.self_attn.q_proj"].hessian
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_second_block_sees_quantized_outputs():
+    """Block 1's statistics are computed on block 0's outputs *after* block 0 was quantized."""
+    model = tiny_model("llama")
+    arch = arch_spec(model)
+    windows = _windows(n=3, L=10)
+    rtn = get_method("rtn")
+    seen: dict = {}
+
+    def solve(w, stats, cfg):
+        seen[stats.name] = stats
+        return rtn.solve(w, stats, cfg)
+
+    spec = MethodSpec("rtn-rec", RTNConfig, frozenset({HESSIAN}), solve, "")
+    quantize_blocks(model, arch, spec, RTNConfig(2), windows=windows, opts=EngineOptions(progress=False))
+    inputs = capture_first_block_inputs(model, arch, windows, 8)
+    with torch.no_grad():
+        h = get_blocks(model, arch)[0](inputs.hidden, **inputs.kwargs)
+        h = h[0] if isinstance(h, tuple) else h
+        x = get_blocks(model, arch)[1].input_layernorm(h).reshape(-1, 64)
+    torch.testing.assert_close(seen["model.layers.1.self_attn.q_proj"].hessian, 2.0 / x.shape[0] * x.T @ x,
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_rtn_through_engine_error_shrinks_with_bits(family):
+    errs = []
+    for bits in (2, 3, 4, 8):
+        model = tiny_model(family)
+        ref = {n: model.get_submodule(n).weight.detach().clone() for n in linear_names(model)}
+        quantize_blocks(model, arch_spec(model), get_method("rtn"), RTNConfig(bits, 32),
+                        opts=EngineOptions(progress=False))
+        errs.append(sum(float((model.get_submodule(n).weight.detach() - w).pow(2).sum()) for n, w in ref.items()))
+    assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 1000
