@@ -183,7 +183,7 @@ def quantize(
 
 def quantization_config(result: QuantizationResult) -> dict[str, Any]:
     """The ``quantization_config`` block written into ``config.json``."""
-    from .formats import FORMAT_VERSION
+    from .formats.checkpoint import FORMAT_VERSION
 
     summary = result.summary()
     return {

@@ -50,6 +50,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity (and zero-shot tasks) of a model or packed checkpoint")
     p.add_argument("model")
     p.add_argument("--ppl", help="text source for perplexity: wikitext2, c4, ptb or a local file")
+    p.add_argument("--baseline", help="also evaluate this model (e.g. the full-precision one) for comparison")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--windows", type=int, help="evaluate the first N windows only")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks (zero-shot)")
@@ -143,21 +144,31 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
     if not a.ppl and not a.tasks:
         raise InvalidConfig("nothing to evaluate: pass --ppl SOURCE and/or --tasks T1,T2")
-    model, tok = api.load_model(a.model)
-    results: dict[str, Any] = {"model": a.model}
+    specs = [a.model] + ([a.baseline] if a.baseline else [])
+    results: dict[str, Any] = {"model": a.model, "runs": []}
+    for spec in specs:
+        model, tok = api.load_model(spec)
+        run: dict[str, Any] = {"model": spec}
+        if a.ppl:
+            run.update(api.evaluate_perplexity(model, tok, a.ppl, seqlen=a.seqlen, windows=a.windows))
+        if a.tasks:
+            from .eval.zeroshot import run_zeroshot
+
+            run["zeroshot"] = run_zeroshot(model, tok, a.tasks.split(","), include_path=a.include_path,
+                                           limit=a.limit)
+        results["runs"].append(run)
+        del model
     if a.ppl:
-        ppl = api.evaluate_perplexity(model, tok, a.ppl, seqlen=a.seqlen, windows=a.windows)
-        results.update(ppl)
         print_table(
             ["model", "source", "windows", "seqlen", "perplexity"],
-            [[a.model, a.ppl, ppl["windows"], ppl["seqlen"], f"{ppl['perplexity']:.3f}"]],
+            [[r["model"], a.ppl, r["windows"], r["seqlen"], f"{r['perplexity']:.3f}"] for r in results["runs"]],
         )
     if a.tasks:
-        from .eval.zeroshot import print_zeroshot, run_zeroshot
+        from .eval.zeroshot import print_zeroshot
 
-        zs = run_zeroshot(model, tok, a.tasks.split(","), include_path=a.include_path, limit=a.limit)
-        results["zeroshot"] = zs
-        print_zeroshot(zs)
+        for r in results["runs"]:
+            print_zeroshot(r["model"], r["zeroshot"])
+    results.update({k: v for k, v in results["runs"][0].items() if k != "model"})
     _write_json(a.json, results)
 
 

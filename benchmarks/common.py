@@ -1,0 +1,111 @@
+"""Shared protocol of the perplexity benchmarks: one cached result per configuration.
+
+Every configuration (model, method, options, calibration) is quantized once and evaluated on the first
+``WINDOWS`` windows of 2048 tokens of the WikiText-2 test text; results are cached in
+``results/runs.jsonl`` keyed by the configuration, so ppl.py, squeezellm.py and slim.py share the
+full-precision and RTN rows instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from sqllm.api import evaluate_perplexity, quantize  # noqa: E402
+from sqllm.engine.loop import EngineOptions  # noqa: E402
+from sqllm.models import load_model  # noqa: E402
+from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED = ROOT.parent / "shared" / "data"
+WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+WIKI_VALID = SHARED / "wikitext-2" / "wiki.valid.tokens"
+MODEL = "smollm2-135m"
+WINDOWS = 40
+SEQLEN = 2048
+# Calibration for Hessian methods: 32 windows of 1024 tokens (CPU budget; GPTQ's paper uses 128 x 2048).
+CALIB = {"nsamples": 32, "calib_seqlen": 1024, "seed": 0}
+# Fisher for SqueezeLLM: 32 windows of 512 tokens (the paper's 100 x 512; it shows ~10 suffice).
+FISHER_CALIB = {"nsamples": 32, "calib_seqlen": 512, "seed": 0}
+
+PROTOCOL = {
+    "model": MODEL,
+    "eval": f"first {WINDOWS} windows of {SEQLEN} tokens of {WIKI_TEST.name} (WikiText-2 raw test), GPTQ protocol",
+    "calibration": f"{WIKI_VALID.name} (WikiText-2 validation); Hessian methods {CALIB}; Fisher {FISHER_CALIB}",
+}
+
+
+def _key(cfg: dict[str, Any]) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _cache() -> dict[str, dict[str, Any]]:
+    path = RESULTS / "runs.jsonl"
+    if not path.is_file():
+        return {}
+    return {json.loads(l)["key"]: json.loads(l) for l in path.read_text().splitlines() if l.strip()}
+
+
+def run(label: str, method: str | None, windows: int = WINDOWS, engine: dict | None = None,
+        **options: Any) -> dict[str, Any]:
+    """Quantize SmolLM2 with ``method`` (None: full precision) and evaluate it; cached by configuration."""
+    cfg = {"model": MODEL, "method": method, "windows": windows, "seqlen": SEQLEN, "options": options,
+           "engine": engine or {}}
+    key = _key(cfg)
+    cached = _cache().get(key)
+    if cached is not None:
+        return {**cached, "label": label}
+    torch.manual_seed(0)
+    model, tok = load_model(MODEL)
+    summary: dict[str, Any] = {}
+    if method is not None:
+        opts = {**options}
+        if method != "rtn":
+            opts.update(calib=str(WIKI_VALID))
+        result = quantize(model, tok, method, engine=EngineOptions(**(engine or {})), **opts)
+        summary = result.summary()
+    t = time.perf_counter()
+    ppl = evaluate_perplexity(model, tok, str(WIKI_TEST), seqlen=SEQLEN, windows=windows)
+    row = {
+        "key": key, "label": label, "method": method or "fp32", "options": options,
+        "perplexity": ppl["perplexity"], "windows": ppl["windows"], "tokens": ppl["tokens"],
+        "eval_seconds": time.perf_counter() - t, "quant_seconds": summary.get("seconds", 0.0),
+        "bits_per_weight": summary.get("bits_per_weight", {}).get("total", 32.0),
+        "summary": summary, "commit": git_commit(str(ROOT)),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "runs.jsonl", "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+    print(f"{label}: ppl {row['perplexity']:.3f}", flush=True)
+    return row
+
+
+def write_report(name: str, title: str, rows: list[dict[str, Any]], notes: str = "") -> None:
+    """``results/<name>.json`` and ``results/<name>.md`` with protocol, machine and commit."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"protocol": PROTOCOL, "machine": machine_info(), "commit": git_commit(str(ROOT)), "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    table = markdown_table(
+        ["configuration", "bits/weight", "perplexity", "quantize s", "eval s"],
+        [[r["label"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}", f"{r['quant_seconds']:.0f}",
+          f"{r['eval_seconds']:.0f}"] for r in rows],
+    )
+    m = doc["machine"]
+    md = (f"# {title}\n\n{table}\n\n"
+          f"Protocol: {PROTOCOL['eval']}; calibration: {PROTOCOL['calibration']}.\n"
+          f"Bits/weight counts codes, scales/zeros or LUTs, bit maps and sparse values of the quantized "
+          f"linears (embeddings and lm_head stay full precision).\n\n"
+          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
+          f"Commit {doc['commit']}.\n")
+    if notes:
+        md += f"\n{notes}\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
