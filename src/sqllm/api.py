@@ -94,6 +94,13 @@ def make_config(method: str, **options: Any) -> Any:
     return spec.config_cls(**given)
 
 
+def check_calibration_given(method: str, calib: str | None, fisher: Any = None) -> None:
+    """Methods that learn from data need a calibration source (SqueezeLLM can use a Fisher file instead)."""
+    needs = get_method(method).needs
+    if calib is None and (needs & {HESSIAN, INPUTS} or (FISHER in needs and fisher is None)):
+        raise InvalidConfig(f"method {method!r} needs calibration text: pass --calib SOURCE")
+
+
 def check_config_against_model(cfg: Any, model: nn.Module) -> None:
     """Reject settings that do not fit the model's linears, naming every offender at once."""
     group_size = getattr(cfg, "group_size", None)
@@ -149,9 +156,8 @@ def quantize(
     windows = None
     calibration: dict[str, Any] = {}
     needs_windows = bool(spec.needs & {HESSIAN, INPUTS}) or (FISHER in spec.needs and not isinstance(fisher, (dict, str)))
+    check_calibration_given(method, calib, fisher)
     if needs_windows:
-        if calib is None:
-            raise InvalidConfig(f"method {method!r} needs calibration text: pass --calib SOURCE")
         windows = calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed)
         calibration = {"source": str(calib), "nsamples": nsamples, "seqlen": calib_seqlen, "seed": seed}
 

@@ -120,6 +120,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
         options["group_size"] = None
     options = {k: v for k, v in options.items() if v is not None}
     api.make_config(a.method, **options)
+    api.check_calibration_given(a.method, a.calib, a.sensitivity_file)
     if Path(a.output).exists() and not a.overwrite:
         from .errors import OutputExists
 
@@ -212,8 +213,17 @@ COMMANDS = {
 }
 
 
+def _quiet_transformers() -> None:
+    """Our own bars report progress; transformers' per-load bars would bury the one-line errors."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         COMMANDS[args.command](args)
     except SqllmError as exc:
