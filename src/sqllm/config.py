@@ -65,6 +65,11 @@ class GPTQConfig:
             raise InvalidConfig(f"blocksize={self.blocksize} must be >= 1")
         if self.static_groups and self.group_size is None:
             raise InvalidConfig("static_groups needs a group_size; pass --group-size G or drop --static-groups")
+        if self.act_order and self.group_size is not None and not self.static_groups:
+            # groups fitted in act-order would hold scattered columns, not contiguous ones
+            raise InvalidConfig(
+                "act_order with group_size needs static_groups; pass --static-groups, or drop --act-order"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,214 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers"): quantize one column at a time and spread its rounding error over the columns not yet
+quantized, weighted by the inverse Hessian of the layer's squared output error.
+
+The solver is split so that SliM-LLM reuses it unchanged:
+
+* :func:`drop_dead_inputs` and :func:`hessian_inverse_factor` prepare ``U`` with ``H^-1 = U^T U``;
+* :func:`gptq_core` runs the sweep with one bit width per column group (``group_bits``) and a
+  pluggable per-group grid fit (min-max here; SQC and binarization in ``slim.py``);
+* :func:`gptq_quantize` is the GPTQ method itself (``act_order``, ``static_groups``, damping).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..codes import QuantizedMatrix, UniformCodes, num_groups
+from ..config import GPTQConfig
+from ..errors import NumericalError
+from .uniform import minmax_grid
+
+# (w_group [out, n_cols], bits, columns of the group in w) -> (scale [out], zero [out]), fp16-representable.
+GridFit = Callable[[Tensor, int, slice], tuple[Tensor, Tensor]]
+
+# How often a failed Cholesky is retried, each time with 10x the damping.
+DAMP_RETRIES = 3
+# Damping the retries start from when the configured percdamp is 0 (GPTQ's default is 0.01).
+DAMP_RETRY_BASE = 1e-3
+
+
+def group_slices(n_in: int, group_size: int) -> list[slice]:
+    """Column ranges of the groups of ``group_size`` columns over ``n_in`` columns (last one may be partial)."""
+    return [slice(s, min(s + group_size, n_in)) for s in range(0, n_in, group_size)]
+
+
+def nearest_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Code of the grid level ``scale * (q - zero)`` nearest to ``w``, for integer or fractional zeros.
+
+    Shapes broadcast (``w: [...]``, ``scale``/``zero`` against it); returns float codes in ``[0, maxq]``.
+    The integer part of ``zero`` is added after rounding, so for integer zeros this is exactly
+    :func:`~sqllm.quant.uniform.quantize_to_grid` (GPTQ == RTN bit for bit when nothing is fed back);
+    the fractional part (binarized SliM groups) shifts the rounding thresholds to the level midpoints.
+    """
+    z_int = torch.round(zero)
+    return torch.clamp(torch.round(w / scale - (zero - z_int)) + z_int, 0, maxq)
+
+
+def drop_dead_inputs(w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Inputs never active in calibration (``H_jj == 0``): their weight is irrelevant to the output, so
+    set it to 0 and ``H_jj = 1`` to keep ``H`` invertible (GPTQ reference). Returns new (w, h)."""
+    dead = torch.diagonal(h) == 0
+    w, h = w.clone(), h.clone()
+    w[:, dead] = 0
+    h[dead, dead] = 1
+    return w, h
+
+
+def _damping_schedule(percdamp: float) -> list[float]:
+    """Damping fractions to try: the configured one, then 10x more each retry."""
+    base = percdamp if percdamp > 0 else DAMP_RETRY_BASE
+    return [percdamp] + [base * 10**k for k in range(1, DAMP_RETRIES + 1)]
+
+
+def hessian_inverse_factor(h: Tensor, percdamp: float, name: str = "") -> tuple[Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (so ``H^-1 = U^T U``), GPTQ §4 step 3.
+
+    h: [in, in] float32, dead inputs already fixed. ``damp = frac * mean(diag H)`` (§4 "numerical
+    stability"), ``frac = percdamp`` first, 10x larger on each of :data:`DAMP_RETRIES` retries.
+    Returns (U [in, in], frac used). Raises NumericalError naming the layer when all attempts fail.
+    """
+    if not bool(torch.isfinite(h).all()):
+        raise NumericalError(f"layer {name!r}: the Hessian has inf/NaN entries; check the calibration inputs")
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    tried = _damping_schedule(percdamp)
+    for frac in tried:
+        chol, info = torch.linalg.cholesky_ex(h + frac * mean_diag * eye)
+        if int(info) != 0:
+            continue
+        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        if int(info) == 0 and bool(torch.isfinite(u).all()):
+            return u, frac
+    raise NumericalError(
+        f"layer {name!r}: Hessian is not positive definite even with damping "
+        f"{', '.join(f'{f:g}' for f in tried)} x mean(diag H) (= {float(mean_diag):.3g}); "
+        "use more calibration samples or a larger --percdamp"
+    )
+
+
+def _block_bounds(n_in: int, blocksize: int, group_size: int | None) -> list[tuple[int, int]]:
+    """Lazy-batch blocks (GPTQ §4 step 2), also cut at every group start when ``group_size`` is given so
+    that a group's grid is fitted after all earlier errors were propagated into its columns. The cut
+    does not change the result in exact arithmetic: lazy batching only defers the updates."""
+    starts = set(range(0, n_in, blocksize))
+    if group_size is not None:
+        starts |= set(range(0, n_in, group_size))
+    s = sorted(starts)
+    return list(zip(s, s[1:] + [n_in]))
+
+
+def gptq_core(
+    w: Tensor,
+    hinv_u: Tensor,
+    group_size: int,
+    group_bits: Tensor,
+    fit_grid: GridFit,
+    *,
+    blocksize: int = 128,
+    static_groups: bool = False,
+    perm: Tensor | None = None,
+) -> tuple[UniformCodes, Tensor]:
+    """The GPTQ sweep (Algorithm 1) with a bit width and a grid per column group.
+
+    w:          [out, in] float32 in natural column order, dead inputs zeroed
+    hinv_u:     [in, in] upper Cholesky factor of ``H^-1`` of the *processing* order (``H[perm][:, perm]``)
+    group_size: columns per group; groups always refer to natural column indices
+    group_bits: [n_groups] int, bits of each group (1..8); ``maxq = 2**bits - 1``
+    fit_grid:   grid of one group, called with that group's current weights, its bits and its columns
+    perm:       processing order (act_order) or None. Grids are then fitted up front on ``w`` (as with
+                ``static_groups``), because a group's columns are not contiguous in the sweep.
+    Returns (codes with scales/zeros per natural group, dequantized weight [out, in]) where the
+    weight is exactly ``codes.dequantize()``, computed from the stored fp16-representable grids.
+    """
+    out, n_in = w.shape
+    n_g = num_groups(n_in, group_size)
+    slices = group_slices(n_in, group_size)
+    bits = [int(b) for b in group_bits]
+    static = static_groups or perm is not None
+    scales = torch.zeros(out, n_g, dtype=torch.float32)
+    zeros = torch.zeros(out, n_g, dtype=torch.float32)
+    if static:
+        for g, cols in enumerate(slices):
+            scales[:, g], zeros[:, g] = fit_grid(w[:, cols], bits[g], cols)
+    order = perm if perm is not None else torch.arange(n_in)
+    col_group = (order // group_size).tolist()
+    W = w[:, order].clone()
+    codes = torch.zeros(out, n_in, dtype=torch.float32)
+    Q = torch.zeros(out, n_in, dtype=torch.float32)
+    for b0, b1 in _block_bounds(n_in, blocksize, None if static else group_size):
+        if not static and b0 % group_size == 0:
+            g = b0 // group_size
+            scales[:, g], zeros[:, g] = fit_grid(W[:, slices[g]], bits[g], slices[g])
+        W1 = W[:, b0:b1].clone()
+        U1 = hinv_u[b0:b1, b0:b1]
+        Err1 = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            g = col_group[b0 + i]
+            s, z = scales[:, g], zeros[:, g]
+            q = nearest_codes(W1[:, i], s, z, 2 ** bits[g] - 1)
+            deq = s * (q - z)
+            # OBS update restricted to the remaining columns of the block (eq. 3 via the Cholesky rows)
+            err = (W1[:, i] - deq) / U1[i, i]
+            W1[:, i:] -= torch.outer(err, U1[i, i:])
+            Err1[:, i] = err
+            codes[:, b0 + i] = q
+            Q[:, b0 + i] = deq
+        # deferred update of all later columns with the whole block's errors (lazy batch)
+        W[:, b1:] -= Err1 @ hinv_u[b0:b1, b1:]
+    if perm is not None:
+        codes[:, perm] = codes.clone()
+        Q[:, perm] = Q.clone()
+    dense = UniformCodes(
+        codes=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros,
+        group_bits=torch.as_tensor(bits, dtype=torch.int64),
+        group_size=group_size,
+    )
+    return dense, Q
+
+
+def hessian_error(w: Tensor, q: Tensor, h: Tensor) -> float:
+    """``tr((W - Q) H (W - Q)^T)``: with ``H = 2/n X^T X`` this is ``2/n ||X W^T - X Q^T||_F^2``, the
+    layer output error GPTQ minimizes (§3). w, q: [out, in]; h: [in, in] (undamped)."""
+    d = (w - q).double()
+    return float(((d @ h.double()) * d).sum())
+
+
+def _check_inputs(w: Tensor, h: Tensor | None) -> None:
+    if h is None or h.shape != (w.shape[1], w.shape[1]):
+        got = None if h is None else tuple(h.shape)
+        raise ValueError(f"Hessian of shape {got} does not match weight {tuple(w.shape)}; expected [in, in]")
+
+
+def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = "") -> QuantizedMatrix:
+    """GPTQ on one weight ``w: [out, in]`` given ``hessian = 2/n sum x x^T: [in, in]``.
+
+    Grids are min-max (fp16 scales) per output channel or per ``group_size`` columns, fitted on the
+    error-updated weights when a group starts, or on the original ``w`` with ``static_groups``.
+    ``act_order`` quantizes columns by descending ``diag(H)`` (§5 "act-order" of the reference code).
+    info: ``damp`` (damping fraction used), ``hessian_error`` (see :func:`hessian_error`).
+    """
+    _check_inputs(w, hessian)
+    w0, h0 = w.float(), hessian.float()
+    w1, h = drop_dead_inputs(w0, h0)
+    n_in = w1.shape[1]
+    group_size = cfg.group_size if cfg.group_size is not None else n_in
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        h = h[perm][:, perm]
+    u, damp = hessian_inverse_factor(h, cfg.percdamp, name)
+    group_bits = torch.full((num_groups(n_in, group_size),), cfg.bits, dtype=torch.int64)
+
+    def fit(wg: Tensor, bits: int, cols: slice) -> tuple[Tensor, Tensor]:
+        return minmax_grid(wg, bits, cfg.sym)
+
+    dense, q = gptq_core(
+        w1, u, group_size, group_bits, fit, blocksize=cfg.blocksize, static_groups=cfg.static_groups, perm=perm
+    )
+    return QuantizedMatrix(dense=dense, info={"damp": damp, "hessian_error": hessian_error(w0, q, h0)})
