@@ -108,9 +108,13 @@ class SliMConfig:
 
     salience:          "cholesky" uses the diagonal of the Cholesky factor of H^-1 (as the reference
                        code), "inverse" the diagonal of H^-1 itself (as the paper's formula).
-    sqc_grid/sqc_range: scale multipliers searched per group (reference: 101 points in [0.9, 1.1]).
-    sqc_salient_frac/sqc_salient_weight: fraction of a group's most salient weights and their extra
-                       weight in the SQC error.
+    sqc_grid/sqc_range: multipliers of each group-row's min-max range searched by SQC: 1 itself plus
+                       ``sqc_grid`` points evenly over ``sqc_range`` (default 101 in [0.9, 1.1], as the
+                       reference code).
+    sqc_salient_frac/sqc_salient_weight: SQC minimizes a weighted squared error in which the
+                       ``sqc_salient_frac`` most salient weights of the group (all rows) weigh
+                       ``sqc_salient_weight`` and the rest 1; default: top 10% weigh 2. (The reference
+                       code weighs |error|^2.4 and marks salient weights by z-score > 2.)
     lwc_*:             SliM-LLM+ learnable weight clipping (only used when ``lwc`` is True).
     """
 
@@ -133,6 +137,9 @@ class SliMConfig:
         if self.bits not in (2, 3):
             raise InvalidConfig(f"bits={self.bits} is not supported by slim; choose 2 or 3")
         _check_group_size(self.group_size)
+        _check_range("percdamp", self.percdamp, 0.0, 1.0)
+        if self.blocksize < 1:
+            raise InvalidConfig(f"blocksize={self.blocksize} must be >= 1")
         if self.salience not in ("cholesky", "inverse"):
             raise InvalidConfig(f"salience={self.salience!r}; choose 'cholesky' or 'inverse'")
         if self.sqc_grid < 1:

@@ -74,7 +74,7 @@ def hessian_inverse_factor(h: Tensor, percdamp: float, name: str = "") -> tuple[
     if not bool(torch.isfinite(h).all()):
         raise NumericalError(f"layer {name!r}: the Hessian has inf/NaN entries; check the calibration inputs")
     mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     tried = _damping_schedule(percdamp)
     for frac in tried:
         chol, info = torch.linalg.cholesky_ex(h + frac * mean_diag * eye)
@@ -129,16 +129,16 @@ def gptq_core(
     slices = group_slices(n_in, group_size)
     bits = [int(b) for b in group_bits]
     static = static_groups or perm is not None
-    scales = torch.zeros(out, n_g, dtype=torch.float32)
-    zeros = torch.zeros(out, n_g, dtype=torch.float32)
+    scales = torch.zeros(out, n_g, dtype=torch.float32, device=w.device)
+    zeros = torch.zeros_like(scales)
     if static:
         for g, cols in enumerate(slices):
             scales[:, g], zeros[:, g] = fit_grid(w[:, cols], bits[g], cols)
-    order = perm if perm is not None else torch.arange(n_in)
+    order = perm if perm is not None else torch.arange(n_in, device=w.device)
     col_group = (order // group_size).tolist()
     W = w[:, order].clone()
-    codes = torch.zeros(out, n_in, dtype=torch.float32)
-    Q = torch.zeros(out, n_in, dtype=torch.float32)
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
     for b0, b1 in _block_bounds(n_in, blocksize, None if static else group_size):
         if not static and b0 % group_size == 0:
             g = b0 // group_size
@@ -179,7 +179,8 @@ def hessian_error(w: Tensor, q: Tensor, h: Tensor) -> float:
     return float(((d @ h.double()) * d).sum())
 
 
-def _check_inputs(w: Tensor, h: Tensor | None) -> None:
+def check_hessian_shape(w: Tensor, h: Tensor | None) -> None:
+    """Raise ValueError unless ``h`` is ``[in, in]`` for ``w: [out, in]`` (an engine bug, not user input)."""
     if h is None or h.shape != (w.shape[1], w.shape[1]):
         got = None if h is None else tuple(h.shape)
         raise ValueError(f"Hessian of shape {got} does not match weight {tuple(w.shape)}; expected [in, in]")
@@ -193,7 +194,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = ""
     ``act_order`` quantizes columns by descending ``diag(H)`` (§5 "act-order" of the reference code).
     info: ``damp`` (damping fraction used), ``hessian_error`` (see :func:`hessian_error`).
     """
-    _check_inputs(w, hessian)
+    check_hessian_shape(w, hessian)
     w0, h0 = w.float(), hessian.float()
     w1, h = drop_dead_inputs(w0, h0)
     n_in = w1.shape[1]
