@@ -40,12 +40,13 @@ def nearest_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     """Code of the grid level ``scale * (q - zero)`` nearest to ``w``, for integer or fractional zeros.
 
     Shapes broadcast (``w: [...]``, ``scale``/``zero`` against it); returns float codes in ``[0, maxq]``.
-    The integer part of ``zero`` is added after rounding, so for integer zeros this is exactly
-    :func:`~sqllm.quant.uniform.quantize_to_grid` (GPTQ == RTN bit for bit when nothing is fed back);
-    the fractional part (binarized SliM groups) shifts the rounding thresholds to the level midpoints.
+    The code is ``round(w / scale + zero)``; the integer part of ``zero`` is added after rounding, so
+    for integer zeros this is exactly :func:`~sqllm.quant.uniform.quantize_to_grid` (GPTQ == RTN bit
+    for bit when nothing is fed back), while a fractional part (binarized SliM groups) moves the
+    rounding thresholds to the midpoints between levels.
     """
     z_int = torch.round(zero)
-    return torch.clamp(torch.round(w / scale - (zero - z_int)) + z_int, 0, maxq)
+    return torch.clamp(torch.round(w / scale + (zero - z_int)) + z_int, 0, maxq)
 
 
 def drop_dead_inputs(w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
