@@ -209,7 +209,8 @@ def test_deterministic():
     w, x, h = _uneven_layer()
     a = slim_quantize(w, h, x, SliMConfig(2, group_size=32))
     b = slim_quantize(w, h, x, SliMConfig(2, group_size=32))
-    assert a.info == b.info and torch.equal(a.dense.codes, b.dense.codes) and torch.equal(a.dequantize(), b.dequantize())
+    assert a.info == b.info and torch.equal(a.dense.codes, b.dense.codes)
+    assert torch.equal(a.dequantize(), b.dequantize())
 
 
 def test_non_pd_hessian_raises_naming_the_layer():

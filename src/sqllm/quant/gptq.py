@@ -68,8 +68,8 @@ def _damping_schedule(percdamp: float) -> list[float]:
 def hessian_inverse_factor(h: Tensor, percdamp: float, name: str = "") -> tuple[Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (so ``H^-1 = U^T U``), GPTQ §4 step 3.
 
-    h: [in, in] float32, dead inputs already fixed. ``damp = frac * mean(diag H)`` (§4 "numerical
-    stability"), ``frac = percdamp`` first, 10x larger on each of :data:`DAMP_RETRIES` retries.
+    h: [in, in] float32, dead inputs already fixed. ``damp = frac * mean(diag H)`` (§4 step 3,
+    "Cholesky reformulation"), ``frac = percdamp`` first, 10x larger on each of :data:`DAMP_RETRIES` retries.
     Returns (U [in, in], frac used). Raises NumericalError naming the layer when all attempts fail.
     """
     if not bool(torch.isfinite(h).all()):
@@ -152,7 +152,7 @@ def gptq_core(
             s, z = scales[:, g], zeros[:, g]
             q = nearest_codes(W1[:, i], s, z, 2 ** bits[g] - 1)
             deq = s * (q - z)
-            # OBS update restricted to the remaining columns of the block (eq. 3 via the Cholesky rows)
+            # OBQ update (§3) of the block's remaining columns, from the Cholesky row of column i (§4 step 3)
             err = (W1[:, i] - deq) / U1[i, i]
             W1[:, i:] -= torch.outer(err, U1[i, i:])
             Err1[:, i] = err
@@ -192,7 +192,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = ""
 
     Grids are min-max (fp16 scales) per output channel or per ``group_size`` columns, fitted on the
     error-updated weights when a group starts, or on the original ``w`` with ``static_groups``.
-    ``act_order`` quantizes columns by descending ``diag(H)`` (§5 "act-order" of the reference code).
+    ``act_order`` quantizes columns by descending ``diag(H)`` (the reference code's act-order heuristic).
     info: ``damp`` (damping fraction used), ``hessian_error`` (see :func:`hessian_error`).
     """
     check_hessian_shape(w, hessian)
