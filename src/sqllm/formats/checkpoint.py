@@ -182,7 +182,8 @@ def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, An
             linear = model.get_submodule(name)
         except AttributeError:
             raise CorruptCheckpoint(f"quantized layer {name!r} does not exist in this model's architecture") from None
-        replace_linear(model, name, QuantLinear.empty(meta, bias=linear.bias is not None, dtype=linear.weight.dtype))
+        bias_dtype = linear.weight.dtype if linear.bias is not None else None
+        replace_linear(model, name, QuantLinear(meta, bias_dtype, device="meta"))
     result = model.load_state_dict(tensors, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied and k.split(".")[-1] not in tied]

@@ -1,0 +1,62 @@
+"""transformers integration: ``import sqllm`` lets ``AutoModelForCausalLM.from_pretrained(dir)`` read a
+packed sqllm checkpoint.
+
+The quantizer swaps every quantized ``nn.Linear`` named in ``quantization_config.layers`` for a
+QuantLinear built from its layer meta before the weights are loaded; transformers then fills the
+packed tensors by name. :func:`sqllm.api.load_quantized` does the same without transformers' loader and
+with stricter checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+METHOD = "sqllm"
+
+
+class SqllmConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` block of a packed checkpoint, kept as written."""
+
+    def __init__(self, layers: dict[str, dict[str, Any]] | None = None, **kwargs: Any):
+        self.quant_method = METHOD
+        self.layers = layers or {}
+        for key, value in kwargs.items():
+            if key != "quant_method":
+                setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class SqllmHfQuantizer(HfQuantizer):
+    """Loads pre-quantized sqllm checkpoints (quantizing through transformers is not supported)."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+        from .nn import quant_linear_from_meta, replace_linear
+
+        for name, meta_dict in self.quantization_config.layers.items():
+            linear = model.get_submodule(name)
+            bias_dtype = linear.weight.dtype if linear.bias is not None else None
+            replace_linear(model, name, quant_linear_from_meta(meta_dict, bias_dtype, device="meta", where=name))
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        return model
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register the config and quantizer under ``quant_method: "sqllm"`` (idempotent)."""
+    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(METHOD, SqllmConfig)
+    AUTO_QUANTIZER_MAPPING.setdefault(METHOD, SqllmHfQuantizer)

@@ -1,0 +1,131 @@
+"""Packed checkpoints: every method round-trips through save and load, and damage is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sqllm.api import load_quantized, quantize, save_quantized
+from sqllm.errors import CorruptCheckpoint
+from sqllm.nn import QuantLinear
+
+from conftest import tiny_model
+
+METHODS = [
+    ("rtn", dict(bits=3, group_size=32)),
+    ("gptq", dict(bits=4, group_size=32)),
+    ("slim", dict(bits=2, group_size=16)),
+    ("squeezellm", dict(bits=3, sensitive_pct=0.5, outlier_pct=1.0)),
+]
+
+
+class _Tok:
+    """Enough of a tokenizer for calibration on random ids and for save_pretrained."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False, verbose=False):
+        class R:
+            input_ids = torch.tensor([[ord(c) % 256 for c in text]])
+
+        return R()
+
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    g = torch.Generator().manual_seed(0)
+    path.write_text("".join(chr(97 + int(i)) for i in torch.randint(0, 26, (4000,), generator=g)))
+    return str(path)
+
+
+def _quantized(family, method, options, calib_file):
+    model = tiny_model(family)
+    result = quantize(model, _Tok(), method, calib=calib_file, nsamples=4, calib_seqlen=32, progress=False,
+                      **options)
+    return model, result
+
+
+@pytest.mark.parametrize("method, options", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_packed_model_equals_in_memory_model(tmp_path, family, method, options, calib_file):
+    model, result = _quantized(family, method, options, calib_file)
+    out = save_quantized(model, _Tok(), result, tmp_path / "ckpt")
+    loaded, _ = load_quantized(out)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = model(ids).logits, loaded(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    qlinears = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert sorted(qlinears) == sorted(result.matrices)
+    for name, qm in result.matrices.items():  # the stored model is the in-memory model, bit for bit
+        assert torch.equal(qlinears[name].dequantize_weight(), qm.dequantize())
+
+
+def test_transformers_loads_packed_checkpoint(tmp_path, calib_file):
+    from transformers import AutoModelForCausalLM
+
+    model, result = _quantized("llama", "rtn", dict(bits=4, group_size=32), calib_file)
+    out = save_quantized(model, _Tok(), result, tmp_path / "ckpt")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert any(isinstance(m, QuantLinear) for m in hf.modules())
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, calib_file):
+    model, result = _quantized("llama", "squeezellm", dict(bits=3, outlier_pct=1.0), calib_file)
+    return save_quantized(model, _Tok(), result, tmp_path / "ckpt")
+
+
+def test_truncated_shard(checkpoint):
+    shard = next(checkpoint.glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpoint, match="truncated or corrupt"):
+        load_quantized(checkpoint)
+
+
+def test_missing_tensor(checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    shard = next(checkpoint.glob("*.safetensors"))
+    tensors = load_file(shard)
+    del tensors["model.layers.1.mlp.up_proj.lut"]
+    save_file(tensors, shard)
+    with pytest.raises(CorruptCheckpoint, match="model.layers.1.mlp.up_proj.lut"):
+        load_quantized(checkpoint)
+
+
+def test_wrong_shape(checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    shard = next(checkpoint.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.0.self_attn.q_proj.lut"] = tensors["model.layers.0.self_attn.q_proj.lut"][:, :4].contiguous()
+    save_file(tensors, shard)
+    with pytest.raises(CorruptCheckpoint, match="model.layers.0.self_attn.q_proj.lut"):
+        load_quantized(checkpoint)
+
+
+def test_unknown_format_version(checkpoint):
+    cfg_path = checkpoint / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CorruptCheckpoint, match="format_version 99"):
+        load_quantized(checkpoint)
+
+
+def test_cli_reports_corrupt_checkpoint(checkpoint, capsys):
+    from sqllm.cli import main
+
+    (checkpoint / "model.safetensors.index.json").unlink()
+    assert main(["eval", str(checkpoint), "--ppl", "wikitext2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sqllm: error:") and "index" in err[-1]
