@@ -48,12 +48,6 @@ def _slots(bits: int, codes_per_block: int) -> list[tuple[int, int, int]]:
     return [(k, *divmod(k * bits, 8)) for k in range(codes_per_block)]
 
 
-def _fit(stream: Tensor, nbytes: int) -> Tensor:
-    """Zero-pad or crop ``stream: [out, m] uint8`` to ``[out, nbytes]`` (crops only zero padding bytes)."""
-    extra = nbytes - stream.shape[1]
-    return F.pad(stream, (0, extra)) if extra else stream  # a negative pad crops
-
-
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Pack ``codes: [out, n] uint8`` (each ``< 2**bits``) into ``[out, packed_words(n, bits)] int32``."""
     _check_little_endian()
@@ -73,7 +67,11 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         if shift + bits > 8:
             planes[:, byte + 1] |= c[:, k] >> (8 - shift)
     stream = planes.transpose(1, 2).reshape(out, blocks * block_bytes)
-    return _fit(stream, 4 * packed_words(n, bits)).contiguous().view(torch.int32)
+    # Whole blocks may overrun the words (by zero padding bytes only) or fall short of them.
+    words = torch.zeros(out, 4 * packed_words(n, bits), dtype=torch.uint8, device=codes.device)
+    used = min(words.shape[1], stream.shape[1])
+    words[:, :used] = stream[:, :used]
+    return words.view(torch.int32)
 
 
 def unpack_planar(packed: Tensor, bits: int, n: int, pad_to: int = 0) -> Tensor:
@@ -92,16 +90,22 @@ def unpack_planar(packed: Tensor, bits: int, n: int, pad_to: int = 0) -> Tensor:
             f"got {packed.dtype} {tuple(packed.shape)}"
         )
     blocks = -(-max(n, pad_to) // cpb)
-    stream = _fit(packed.contiguous().view(torch.uint8), blocks * block_bytes)
+    stream = packed.contiguous().view(torch.uint8)
+    extra = blocks * block_bytes - stream.shape[1]
+    if extra:  # zero-pad, or crop bytes past the last code (a negative pad crops)
+        stream = F.pad(stream, (0, extra))
     planes = stream.view(out, blocks, block_bytes).transpose(1, 2)
     if block_bytes > 1:
         planes = planes.contiguous()
     mask = (1 << bits) - 1
     codes = torch.empty(out, cpb, blocks, dtype=torch.uint8, device=packed.device)
     for k, byte, shift in _slots(bits, cpb):
-        code = planes[:, byte] >> shift
+        if shift + bits == 8:  # the byte's top field: the shift alone isolates it
+            torch.bitwise_right_shift(planes[:, byte], shift, out=codes[:, k])
+            continue
+        code = torch.bitwise_right_shift(planes[:, byte], shift) if shift else planes[:, byte]
         if shift + bits > 8:
-            code |= planes[:, byte + 1] << (8 - shift)
+            code = code | torch.bitwise_left_shift(planes[:, byte + 1], 8 - shift)
         torch.bitwise_and(code, mask, out=codes[:, k])
     return codes
 
