@@ -1,0 +1,230 @@
+"""Linear layers that hold a packed quantized weight (exactly the tensors of ``formats.layouts``).
+
+Two ways to compute ``y = x W^T + b`` with ``W`` = dequantized dense codes + sparse outliers:
+
+* the reference path: unpack and dequantize the whole weight (bit for bit ``QuantizedMatrix.dequantize``),
+  one matmul. Everything else is tested against it.
+* the tiled path (default): a few output rows at a time, unpack the rows' codes in the packer's
+  block-planar order (:func:`~sqllm.formats.bitpack.unpack_planar`), dequantize them and multiply by
+  ``x`` permuted to that column order, so the fp weight never exists whole and the codes are never
+  interleaved back. Decode (<= ``DECODE_TOKENS`` rows of ``x``) uses small, cache-sized tiles; prefill
+  uses large ones, where the matmul amortizes the dequantization. Outliers are added with ``index_add_``.
+
+Plain eager torch, any device; nothing is cached unless :meth:`QuantLinear.cache_dense_weight` asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..codes import QuantizedMatrix
+from ..formats.bitpack import block_shape, planar_columns, unpack_planar
+from ..formats.layouts import LayerMeta, group_columns, matrix_meta, pack_matrix, tensor_specs, unpack_matrix
+from ..formats.layouts import storage_bits as layout_storage_bits
+from ..formats.sparse import csr_rows
+
+DECODE_TOKENS = 8
+DECODE_TILE = 1 << 18  # weight elements dequantized at once when decoding (1 MiB fp32, about an L2)
+PREFILL_TILE = 1 << 21  # larger tiles when the matmul dominates
+PATHS = ("tiled", "reference")
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Columns stored in one packed tensor (the whole matrix, or one width's groups when mixed).
+
+    columns:   [cpb * L] int64, the input column of each planar position (``in`` = padding, reads a zero)
+    groups:    [n_groups_part] int64, global group of each of the part's groups (uniform only)
+    pos_group: [cpb * L] int64, the part-local group of each planar position, only where groups do
+               not line up with whole blocks (``group_size % cpb != 0``); None where they broadcast
+    """
+
+    buffer: str
+    bits: int
+    n: int
+    pad_to: int
+    columns: Tensor
+    groups: Tensor | None = None
+    pos_group: Tensor | None = None
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` replacement whose buffers are the packed tensors named by ``tensor_specs(meta)``.
+
+    Build it empty from the meta (``device="meta"`` for a checkpoint skeleton) and fill it with
+    ``load_state_dict(..., assign=True)``, or from a QuantizedMatrix with :meth:`from_matrix`.
+    bias_dtype: dtype of the optional ``bias`` buffer ``[out]`` (the model's dtype); None for no bias.
+    """
+
+    def __init__(self, meta: LayerMeta, bias_dtype: torch.dtype | None = None, device: Any = None) -> None:
+        super().__init__()
+        self.meta = meta
+        self.out_features, self.in_features = meta.shape
+        for name, spec in tensor_specs(meta).items():
+            self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
+        bias = None if bias_dtype is None else torch.zeros(self.out_features, dtype=bias_dtype, device=device)
+        self.register_buffer("bias", bias)
+        self.path = "tiled"
+        self.dense_cache: Tensor | None = None
+
+    @classmethod
+    def from_matrix(
+        cls, qm: QuantizedMatrix, bias: Tensor | None = None, value_dtype: torch.dtype = torch.float32
+    ) -> QuantLinear:
+        """Pack ``qm`` (outlier values stored in ``value_dtype``) into a new module, via the same
+        meta-device + ``load_state_dict(assign=True)`` route a checkpoint loader takes."""
+        tensors: dict[str, Tensor] = pack_matrix(qm, "", value_dtype)
+        module = cls(matrix_meta(qm, value_dtype), None if bias is None else bias.dtype, device="meta")
+        if bias is not None:
+            tensors["bias"] = bias.detach().clone()
+        module.load_state_dict(tensors, assign=True)
+        return module
+
+    def extra_repr(self) -> str:
+        m = self.meta
+        mixed = f", mixed={dict(m.mixed_cols)}" if m.mixed_cols else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kind={m.kind}, bits={m.bits}, "
+            f"group_size={m.group_size}{mixed}, nnz={m.nnz}, bias={self.bias is not None}, path={self.path}"
+        )
+
+    def packed_tensors(self) -> dict[str, Tensor]:
+        """The layout's tensors (no bias), as ``pack_matrix`` named them with an empty prefix."""
+        return {name: getattr(self, name) for name in tensor_specs(self.meta)}
+
+    def storage_bits(self) -> dict[str, int]:
+        """Stored bits by part (codes, lut or scales_zeros, bit_map, sparse) and ``"total"``; no bias."""
+        return layout_storage_bits(self.packed_tensors(), "", self.meta)
+
+    def bits_per_weight(self) -> float:
+        return self.storage_bits()["total"] / (self.out_features * self.in_features)
+
+    def dequantize_weight(self) -> Tensor:
+        """``[out, in]`` float32, bit for bit the ``QuantizedMatrix.dequantize()`` that was packed."""
+        return unpack_matrix(self.packed_tensors(), "", self.meta).dequantize()
+
+    def cache_dense_weight(self, dtype: torch.dtype | None) -> None:
+        """Opt in (``dtype``) or out (None) to keeping the dequantized weight for the forward: full fp
+        memory, no unpacking per call. Loading a state dict drops it."""
+        self.dense_cache = None if dtype is None else self.dequantize_weight().to(dtype)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.dense_cache = None  # a snapshot of the old buffers
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [..., in]`` -> ``[..., out]`` in ``x.dtype``."""
+        x2 = x.reshape(-1, self.in_features)
+        if self.dense_cache is not None:
+            y = x2 @ self.dense_cache.to(x.dtype).T
+        elif self.path == "reference":
+            y = x2 @ self.dequantize_weight().to(x.dtype).T
+        elif self.path == "tiled":
+            y = self._tiled(x2)
+        else:
+            raise ValueError(f"path={self.path!r}; supported values are {PATHS}")
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _tiled(self, x2: Tensor) -> Tensor:
+        """Dense part tile by tile of output rows, then the outliers: ``[m, in]`` -> ``[m, out]``."""
+        m = x2.shape[0]
+        parts = self._parts()
+        x_ext = F.pad(x2, (0, 1))  # column ``in`` is the zero that padding positions read
+        xs = [x_ext[:, p.columns].T for p in parts]  # [width_p, m], planar column order
+        width = sum(p.columns.numel() for p in parts)
+        rows = max(1, (DECODE_TILE if m <= DECODE_TOKENS else PREFILL_TILE) // width)
+        tiles = []  # no out= into one buffer: x may require grad
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            acc = None
+            for part, xp in zip(parts, xs):
+                w = self._planar_rows(part, start, stop).to(x2.dtype)
+                acc = w @ xp if acc is None else torch.addmm(acc, w, xp)
+            tiles.append(acc)
+        y_t = torch.cat(tiles)  # [out, m]
+        if self.meta.nnz:
+            contrib = x2.T[self.sp_col.long()] * self.sp_val.to(x2.dtype)[:, None]  # [nnz, m]
+            y_t = y_t.index_add(0, csr_rows(self.sp_crow), contrib)
+        return y_t.T
+
+    def _parts(self) -> list[_Part]:
+        """How the packed columns map to input columns; O(in) index work per call, nothing cached."""
+        meta = self.meta
+        n = self.in_features
+        if meta.kind == "lut":
+            return [_Part("qweight", meta.bits, n, 0, planar_columns(meta.bits, n).to(self.qweight.device))]
+        assert meta.group_size is not None
+        G = meta.group_size
+        if meta.mixed_cols is None:
+            groups = torch.arange(meta.n_groups, device=self.scales.device)
+            return [self._uniform_part("qweight", meta.bits, torch.arange(n, device=groups.device), groups)]
+        group_bits = self.group_bits.long()
+        return [
+            self._uniform_part(
+                f"qweight_b{b}", b, group_columns(group_bits, G, n, b), torch.nonzero(group_bits == b).flatten()
+            )
+            for b, _ in meta.mixed_cols
+        ]
+
+    def _uniform_part(self, buffer: str, bits: int, cols: Tensor, groups: Tensor) -> _Part:
+        """A part whose planar width is padded to whole groups when that lets scales broadcast."""
+        G = self.meta.group_size
+        assert G is not None
+        _, cpb = block_shape(bits)
+        n = cols.numel()
+        ext = torch.cat([cols, cols.new_full((1,), self.in_features)])
+        if G % cpb == 0:
+            pad_to = groups.numel() * G
+            return _Part(buffer, bits, n, pad_to, ext[planar_columns(bits, n, pad_to).to(cols.device)], groups)
+        planar = planar_columns(bits, n).to(cols.device)
+        return _Part(buffer, bits, n, 0, ext[planar], groups, planar.clamp(max=n - 1) // G)
+
+    def _planar_rows(self, part: _Part, start: int, stop: int) -> Tensor:
+        """Dense dequantized rows ``[start, stop)`` of one part, planar order: ``[T, cpb * L]`` float32."""
+        codes = unpack_planar(getattr(self, part.buffer)[start:stop], part.bits, part.n, part.pad_to)
+        t, cpb, _ = codes.shape
+        if part.groups is None:
+            return torch.gather(self.lut[start:stop].float(), 1, codes.view(t, -1).long())
+        s = self.scales[start:stop].index_select(1, part.groups).float()  # [T, groups of the part]
+        z = self.zeros[start:stop].index_select(1, part.groups).float()
+        # In place: (c - z) * s exactly as the reference, with one pass less than out of place.
+        if part.pos_group is None:
+            # Planar position (k, m) holds column m * cpb + k, whose group is m // (group_size / cpb).
+            c = codes.view(t, cpb, part.groups.numel(), -1).float()
+            return c.sub_(z[:, None, :, None]).mul_(s[:, None, :, None]).view(t, -1)
+        return codes.view(t, -1).float().sub_(z.index_select(1, part.pos_group)).mul_(s.index_select(1, part.pos_group))
+
+
+def replace_linear(model: nn.Module, name: str, qmodule: QuantLinear) -> nn.Module:
+    """Swap the ``nn.Linear`` at dotted ``name`` in ``model`` for ``qmodule``; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, child)
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"{name} is a {type(old).__name__}, not an nn.Linear")
+    if (old.out_features, old.in_features) != (qmodule.out_features, qmodule.in_features):
+        raise ValueError(
+            f"{name} is [{old.out_features}, {old.in_features}], the quantized module "
+            f"[{qmodule.out_features}, {qmodule.in_features}]"
+        )
+    if (old.bias is None) != (qmodule.bias is None):
+        raise ValueError(f"{name} has bias={old.bias is not None}, the quantized module the opposite")
+    setattr(parent, child, qmodule)
+    return old
+
+
+def quant_linear_from_meta(
+    meta: Mapping[str, Any] | LayerMeta, bias_dtype: torch.dtype | None = None, device: Any = "meta", where: str = ""
+) -> QuantLinear:
+    """An empty QuantLinear for a checkpoint skeleton; ``meta`` may be the JSON dict (checked, naming
+    ``where`` in a CorruptCheckpoint) or a LayerMeta."""
+    if not isinstance(meta, LayerMeta):
+        meta = LayerMeta.from_dict(meta, where)
+    return QuantLinear(meta, bias_dtype, device)
