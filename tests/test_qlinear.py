@@ -49,7 +49,7 @@ def test_tiles_cover_every_row(qm: QuantizedMatrix, monkeypatch: pytest.MonkeyPa
     """Tiles of a few rows (the last one partial), for decode and prefill, still give the full product."""
     module = QuantLinear.from_matrix(qm)
     w = qm.dequantize()
-    for tile in (1, 300, 1000):
+    for tile in (1, 300):
         monkeypatch.setattr(qlinear, "DECODE_TILE", tile)
         monkeypatch.setattr(qlinear, "PREFILL_TILE", 3 * tile)
         for tokens in (1, 8, 9):
