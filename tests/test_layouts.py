@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sqllm.codes import LUTCodes, QuantizedMatrix, SparseOutliers, UniformCodes, expand_groups, fp16_grid, num_groups
 from sqllm.errors import CorruptCheckpoint
-from sqllm.formats import LayerMeta, matrix_meta, pack_matrix, storage_bits, tensor_specs, unpack_matrix
+from sqllm.formats import LayerMeta, check_csr, matrix_meta, pack_matrix, storage_bits, tensor_specs, unpack_matrix
 
 PREFIX = "model.layers.0.self_attn.q_proj."
 
@@ -103,8 +103,8 @@ def test_tensor_names_dtypes_and_shapes() -> None:
     bits = qm.dense.group_bits.tolist()
     cols = {b: sum(min(32, 100 - 32 * g) for g, gb in enumerate(bits) if gb == b) for b in (2, 3, 4)}
     expected = {f"qweight_b{b}": (torch.int32, (8, -(-cols[b] * b // 32))) for b in (2, 3, 4)}
-    expected |= {"group_bits": (torch.int8, (4,)), "scales": (torch.float16, (8, 4)), "zeros": (torch.float16, (8, 4)),
-                 "sp_crow": (torch.int32, (9,)), "sp_col": (torch.int32, (5,)), "sp_val": (torch.float32, (5,))}
+    expected |= {"group_bits": (torch.int8, (4,)), "scales": (torch.float16, (8, 4)),
+                 "zeros": (torch.float16, (8, 4)), "sp_crow": (torch.int32, (9,)), "sp_col": (torch.int32, (5,)), "sp_val": (torch.float32, (5,))}
     assert {k: (v.dtype, tuple(v.shape)) for k, v in t.items()} == {PREFIX + k: v for k, v in expected.items()}
 
     lut = pack_matrix(lut_matrix(0, 8, 100, 3), PREFIX, torch.float16)
@@ -120,12 +120,14 @@ def test_meta_is_json_and_describes_the_layer() -> None:
     assert sum(d["mixed_cols"].values()) == 100 and set(d["mixed_cols"]) == {"1", "4"}
     assert LayerMeta.from_dict(d) == meta
     lut = matrix_meta(lut_matrix(0, 8, 100, 3, nnz=4), torch.bfloat16).to_dict()
-    assert (lut["kind"], lut["bits"], lut["group_size"], lut["nnz"], lut["sparse_dtype"]) == ("lut", 3, None, 4, "bfloat16")
+    described = (lut["kind"], lut["bits"], lut["group_size"], lut["nnz"], lut["sparse_dtype"])
+    assert described == ("lut", 3, None, 4, "bfloat16")
 
 
 def test_storage_bits_count_the_packed_tensors() -> None:
     # 64 columns: no word padding at any width, so the packed size equals the codes' own accounting.
-    for qm in (lut_matrix(0, 8, 64, 4, nnz=6, value_dtype=torch.float16), uniform_matrix(1, 8, 64, 16, [2, 4], nnz=3)):
+    lut, mixed = lut_matrix(0, 8, 64, 4, nnz=6, value_dtype=torch.float16), uniform_matrix(1, 8, 64, 16, [2, 4], nnz=3)
+    for qm in (lut, mixed):
         tensors = pack_matrix(qm, PREFIX, torch.float16)
         parts = storage_bits(tensors, PREFIX, matrix_meta(qm, torch.float16))
         assert parts.pop("total") == sum(8 * t.numel() * t.element_size() for t in tensors.values())
@@ -173,6 +175,7 @@ def test_corrupt_tensors_raise_naming_the_tensor(name, edit, match) -> None:
         lambda d: d.update(kind="vq"),
         lambda d: d.update(bits=9),
         lambda d: d.update(shape=[8]),
+        lambda d: d.update(shape=[8, 100, 1]),
         lambda d: d.update(group_size=None),
         lambda d: d.update(mixed_cols={"2": 1, "3": 1}),
         lambda d: d.update(sparse_dtype="int8"),
@@ -203,4 +206,13 @@ def test_specs_table_is_what_pack_writes() -> None:
     qm = lut_matrix(0, 3, 33, 5, nnz=2)
     meta = matrix_meta(qm, torch.float32)
     t = pack_matrix(qm, "", torch.float32)
-    assert {k: (s.dtype, s.shape) for k, s in tensor_specs(meta).items()} == {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}
+    table = {k: (s.dtype, s.shape) for k, s in tensor_specs(meta).items()}
+    assert table == {k: (v.dtype, tuple(v.shape)) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("cols", [[3, 3], [5, 3]])
+def test_csr_rejects_duplicate_or_unsorted_columns_within_a_row(cols) -> None:
+    crow, col = torch.tensor([0, 2, 2], dtype=torch.int32), torch.tensor(cols, dtype=torch.int32)
+    with pytest.raises(CorruptCheckpoint, match="x.sp_col is not strictly increasing"):
+        check_csr(crow, col, 8, names=("x.sp_crow", "x.sp_col"))
+    check_csr(crow, torch.tensor([3, 5], dtype=torch.int32), 8)  # the sorted, distinct version passes

@@ -88,7 +88,7 @@ class LayerMeta:
             mixed = d.get("mixed_cols")
             return cls(
                 kind=d["kind"],
-                shape=(int(d["shape"][0]), int(d["shape"][1])),
+                shape=tuple(int(v) for v in d["shape"]),
                 bits=int(d["bits"]),
                 group_size=None if d.get("group_size") is None else int(d["group_size"]),
                 mixed_cols=None if mixed is None else tuple(sorted((int(b), int(c)) for b, c in mixed.items())),
@@ -96,7 +96,8 @@ class LayerMeta:
                 sparse_dtype=d.get("sparse_dtype"),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise CorruptCheckpoint(f"layer meta of {where!r} is malformed ({type(e).__name__}: {e}): {dict(d)}") from None
+            why = f"{type(e).__name__}: {e}"
+            raise CorruptCheckpoint(f"layer meta of {where!r} is malformed ({why}): {dict(d)}") from None
 
 
 def _validate_meta(m: LayerMeta) -> None:
@@ -117,7 +118,8 @@ def _validate_meta(m: LayerMeta) -> None:
         raise bad("group_size", "uniform layers need a positive group size")
     if m.mixed_cols is not None:
         widths = [b for b, _ in m.mixed_cols]
-        if len(widths) < 2 or widths != sorted(set(widths)) or not MIN_BITS <= widths[0] <= widths[-1] <= MAX_BITS:
+        in_range = MIN_BITS <= widths[0] and widths[-1] <= MAX_BITS
+        if len(widths) < 2 or widths != sorted(set(widths)) or not in_range:
             raise bad("mixed_cols", f"needs two or more distinct ascending widths in {MIN_BITS}..{MAX_BITS}")
         if any(c < 1 for _, c in m.mixed_cols) or sum(c for _, c in m.mixed_cols) != m.shape[1]:
             raise bad("mixed_cols", f"column counts must be positive and sum to in={m.shape[1]}")
@@ -239,10 +241,11 @@ def validate_tensors(tensors: Mapping[str, Tensor], prefix: str, meta: LayerMeta
     for name, spec in specs.items():
         key = prefix + name
         if key not in tensors:
-            raise CorruptCheckpoint(f"missing tensor {key} ({_describe(spec)})")
+            raise CorruptCheckpoint(f"missing tensor {key} ({_describe(spec.dtype, spec.shape)})")
         t = tensors[key]
         if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
-            raise CorruptCheckpoint(f"tensor {key} is {_describe(TensorSpec(t.dtype, tuple(t.shape), ''))}, expected {_describe(spec)}")
+            found, expected = _describe(t.dtype, tuple(t.shape)), _describe(spec.dtype, spec.shape)
+            raise CorruptCheckpoint(f"tensor {key} is {found}, expected {expected}")
     if "sp_crow" in specs:
         check_csr(tensors[prefix + "sp_crow"], tensors[prefix + "sp_col"], meta.shape[1],
                   names=(prefix + "sp_crow", prefix + "sp_col"))
@@ -250,8 +253,8 @@ def validate_tensors(tensors: Mapping[str, Tensor], prefix: str, meta: LayerMeta
         _check_group_bits(tensors[prefix + "group_bits"], meta, prefix + "group_bits")
 
 
-def _describe(spec: TensorSpec) -> str:
-    return f"{str(spec.dtype).removeprefix('torch.')} {list(spec.shape)}"
+def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    return f"{str(dtype).removeprefix('torch.')} {list(shape)}"
 
 
 def _check_group_bits(group_bits: Tensor, meta: LayerMeta, name: str) -> None:

@@ -199,7 +199,8 @@ class QuantLinear(nn.Module):
             # Planar position (k, m) holds column m * cpb + k, whose group is m // (group_size / cpb).
             c = codes.view(t, cpb, part.groups.numel(), -1).float()
             return c.sub_(z[:, None, :, None]).mul_(s[:, None, :, None]).view(t, -1)
-        return codes.view(t, -1).float().sub_(z.index_select(1, part.pos_group)).mul_(s.index_select(1, part.pos_group))
+        pos = part.pos_group
+        return codes.view(t, -1).float().sub_(z.index_select(1, pos)).mul_(s.index_select(1, pos))
 
 
 def replace_linear(model: nn.Module, name: str, qmodule: QuantLinear) -> nn.Module:
