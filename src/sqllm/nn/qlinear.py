@@ -5,9 +5,9 @@ Two ways to compute ``y = x W^T + b`` with ``W`` = dequantized dense codes + spa
 * the reference path: unpack and dequantize the whole weight (bit for bit ``QuantizedMatrix.dequantize``),
   one matmul. Everything else is tested against it.
 * the tiled path (default): a few output rows at a time, unpack the rows' codes in the packer's
-  block-planar order (:func:`~sqllm.formats.bitpack.unpack_planar`), dequantize them and multiply by
-  ``x`` permuted to that column order, so the fp weight never exists whole and the codes are never
-  interleaved back. Decode (<= ``DECODE_TOKENS`` rows of ``x``) uses small, cache-sized tiles; prefill
+  block-planar order (:func:`~sqllm.formats.bitpack.unpack_planar`, once per call, as uint8), dequantize
+  them and multiply by ``x`` permuted to that column order, so the fp weight never exists whole and the
+  codes are never interleaved back. Decode (<= ``DECODE_TOKENS`` rows of ``x``) uses small, cache-sized tiles; prefill
   uses large ones, where the matmul amortizes the dequantization. Outliers are added with ``index_add_``.
 
 Plain eager torch, any device; nothing is cached unless :meth:`QuantLinear.cache_dense_weight` asks.
@@ -138,14 +138,17 @@ class QuantLinear(nn.Module):
         parts = self._parts()
         x_ext = F.pad(x2, (0, 1))  # column ``in`` is the zero that padding positions read
         xs = [x_ext[:, p.columns].T for p in parts]  # [width_p, m], planar column order
+        # Codes are unpacked whole (uint8: a quarter of the fp32 weight): per tile, the fixed cost of
+        # each of the unpacking's few dozen small ops would be paid again for every tile.
+        operands = [self._operands(p) for p in parts]
         width = sum(p.columns.numel() for p in parts)
         rows = max(1, (DECODE_TILE if m <= DECODE_TOKENS else PREFILL_TILE) // width)
         tiles = []  # no out= into one buffer: x may require grad
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             acc = None
-            for part, xp in zip(parts, xs):
-                w = self._planar_rows(part, start, stop).to(x2.dtype)
+            for part, xp, ops in zip(parts, xs, operands):
+                w = _dequantize_rows(part, ops, start, stop).to(x2.dtype)
                 acc = w @ xp if acc is None else torch.addmm(acc, w, xp)
             tiles.append(acc)
         y_t = torch.cat(tiles)  # [out, m]
@@ -153,6 +156,14 @@ class QuantLinear(nn.Module):
             contrib = x2.T[self.sp_col.long()] * self.sp_val.to(x2.dtype)[:, None]  # [nnz, m]
             y_t = y_t.index_add(0, csr_rows(self.sp_crow), contrib)
         return y_t.T
+
+    def _operands(self, part: _Part) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(codes [out, cpb, L] uint8 planar, lut [out, 2**b] | scales [out, groups_p], None | zeros)``,
+        tables in float32."""
+        codes = unpack_planar(getattr(self, part.buffer), part.bits, part.n, part.pad_to)
+        if part.groups is None:
+            return codes, self.lut.float(), None
+        return codes, self.scales.index_select(1, part.groups).float(), self.zeros.index_select(1, part.groups).float()
 
     def _parts(self) -> list[_Part]:
         """How the packed columns map to input columns; O(in) index work per call, nothing cached."""
@@ -186,21 +197,22 @@ class QuantLinear(nn.Module):
         planar = planar_columns(bits, n).to(cols.device)
         return _Part(buffer, bits, n, 0, ext[planar], groups, planar.clamp(max=n - 1) // G)
 
-    def _planar_rows(self, part: _Part, start: int, stop: int) -> Tensor:
-        """Dense dequantized rows ``[start, stop)`` of one part, planar order: ``[T, cpb * L]`` float32."""
-        codes = unpack_planar(getattr(self, part.buffer)[start:stop], part.bits, part.n, part.pad_to)
-        t, cpb, _ = codes.shape
-        if part.groups is None:
-            return torch.gather(self.lut[start:stop].float(), 1, codes.view(t, -1).long())
-        s = self.scales[start:stop].index_select(1, part.groups).float()  # [T, groups of the part]
-        z = self.zeros[start:stop].index_select(1, part.groups).float()
-        # In place: (c - z) * s exactly as the reference, with one pass less than out of place.
-        if part.pos_group is None:
-            # Planar position (k, m) holds column m * cpb + k, whose group is m // (group_size / cpb).
-            c = codes.view(t, cpb, part.groups.numel(), -1).float()
-            return c.sub_(z[:, None, :, None]).mul_(s[:, None, :, None]).view(t, -1)
-        pos = part.pos_group
-        return codes.view(t, -1).float().sub_(z.index_select(1, pos)).mul_(s.index_select(1, pos))
+
+def _dequantize_rows(part: _Part, operands: tuple[Tensor, Tensor, Tensor | None], start: int, stop: int) -> Tensor:
+    """Dense dequantized rows ``[start, stop)`` of one part, planar order: ``[T, cpb * L]`` float32."""
+    codes, table, zeros = operands
+    c = codes[start:stop]
+    t, cpb, _ = c.shape
+    if zeros is None:
+        return torch.gather(table[start:stop], 1, c.reshape(t, -1).long())
+    s, z = table[start:stop], zeros[start:stop]
+    # In place: (c - z) * s exactly as the reference, with one pass less than out of place.
+    if part.pos_group is None:
+        # Planar position (k, m) holds column m * cpb + k, whose group is m // (group_size / cpb).
+        w = c.reshape(t, cpb, s.shape[1], -1).float()
+        return w.sub_(z[:, None, :, None]).mul_(s[:, None, :, None]).view(t, -1)
+    pos = part.pos_group
+    return c.reshape(t, -1).float().sub_(z.index_select(1, pos)).mul_(s.index_select(1, pos))
 
 
 def replace_linear(model: nn.Module, name: str, qmodule: QuantLinear) -> nn.Module:
