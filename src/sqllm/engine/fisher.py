@@ -1,0 +1,187 @@
+"""Diagonal Fisher information of a causal LM's linear weights (SqueezeLLM §3.2, Eq. 3-4).
+
+``F = sum over calibration windows of grad(W)**2``, the gradient of the window's causal-LM loss (labels
+= inputs). It is a model-level pass (every window runs the whole model forward and backward), so it
+lives beside the block loop rather than in it; its result feeds the SqueezeLLM solver per linear.
+Saved as safetensors, so a long gradient pass is run once and reused (``sqllm sensitivity``).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import CorruptCheckpoint, InvalidConfig
+
+FISHER_FORMAT = "sqllm-fisher"
+FISHER_VERSION = 1
+
+
+def _target_weights(model: nn.Module, linear_names: list[str]) -> dict[str, nn.Parameter]:
+    """name -> weight Parameter of every named linear; InvalidConfig naming the first unknown one."""
+    weights = {}
+    for name in linear_names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise InvalidConfig(f"model has no module {name!r} to compute Fisher information for") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+            raise InvalidConfig(f"module {name!r} has no 2-D weight; Fisher is computed for linears only")
+        weights[name] = weight
+    return weights
+
+
+@contextmanager
+def _only_these_require_grad(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Freeze every parameter but ``params`` (no gradient memory for the rest); restore the flags on
+    exit. ``params`` leave with ``.grad = None``."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+        for p in params:
+            p.grad = None
+
+
+@contextmanager
+def _gradient_mode(model: nn.Module, checkpointing: bool) -> Iterator[None]:
+    """Eval mode (no dropout), or train mode with gradient checkpointing, which transformers only
+    applies while training; the model's mode and checkpointing state come back on exit."""
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; 4.x has the old names.
+    new_api = hasattr(model, "activation_checkpointing_enable")
+    was_training = model.training
+    was_checkpointing = bool(
+        getattr(model, "is_activation_checkpointing" if new_api else "is_gradient_checkpointing", False)
+    )
+    try:
+        if checkpointing:
+            # Non-reentrant checkpointing: the frozen embeddings' output needs no grad for the weights
+            # inside a checkpointed block to get theirs.
+            kwargs = {"use_reentrant": False}
+            if new_api:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.train()
+        else:
+            model.eval()
+        yield
+    finally:
+        if checkpointing and not was_checkpointing:
+            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        model.train(was_training)
+
+
+def compute_fisher(
+    model: nn.Module,
+    linear_names: list[str],
+    windows: Tensor,
+    *,
+    grad_checkpointing: bool = False,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher ``{name: [out, in] float32}`` of the named linears' weights, on CPU.
+
+    windows: [n, L] token ids; each window is one forward + backward of the causal-LM loss with
+    ``labels = inputs``, and the element-wise square of each window's gradient is summed over windows.
+    Only the named weights require grad during the pass (the model's ``requires_grad`` flags, training
+    mode and gradient checkpointing state are restored afterwards). Each gradient is squared into its
+    float32 accumulator as soon as it is complete and then dropped, so at most one gradient per weight
+    is alive; no optimizer is involved.
+    """
+    if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
+        raise InvalidConfig(f"Fisher windows must be a non-empty [n, L] int64 tensor, got {windows.dtype} "
+                            f"{tuple(windows.shape)}")
+    weights = _target_weights(model, linear_names)
+    # One accumulator per distinct Parameter: tied weights share theirs (and their single gradient).
+    acc = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in weights.values()}
+    params = list({id(p): p for p in weights.values()}.values())
+
+    def square_into_accumulator(p: Tensor) -> None:
+        acc[id(p)].add_(p.grad.float().square())
+        p.grad = None
+
+    device = getattr(model, "device", None) or (params[0].device if params else torch.device("cpu"))
+    with _only_these_require_grad(model, params), _gradient_mode(model, grad_checkpointing), torch.enable_grad():
+        hooks = [p.register_post_accumulate_grad_hook(square_into_accumulator) for p in params]
+        try:
+            for window in tqdm(windows, desc="Fisher", unit="window", disable=not progress):
+                ids = window.unsqueeze(0).to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+    return {name: acc[id(p)].cpu() for name, p in weights.items()}
+
+
+def save_fisher(path: str | Path, fisher: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Write ``fisher`` (name -> [out, in]) as float32 safetensors; ``meta`` (JSON-able) goes in the header."""
+    tensors = {name: t.detach().float().contiguous().cpu() for name, t in fisher.items()}
+    header = {"format": FISHER_FORMAT, "version": str(FISHER_VERSION), "meta": json.dumps(dict(meta), default=str)}
+    save_file(tensors, str(path), metadata=header)
+
+
+def load_fisher(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Read a file of :func:`save_fisher` and check it against the model: ``expected`` is name -> shape.
+
+    Raises InvalidConfig naming the first tensor that is missing, unexpected or of the wrong shape
+    (with both shapes), and CorruptCheckpoint when the file cannot be read as a Fisher file or holds
+    negative or non-finite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidConfig(f"Fisher file {str(path)!r} does not exist; compute one with `sqllm sensitivity`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            if header.get("format") != FISHER_FORMAT:
+                raise CorruptCheckpoint(f"{str(path)!r} is not a Fisher file (format {header.get('format')!r})")
+            _check_names_and_shapes(path, shapes, expected)
+            fisher = {name: f.get_tensor(name).float() for name in expected}
+    except (InvalidConfig, CorruptCheckpoint):
+        raise
+    except Exception as e:  # safetensors raises its own error types, or OSError, on damaged files
+        raise CorruptCheckpoint(f"cannot read Fisher file {str(path)!r}: {e}") from None
+    for name, t in fisher.items():
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise CorruptCheckpoint(f"Fisher tensor {name!r} in {str(path)!r} has negative or non-finite values")
+    return fisher
+
+
+def _check_names_and_shapes(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> None:
+    """InvalidConfig for the first expected tensor missing or misshapen, else the first unexpected one."""
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise InvalidConfig(
+                f"Fisher file {str(path)!r} has no tensor {name!r} (expected shape {tuple(shape)}); "
+                "it was computed for another model"
+            )
+        if shapes[name] != tuple(shape):
+            raise InvalidConfig(
+                f"Fisher tensor {name!r} in {str(path)!r} has shape {shapes[name]}, expected {tuple(shape)}; "
+                "it was computed for another model"
+            )
+    extra = [name for name in shapes if name not in expected]
+    if extra:
+        raise InvalidConfig(
+            f"Fisher file {str(path)!r} has tensor {extra[0]!r} of shape {shapes[extra[0]]}, which the model "
+            "does not have; it was computed for another model"
+        )

@@ -1,0 +1,173 @@
+"""SqueezeLLM solver: extraction counts, exact dense-and-sparse reconstruction, LUT invariants, config errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sqllm.codes import fp16_grid
+from sqllm.config import SqueezeLLMConfig
+from sqllm.errors import InvalidConfig
+from sqllm.methods import LayerStats, get_method
+from sqllm.quant.kmeans import weighted_kmeans
+from sqllm.quant.squeezellm import iqr_threshold, squeezellm_quantize
+
+
+def _matrix(out: int = 48, n_in: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A heavy-tailed weight with a few large outliers, and a Fisher-like sensitivity."""
+    torch.manual_seed(seed)
+    w = torch.distributions.StudentT(4.0).sample((out, n_in)) * 0.02
+    fisher = torch.distributions.Gamma(0.5, 1.0).sample((out, n_in)) * (w.abs() + 0.01)
+    return w, fisher
+
+
+def _extracted(qm) -> torch.Tensor:
+    mask = torch.zeros(qm.shape, dtype=torch.bool)
+    if qm.sparse is not None:
+        mask[qm.sparse.rows, qm.sparse.cols] = True
+    return mask
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_codes_and_nearest_assignment(bits):
+    w, fisher = _matrix()
+    qm = squeezellm_quantize(w, fisher, SqueezeLLMConfig(bits))
+    lut, codes = qm.dense.lut, qm.dense.codes
+    assert lut.shape == (48, 2**bits) and codes.shape == w.shape and codes.dtype == torch.uint8
+    assert torch.equal(lut, fp16_grid(lut))  # what an fp16 checkpoint stores
+    assert bool((lut.diff(dim=1) >= 0).all()) and int(codes.max()) < 2**bits
+    assert qm.sparse is None and qm.info["sensitive"] == 0 and qm.info["outliers"] == 0
+    dist = (w[:, :, None] - lut[:, None, :]).abs()
+    assert torch.equal(dist.gather(2, codes.long()[:, :, None]).squeeze(2), dist.min(dim=2).values)
+    assert torch.equal(qm.dequantize(), torch.gather(lut, 1, codes.long()))
+
+
+@pytest.mark.parametrize("sensitive_pct, outlier_pct", [(0.5, 0.0), (0.0, 2.0), (0.45, 1.3), (10.0, 10.0)])
+def test_extraction_counts_and_exact_reconstruction(sensitive_pct, outlier_pct):
+    w, fisher = _matrix()
+    cfg = SqueezeLLMConfig(3, sensitive_pct=sensitive_pct, outlier_pct=outlier_pct)
+    qm = squeezellm_quantize(w, fisher, cfg)
+    total = w.numel()
+    assert qm.info["sensitive"] == round(sensitive_pct / 100 * total)
+    assert qm.info["outliers"] == round(outlier_pct / 100 * total)
+    assert qm.info["sensitive_pct"] == pytest.approx(sensitive_pct, abs=100 / total)
+    assert qm.sparse.nnz == qm.info["sensitive"] + qm.info["outliers"]
+    extracted = _extracted(qm)
+    # Sensitive = largest Fisher values; outliers = largest magnitudes among the rest.
+    sensitive = torch.zeros(total, dtype=torch.bool)
+    sensitive[fisher.flatten().argsort(descending=True)[: qm.info["sensitive"]]] = True
+    sensitive = sensitive.view(w.shape)
+    assert bool((extracted | ~sensitive).all())
+    outliers = extracted & ~sensitive
+    assert int(outliers.sum()) == qm.info["outliers"]
+    if qm.info["outliers"]:
+        assert w.abs()[outliers].min() >= w.abs()[~extracted].max()
+    recon = qm.dequantize()
+    assert torch.equal(recon[extracted], w[extracted])  # dense + sparse, bit for bit
+    lut_value = torch.gather(qm.dense.lut, 1, qm.dense.codes.long())
+    assert torch.equal(recon[~extracted], lut_value[~extracted])
+    # Extracted values are parked on their row's LUT entry nearest 0.
+    zero_code = qm.dense.lut.abs().argmin(dim=1, keepdim=True).expand_as(w)
+    assert torch.equal(qm.dense.codes.long()[extracted], zero_code[extracted])
+
+
+def test_sparse_part_is_sorted_coo():
+    w, fisher = _matrix()
+    qm = squeezellm_quantize(w, fisher, SqueezeLLMConfig(4, sensitive_pct=1.0, outlier_pct=1.0))
+    key = qm.sparse.rows * w.shape[1] + qm.sparse.cols
+    assert bool((key.diff() > 0).all())
+    assert qm.sparse.values.dtype == torch.float32 and qm.sparse.shape == tuple(w.shape)
+
+
+def test_tiny_sensitive_value_still_exact():
+    # |w| far below the entry nearest 0 cannot be written as entry + float32 delta: that row's entry
+    # nearest 0 must become exactly 0.
+    w, fisher = _matrix()
+    w[5, 7] = 3e-9
+    fisher[5, 7] = 1e3  # the most sensitive value of the matrix
+    qm = squeezellm_quantize(w, fisher, SqueezeLLMConfig(3, sensitive_pct=0.1))
+    assert qm.info["zeroed_lut_rows"] >= 1
+    assert 0.0 in qm.dense.lut[5].tolist() and bool((qm.dense.lut[5].diff() >= 0).all())
+    assert qm.dequantize()[5, 7].item() == w[5, 7].item()
+    extracted = _extracted(qm)
+    assert torch.equal(qm.dequantize()[extracted], w[extracted])
+
+
+def test_outlier_range_threshold():
+    w, fisher = _matrix()
+    r = 2.0
+    q1, q3 = np.quantile(w.double().numpy(), [0.25, 0.75])
+    threshold = iqr_threshold(w, r)
+    assert threshold == pytest.approx(max(abs(q1 - r * (q3 - q1)), abs(q3 + r * (q3 - q1))), rel=1e-6)
+    qm = squeezellm_quantize(w, fisher, SqueezeLLMConfig(3, sensitive_pct=0.2, outlier_range=r))
+    sensitive = torch.zeros(w.numel(), dtype=torch.bool)
+    sensitive[fisher.flatten().argsort(descending=True)[: qm.info["sensitive"]]] = True
+    sensitive = sensitive.view(w.shape)
+    outliers = (w.abs() >= threshold) & ~sensitive
+    assert qm.info["outliers"] == int(outliers.sum()) > 0
+    assert torch.equal(_extracted(qm), sensitive | outliers)
+
+
+def test_fisher_weighting_lowers_weighted_error():
+    w, fisher = _matrix(seed=1)
+    fisher = fisher**3  # concentrated sensitivity
+    cfg = SqueezeLLMConfig(3)
+    err_weighted = (fisher * (squeezellm_quantize(w, fisher, cfg).dequantize() - w) ** 2).sum()
+    err_plain = (fisher * (squeezellm_quantize(w, None, cfg).dequantize() - w) ** 2).sum()
+    assert err_weighted < 0.8 * err_plain
+
+
+def test_zero_fisher_rows_fall_back_to_unweighted():
+    w, fisher = _matrix()
+    fisher[3] = 0.0
+    cfg = SqueezeLLMConfig(3)
+    qm = squeezellm_quantize(w, fisher, cfg)
+    lut, codes = weighted_kmeans(w[3:4], None, 8, iters=cfg.kmeans_iters, seed=cfg.seed, snap=fp16_grid)
+    assert torch.equal(qm.dense.lut[3:4], lut) and torch.equal(qm.dense.codes[3:4], codes)
+
+
+def test_deterministic_and_seeded():
+    w, fisher = _matrix()
+    cfg = SqueezeLLMConfig(3, sensitive_pct=0.5, outlier_pct=0.5, seed=3)
+    a, b = squeezellm_quantize(w, fisher, cfg), squeezellm_quantize(w, fisher, cfg)
+    assert torch.equal(a.dense.lut, b.dense.lut) and torch.equal(a.dense.codes, b.dense.codes)
+    assert torch.equal(a.sparse.values, b.sparse.values) and a.info == b.info
+
+
+def test_registry_solver_uses_fisher():
+    w, fisher = _matrix()
+    spec = get_method("squeezellm")
+    cfg = SqueezeLLMConfig(3, sensitive_pct=0.5)
+    qm = spec.solve(w, LayerStats("layer", fisher=fisher), cfg)
+    assert torch.equal(qm.dense.lut, squeezellm_quantize(w, fisher, cfg).dense.lut)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=5), "bits=5"),
+        (dict(bits=1), "bits=1"),
+        (dict(bits=3, sensitive_pct=10.5), "sensitive_pct=10.5"),
+        (dict(bits=3, sensitive_pct=-0.1), "sensitive_pct=-0.1"),
+        (dict(bits=3, outlier_pct=11.0), "outlier_pct=11.0"),
+        (dict(bits=3, outlier_range=-1.0), "outlier_range"),
+        (dict(bits=3, outlier_pct=0.4, outlier_range=2.0), "either"),
+    ],
+)
+def test_config_rejects_out_of_range(kwargs, message):
+    with pytest.raises(InvalidConfig, match=message):
+        SqueezeLLMConfig(**kwargs)
+
+
+def test_bad_inputs():
+    w, fisher = _matrix()
+    with pytest.raises(InvalidConfig, match="needs Fisher"):
+        squeezellm_quantize(w, None, SqueezeLLMConfig(3, sensitive_pct=0.1))
+    with pytest.raises(InvalidConfig, match="Fisher shape"):
+        squeezellm_quantize(w, fisher[:, :10], SqueezeLLMConfig(3))
+    with pytest.raises(InvalidConfig, match=">= 0"):
+        squeezellm_quantize(w, -fisher, SqueezeLLMConfig(3))
+    w[0, 0] = float("nan")
+    with pytest.raises(InvalidConfig, match="NaN"):
+        squeezellm_quantize(w, fisher, SqueezeLLMConfig(3))
