@@ -22,8 +22,10 @@ def ppl_of(smollm2_path, smollm2_tokens, wiki_valid):
         key = (method, tuple(sorted(options.items())))
         if key not in cache:
             model, tok = load_model(smollm2_path)
+            if method in ("gptq", "slim"):
+                options = {"true_sequential": False, **options}
             if method != "rtn":
-                options = {**CALIB, "calib": str(wiki_valid), "true_sequential": False, **options}
+                options = {**CALIB, "calib": str(wiki_valid), **options}
             quantize(model, tok, method, progress=False, **options)
             cache[key] = perplexity(model, smollm2_tokens, 2048, WINDOWS, progress=False)["perplexity"]
         return cache[key]
@@ -37,3 +39,9 @@ def test_gptq_beats_rtn_at_3_bits_g64(ppl_of):
 
 def test_slim_beats_gptq_at_2_bits_g64(ppl_of):
     assert ppl_of("slim", bits=2, group_size=64) < ppl_of("gptq", bits=2, group_size=64)
+
+
+def test_squeezellm_beats_rtn_per_channel_and_sparsity_helps_at_3_bits(ppl_of):
+    dense = ppl_of("squeezellm", bits=3)
+    assert dense < ppl_of("rtn", bits=3)
+    assert ppl_of("squeezellm", bits=3, sensitive_pct=0.05, outlier_pct=0.40) < dense

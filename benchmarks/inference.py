@@ -1,0 +1,94 @@
+"""Inference cost of packed SmolLM2-135M checkpoints against fp32 and bf16: bits per weight, size on disk,
+peak resident memory, resident bytes of the quantized linears against their packed size, prefill and
+decode tokens/s.
+
+    python benchmarks/inference.py      # writes results/inference.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import json
+
+from common import CALIB, MODEL, RESULTS, ROOT, WIKI_VALID
+
+from sqllm.api import quantize, save_quantized
+from sqllm.eval.bench import disk_bytes, measure, packed_linear_bytes
+from sqllm.models import cache_dir, load_model, resolve_model_path
+from sqllm.report import git_commit, machine_info, markdown_table
+
+PREFILL, DECODE = 256, 32
+CHECKPOINTS = [
+    ("SqueezeLLM 4-bit", "squeezellm", dict(bits=4)),
+    ("SqueezeLLM 4-bit 0.45%", "squeezellm", dict(bits=4, sensitive_pct=0.05, outlier_pct=0.40)),
+    ("SqueezeLLM 3-bit", "squeezellm", dict(bits=3)),
+    ("SqueezeLLM 3-bit 0.45%", "squeezellm", dict(bits=3, sensitive_pct=0.05, outlier_pct=0.40)),
+    ("SliM-LLM 2-bit g64", "slim", dict(bits=2, group_size=64, true_sequential=False, **CALIB)),
+]
+
+
+def checkpoint(label: str, method: str, options: dict) -> str:
+    from squeezellm import fisher_file
+
+    path = cache_dir() / "bench" / label.replace(" ", "_").replace("%", "pct")
+    if not (path / "config.json").is_file():
+        model, tok = load_model(MODEL)
+        extra = {"fisher": fisher_file()} if method == "squeezellm" else {"calib": str(WIKI_VALID)}
+        result = quantize(model, tok, method, **options, **extra)
+        save_quantized(model, tok, result, path, overwrite=True)
+    return str(path)
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    labels = [r["label"] for r in rows]
+    for ax, key, title in zip(axes, ["decode_tok_s", "prefill_tok_s", "peak_rss_mb"],
+                              ["decode tokens/s (batch 1)", f"prefill tokens/s ({PREFILL} tokens)", "peak RSS MiB"]):
+        ax.barh(labels, [r[key] for r in rows], color=["#888" if "fp" in l or "bf16" in l else "#2a7" for l in labels])
+        ax.set_title(title)
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(RESULTS / "inference.png", dpi=110)
+
+
+if __name__ == "__main__":
+    base = resolve_model_path(MODEL)
+    rows = []
+    for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16")):
+        r = measure(base, dtype=dtype, prefill=PREFILL, decode=DECODE)
+        rows.append({"label": label, **r, "disk_bytes": disk_bytes(base), "bits_per_weight": 32 if dtype == "float32" else 16})
+    for label, method, options in CHECKPOINTS:
+        path = checkpoint(label, method, options)
+        r = measure(path, prefill=PREFILL, decode=DECODE)
+        qc = json.loads((open(f"{path}/config.json").read()))["quantization_config"]
+        rows.append({"label": label, **r, "disk_bytes": disk_bytes(path), "bits_per_weight": qc["bits_per_weight"]["total"],
+                     "bits_by_part": qc["bits_per_weight"], "packed_linear_bytes": packed_linear_bytes(path)})
+        print(label, {k: rows[-1][k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}, flush=True)
+    doc = {"protocol": {"model": MODEL, "prefill_tokens": PREFILL, "decode_tokens": DECODE,
+                        "measure": "each model in a fresh process; one warm-up, then one timed prefill and "
+                                   "one greedy generate of DECODE tokens with KV cache"},
+           "machine": machine_info(), "commit": git_commit(str(ROOT)), "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "inference.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    table = markdown_table(
+        ["model", "bits/weight (linears)", "disk MiB", "peak RSS MiB", "quantized linears resident / packed",
+         f"prefill tok/s", "decode tok/s"],
+        [[r["label"], f"{r['bits_per_weight']:.3f}", f"{r['disk_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
+          f"{r['quantized_linear_bytes'] / r['packed_linear_bytes']:.3f}" if r.get("packed_linear_bytes") else "-",
+          f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}"] for r in rows],
+    )
+    m = doc["machine"]
+    md = (f"# Inference: packed checkpoints vs fp32 / bf16\n\n{table}\n\n"
+          f"Protocol: {doc['protocol']['measure']}; prefill {PREFILL} tokens, decode {DECODE} tokens, batch 1. "
+          f"Embeddings and lm_head stay fp32 in every checkpoint (tied, 28M of the 135M parameters).\n\n"
+          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
+          f"Commit {doc['commit']}.\n")
+    (RESULTS / "inference.md").write_text(md)
+    plot(rows)
+    print(md)
