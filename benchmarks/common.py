@@ -9,6 +9,7 @@ full-precision and RTN rows instead of recomputing them.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,10 @@ SHARED = ROOT.parent / "shared" / "data"
 WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_VALID = SHARED / "wikitext-2" / "wiki.valid.tokens"
 MODEL = "smollm2-135m"
-# The issues ask for 40 windows; on this 2-core machine one 40-window evaluation takes 5-9 minutes, so
-# the tables use the first 20 (per-window NLLs are stored, so a longer run extends them).
-WINDOWS = 20
+# The issues ask for 40 windows; on this 2-core machine (shared with development) one 40-window
+# evaluation takes 5-9 minutes, so the tables use the first 10. Per-window NLLs are stored: a cached run
+# over more windows serves any shorter table, and a longer run extends them.
+WINDOWS = 10
 SEQLEN = 2048
 # Calibration for Hessian methods: 32 windows of 1024 tokens (CPU budget; GPTQ's paper uses 128 x 2048).
 CALIB = {"nsamples": 32, "calib_seqlen": 1024, "seed": 0}
@@ -46,14 +48,23 @@ PROTOCOL = {
 
 
 def _key(cfg: dict[str, Any]) -> str:
-    return json.dumps(cfg, sort_keys=True)
+    return json.dumps({k: v for k, v in cfg.items() if k != "windows"}, sort_keys=True)
 
 
-def _cache() -> dict[str, dict[str, Any]]:
+def _truncate(row: dict[str, Any], windows: int) -> dict[str, Any]:
+    """The same run's perplexity over its first ``windows`` windows."""
+    nll = row["window_nll"][:windows]
+    return {**row, "windows": windows, "tokens": windows * SEQLEN, "perplexity": math.exp(sum(nll) / windows),
+            "eval_seconds": row["eval_seconds"] * windows / len(row["window_nll"])}
+
+
+def _cache(windows: int) -> dict[str, dict[str, Any]]:
+    """Cached runs with at least ``windows`` per-window NLLs, by configuration key."""
     path = RESULTS / "runs.jsonl"
     if not path.is_file():
         return {}
-    return {json.loads(l)["key"]: json.loads(l) for l in path.read_text().splitlines() if l.strip()}
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return {r["key"]: _truncate(r, windows) for r in rows if len(r.get("window_nll", [])) >= windows}
 
 
 def run(label: str, method: str | None, windows: int = WINDOWS, engine: dict | None = None,
@@ -62,7 +73,7 @@ def run(label: str, method: str | None, windows: int = WINDOWS, engine: dict | N
     cfg = {"model": MODEL, "method": method, "windows": windows, "seqlen": SEQLEN, "options": options,
            "engine": engine or {}}
     key = _key(cfg)
-    cached = _cache().get(key)
+    cached = _cache(windows).get(key)
     if cached is not None:
         return {**cached, "label": label}
     torch.manual_seed(0)
