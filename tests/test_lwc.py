@@ -247,3 +247,9 @@ def test_hook_rejects_lookup_table_codes():
     with pytest.raises(InvalidConfig, match="model.layers.0.mlp.up_proj.*LUTCodes"):
         hook(torch.nn.Module(), 0, BlockInputs(torch.zeros(1, 1, 4)), torch.zeros(1, 1, 4), {},
              {"model.layers.0.mlp.up_proj": lut})
+
+
+@pytest.mark.parametrize("field, value", [("lwc_lr", 0.0), ("lwc_samples", 0)])
+def test_hook_rejects_bad_training_settings_up_front(field, value):
+    with pytest.raises(InvalidConfig, match=f"{field}={value}"):
+        make_lwc_block_hook(SliMConfig(bits=2, lwc=True, **{field: value}))

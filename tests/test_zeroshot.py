@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from sqllm.eval.zeroshot import print_zeroshot, run_zeroshot
 
 from conftest import TINY
 
-pytest.importorskip("lm_eval")
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 
 TASKS = Path(__file__).parent / "data" / "zeroshot"
 TASK = "sqllm_tiny_mc"
@@ -67,6 +68,7 @@ def _direct_accuracy(model, tok, docs: list[dict]) -> float:
     return right / len(docs)
 
 
+@needs_lm_eval
 def test_local_task_matches_direct_loglikelihood_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the task's data must not depend on the working directory
     model, tok = tiny_lm(), byte_tokenizer()
@@ -84,6 +86,7 @@ def _save_tiny(path: Path) -> Path:
     return path
 
 
+@needs_lm_eval
 def test_cli_writes_zeroshot_results(tmp_path, capsys):
     model_dir = _save_tiny(tmp_path / "tiny")
     out = tmp_path / "res.json"
@@ -96,6 +99,7 @@ def test_cli_writes_zeroshot_results(tmp_path, capsys):
     assert f"| {model_dir} | {TASK} | {m['acc']:.4f} |" in table
 
 
+@needs_lm_eval
 def test_cli_unknown_task_is_one_line_and_exit_2(tmp_path, capsys):
     model_dir = _save_tiny(tmp_path / "tiny")
     rc = main(["eval", str(model_dir), "--tasks", "sqllm_no_such_task", "--include-path", str(TASKS)])
@@ -104,6 +108,7 @@ def test_cli_unknown_task_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 1 and "sqllm_no_such_task" in err and "--include-path" in err
 
 
+@needs_lm_eval
 def test_unreachable_task_data_is_data_unavailable(tmp_path, monkeypatch):
     """A hub dataset with the hub offline fails fast, naming the task, in one line."""
     import datasets
@@ -128,6 +133,7 @@ def test_missing_lm_eval_names_the_pip_command(monkeypatch):
         run_zeroshot(tiny_lm(), byte_tokenizer(), [TASK])
 
 
+@needs_lm_eval
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -168,8 +168,7 @@ def export_codes(clip: LinearClip) -> UniformCodes:
     zero = torch.round(-lo / scale)
     q = torch.clamp(torch.round(clip.w / scale) + zero, min=torch.zeros_like(clip.maxq), max=clip.maxq)
     step = fp16_grid(binary_step(clip))
-    # A zero step means both levels coincide at the midpoint; any zero reproduces 0 * (c - z) = 0 then,
-    # so keep SliM's midpoint form only where it is defined.
+    # A zero step (only where SliM stored a zero scale) dequantizes to 0 whatever the zero: skip the division.
     safe = torch.where(step > 0, step, torch.ones_like(step))
     bin_zero = fp16_grid(torch.where(step > 0, 0.5 - clip.bin_mid / safe, torch.zeros_like(step)))
     codes = torch.where(clip.binary, clip.bin_codes, q)
@@ -292,6 +291,13 @@ def make_lwc_block_hook(
     device); the losses compared at the end are always computed in the model's own precision.
     With ``cfg.lwc_epochs == 0`` the hook returns SliM-LLM's results untouched.
     """
+    # SliMConfig range-checks the epochs only; check the rest here, before any block is quantized.
+    if cfg.lwc_lr <= 0:
+        raise InvalidConfig(f"lwc_lr={cfg.lwc_lr} must be > 0; pass e.g. --lwc-lr 0.05")
+    if cfg.lwc_samples < 1:
+        raise InvalidConfig(f"lwc_samples={cfg.lwc_samples} must be >= 1; pass e.g. --lwc-samples 32")
+    if batch_size < 1:
+        raise InvalidConfig(f"batch_size={batch_size} must be >= 1")
     eval_batch = max(batch_size, 8)
 
     def hook(
