@@ -149,6 +149,20 @@ def test_exported_codes_are_storable_and_on_the_clipped_grid():
                                rtol=1e-3, atol=0)
 
 
+def test_exported_codes_pack_and_unpack_bit_for_bit():
+    """The packer stores the learned codes (mixed widths, fractional 1-bit zeros, a partial group) exactly."""
+    from sqllm.formats.layouts import matrix_meta, pack_matrix, unpack_matrix
+
+    w = _weight(seed=3)
+    clip = init_clip(w, standin_codes(w))
+    with torch.no_grad():
+        clip.up.fill_(1.5), clip.low.fill_(2.5), clip.alpha.fill_(0.7)
+    qm = QuantizedMatrix(dense=export_codes(clip))
+    back = unpack_matrix(pack_matrix(qm, "m.", torch.float32), "m.", matrix_meta(qm, torch.float32))
+    assert torch.equal(back.dense.group_bits, qm.dense.group_bits)
+    assert torch.equal(back.dequantize(), qm.dequantize())
+
+
 def _block_setup(method: str | MethodSpec, cfg: SliMConfig, hook=None):
     model = _one_block_llama()
     spec = get_method(method) if isinstance(method, str) else method
