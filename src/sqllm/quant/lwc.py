@@ -1,6 +1,6 @@
 """SliM-LLM+: learnable weight clipping (LWC) on top of SliM-LLM's group bit map.
 
-SliM-LLM+ (Huang et al. 2024, §4 "SliM-LLM+") keeps SliM-LLM's salience-determined bit width of every
+SliM-LLM+ (Huang et al. 2024, the SliM-LLM variant built on OmniQuant) keeps SliM-LLM's salience-determined bit width of every
 column group and replaces GPTQ's rounding by OmniQuant's learnable weight clipping (Shao et al. 2023,
 "OmniQuant", §3.2): every (row, group) of a linear gets two learnable clipping strengths, and the
 group's min-max uniform grid is fitted to the *clipped* range
@@ -30,6 +30,9 @@ Choices of ours, each for a stated reason:
 * The learned-clipping RTN starts from a worse point than GPTQ's error-compensated weights, so at the end
   the hook keeps, per block, whichever of SliM's result and the LWC result has the lower block output MSE
   on the training windows, and records the choice in each matrix's ``info``.
+* Training is compute-bound (a forward and backward of the block per window and epoch), so it runs under
+  bfloat16 autocast where the hardware multiplies bf16 natively (:func:`fast_train_dtype`); the losses
+  that decide between SliM and LWC are computed in the model's own precision.
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ def init_clip(w: Tensor, codes: UniformCodes) -> LinearClip:
 
 def clipped_grid(clip: LinearClip) -> tuple[Tensor, Tensor]:
     """Scale and clipped minimum ``[out, n_g, 1]`` of the multi-bit groups' clipped min-max grids
-    (OmniQuant eq. 2: ``hi = sigmoid(up) max``, ``lo = sigmoid(low) min``, ``scale = (hi - lo) / maxq``)."""
+    (OmniQuant §3.2: ``hi = sigmoid(up) max``, ``lo = sigmoid(low) min``, ``scale = (hi - lo) / maxq``)."""
     hi = torch.sigmoid(clip.up) * clip.w_max
     lo = torch.sigmoid(clip.low) * clip.w_min
     return ((hi - lo) / clip.maxq).clamp(min=MIN_SCALE), lo
