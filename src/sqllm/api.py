@@ -213,7 +213,9 @@ def _prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, 
     if out.exists() and not overwrite:
         raise OutputExists(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed checkpoint should read like any model folder
+    return out, tmp
 
 
 def _commit_output(tmp: Path, out: Path) -> None:
