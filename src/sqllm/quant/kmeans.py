@@ -40,6 +40,7 @@ from torch import Tensor
 _RANDOM_STARTS = 2  # seeded random partitions beside the equal-mass and equal-width starts
 _CUT_SHARES = 8  # a segment's candidate cuts split its index range into this many equal parts
 _REFINE_ROUNDS = 32  # default cap on split-merge / re-split rounds (each relocates one centroid)
+_KEEP_STARTS = 2  # starts per row that go on refining after the first round
 _SPLIT_CANDIDATES = 4  # clusters of largest SSE searched for a split in each split-merge round
 _INNER_ITERS = 10  # cap on the Lloyd runs before the last one; later runs finish their convergence
 _WINDOW = 4  # places each boundary may move in _window_dp
@@ -74,16 +75,15 @@ class _SortedRows:
 
 
 def _effective_weight(x: Tensor, weight: Tensor | None) -> Tensor:
-    """float64 weights ``[rows, n]``; ``None`` or an all-zero row means unweighted (all ones)."""
+    """Weights ``[rows, n]`` (dtype of ``weight``); ``None`` or an all-zero row means unweighted (ones)."""
     if weight is None:
-        return torch.ones_like(x, dtype=torch.float64)
+        return torch.ones_like(x)
     if weight.shape != x.shape:
         raise ValueError(f"weight shape {tuple(weight.shape)} differs from x shape {tuple(x.shape)}")
-    w = weight.to(torch.float64)
-    if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
         raise ValueError("k-means weights must be finite and >= 0")
     # A row with no weight at all expresses no preference: plain k-means is the natural fallback.
-    return torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+    return torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
 
 
 def _sort_rows(x: Tensor, weight: Tensor | None) -> tuple[_SortedRows, Tensor]:
@@ -96,11 +96,21 @@ def _sort_rows(x: Tensor, weight: Tensor | None) -> tuple[_SortedRows, Tensor]:
         order = torch.from_numpy(np.argsort(x32.numpy(), axis=1))
     else:
         order = x32.argsort(dim=1)
-    xs = x32.gather(1, order).to(torch.float64)
-    ws = w.gather(1, order)
-    stats = torch.stack([ws, ws * xs, ws * xs * xs], dim=1)
-    xp = F.pad(F.pad(xs, (_PAD, 0), value=-float("inf")), (0, _PAD), value=float("inf"))
-    return _SortedRows(xp, F.pad(stats.cumsum(-1), (1, 0))), order
+    rows, n = x.shape
+    f64 = dict(dtype=torch.float64, device=x.device)
+    # Written into preallocated buffers: these are the only passes over whole matrices.
+    xp = torch.empty(rows, n + 2 * _PAD, **f64)
+    xp[:, :_PAD], xp[:, n + _PAD :] = -float("inf"), float("inf")
+    xs = xp[:, _PAD : n + _PAD]
+    xs.copy_(x32.gather(1, order))
+    ws = w.gather(1, order).to(torch.float64)
+    p = torch.empty(rows, 3, n + 1, **f64)
+    p[:, :, 0] = 0
+    torch.cumsum(ws, 1, out=p[:, 0, 1:])
+    wx = ws.mul_(xs)
+    torch.cumsum(wx, 1, out=p[:, 1, 1:])
+    torch.cumsum(wx.mul_(xs), 1, out=p[:, 2, 1:])
+    return _SortedRows(xp, p), order
 
 
 def _at(r: _SortedRows, idx: Tensor) -> Tensor:
@@ -146,6 +156,8 @@ def _moved_boundaries(r: _SortedRows, c: Tensor, b: Tensor) -> Tensor:
     below = (r.x_at(window) < mid.unsqueeze(1)).sum(1)
     inner = inner - _PAD + below
     far = ((below == 0) | (below == 2 * _PAD)).nonzero(as_tuple=True)
+    if far[0].numel() * 8 > inner.numel():  # early steps move many boundaries far: search them all
+        return _boundaries(r, c)
     if far[0].numel():
         inner[far] = _search(r, far[0], mid[far])
     return _with_ends(inner, r.n)
@@ -307,14 +319,26 @@ def _pair_resplit(r: _SortedRows, c: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(moved[:, None, None], _segment_means(r, b), c), moved
 
 
+def _keep_best(r: _SortedRows, c: Tensor, keep: int) -> Tensor:
+    """The ``keep`` starts of least objective per row: ``[rows, S, k] -> [rows, keep, k]``."""
+    best = _objective(r, c).topk(keep, dim=1, largest=False).indices
+    return c.gather(1, best.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
+
+
 def _refine(r: _SortedRows, c: Tensor, rounds: int, iters: int) -> Tensor:
     """Up to ``rounds`` of (split-merge, pair re-split, Lloyd of ``iters``) on ``c: [rows, S, k]``.
 
-    A row where neither move helps is final (Lloyd left it at a fixed point), so it leaves the batch.
+    Returns ``[rows, min(S, _KEEP_STARTS), k]`` (all S if ``rounds <= 1``). A row where neither move
+    helps is final (Lloyd left it at a fixed point), so it leaves the batch.
     """
+    r_all = r
     out = c.clone()
     rows = torch.arange(c.shape[0])
-    for _ in range(rounds):
+    for rnd in range(rounds):
+        if rnd == 1:  # by now the worse starts rarely win: only the best _KEEP_STARTS go on
+            out[rows] = c
+            out = _keep_best(r_all, out, min(_KEEP_STARTS, out.shape[1]))
+            c = out[rows]
         c, split = _split_merge(r, c)
         c, resplit = _pair_resplit(r, c)
         moved = split | resplit
@@ -430,9 +454,7 @@ def weighted_kmeans(
     with _single_threaded():
         c = _lloyd(r, _starts(r, k, seed), min(iters, _INNER_ITERS))
         c = _refine(r, c, refine_rounds, min(iters, _INNER_ITERS))
-        best = _objective(r, c).argmin(1)
-        c = c[torch.arange(c.shape[0]), best].unsqueeze(1)
-        c = _lloyd(r, _window_dp(r, c), iters)
+        c = _lloyd(r, _window_dp(r, _keep_best(r, c, 1)), iters)
     c = c.squeeze(1).to(x.dtype)
     if snap is not None:
         c = snap(c)
