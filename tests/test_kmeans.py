@@ -137,6 +137,7 @@ def test_snap_rounds_centroids_before_assignment():
         ((torch.zeros(2, 3), -torch.ones(2, 3), 2), ">= 0"),
         ((torch.zeros(2, 3), None, 1), "k=1"),
         ((torch.zeros(3), None, 2), "rows, n"),
+        ((torch.tensor([[0.0, float("nan")]]), None, 2), "NaN"),
     ],
 )
 def test_bad_inputs(args, message):
