@@ -11,7 +11,10 @@ from sqllm.models import load_model
 
 pytestmark = pytest.mark.slow
 WINDOWS = 4
-CALIB = dict(nsamples=8, calib_seqlen=512, seed=0)
+# Hessian methods overfit 8 x 512 calibration tokens on this model (GPTQ 3-bit then loses to RTN);
+# 32 x 512 is the least that is reliably better. The Fisher pass is cheaper to keep small.
+CALIB = dict(nsamples=32, calib_seqlen=512, seed=0)
+FISHER_CALIB = dict(nsamples=8, calib_seqlen=512, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,8 @@ def ppl_of(smollm2_path, smollm2_tokens, wiki_valid):
             if method in ("gptq", "slim"):
                 options = {"true_sequential": False, **options}
             if method != "rtn":
-                options = {**CALIB, "calib": str(wiki_valid), **options}
+                calib = FISHER_CALIB if method == "squeezellm" else CALIB
+                options = {**calib, "calib": str(wiki_valid), **options}
             quantize(model, tok, method, progress=False, **options)
             cache[key] = perplexity(model, smollm2_tokens, 2048, WINDOWS, progress=False)["perplexity"]
         return cache[key]
