@@ -16,18 +16,19 @@ G = 64
 
 if __name__ == "__main__":
     plus = "--no-plus" not in sys.argv
-    rows = []
-    for bits in (3, 2):
-        rows.append(run(f"RTN {bits}-bit g64", "rtn", bits=bits, group_size=G))
-        rows.append(run(f"GPTQ {bits}-bit g64", "gptq", bits=bits, group_size=G, **SEQ, **CALIB))
+    configs = [(f"RTN {b}-bit g64", "rtn", dict(bits=b, group_size=G)) for b in (3, 2)]
     # SliM-LLM's claim is strongest at 2 bits: measure it first when CPU time is short.
-    for bits in (2, 3):
-        rows.append(run(f"SliM-LLM {bits}-bit g64", "slim", bits=bits, group_size=G, **SEQ, **CALIB))
+    configs += [(f"GPTQ {b}-bit g64", "gptq", dict(bits=b, group_size=G, **SEQ, **CALIB)) for b in (2, 3)]
+    configs += [(f"SliM-LLM {b}-bit g64", "slim", dict(bits=b, group_size=G, **SEQ, **CALIB)) for b in (2, 3)]
     if "--with-4bit" in sys.argv:
-        rows.append(run("RTN 4-bit g64", "rtn", bits=4, group_size=G))
-        rows.append(run("GPTQ 4-bit g64", "gptq", bits=4, group_size=G, **SEQ, **CALIB))
+        configs += [("RTN 4-bit g64", "rtn", dict(bits=4, group_size=G)),
+                    ("GPTQ 4-bit g64", "gptq", dict(bits=4, group_size=G, **SEQ, **CALIB))]
     if plus:
-        rows.append(run("SliM-LLM+ 2-bit g64", "slim+", bits=2, group_size=G, lwc_samples=16, **SEQ, **CALIB))
-    write_report("slim", "GPTQ and SliM-LLM: Hessian methods at group size 64", rows,
-                 "SliM-LLM bits/weight counts its per-group bit map; 1-bit groups cost 1 bit plus their fp16 "
-                 "scale and zero. Calibration windows are shared by every Hessian method.")
+        configs.append(("SliM-LLM+ 2-bit g64", "slim+", dict(bits=2, group_size=G, lwc_samples=16, **SEQ, **CALIB)))
+    rows = []
+    for label, method, options in configs:
+        rows.append(run(label, method, **options))
+        # rewritten after every row, so that an interrupted run still leaves its finished rows
+        write_report("slim", "GPTQ and SliM-LLM: Hessian methods at group size 64", rows,
+                     "SliM-LLM bits/weight counts its per-group bit map; 1-bit groups cost 1 bit plus their fp16 "
+                     "scale and zero. Calibration windows are shared by every Hessian method.")

@@ -30,17 +30,19 @@ def fisher_file() -> str:
 
 if __name__ == "__main__":
     fisher = fisher_file()
-    rows = [
-        run("RTN 4-bit per channel", "rtn", bits=4),
-        run("SqueezeLLM 4-bit dense-only", "squeezellm", bits=4, fisher=fisher),
-        run("SqueezeLLM 4-bit 0.45% sparse", "squeezellm", bits=4, sensitive_pct=0.05, outlier_pct=0.40,
-            fisher=fisher),
-        run("RTN 3-bit per channel", "rtn", bits=3),
-        run("SqueezeLLM 3-bit dense-only", "squeezellm", bits=3, fisher=fisher),
-        run("SqueezeLLM 3-bit 0.05% sparse", "squeezellm", bits=3, sensitive_pct=0.05, fisher=fisher),
-        run("SqueezeLLM 3-bit 0.45% sparse", "squeezellm", bits=3, sensitive_pct=0.05, outlier_pct=0.40,
-            fisher=fisher),
+    configs = [
+        ("RTN 4-bit per channel", "rtn", dict(bits=4)),
+        ("SqueezeLLM 4-bit dense-only", "squeezellm", dict(bits=4)),
+        ("SqueezeLLM 4-bit 0.45% sparse", "squeezellm", dict(bits=4, sensitive_pct=0.05, outlier_pct=0.40)),
+        ("RTN 3-bit per channel", "rtn", dict(bits=3)),
+        ("SqueezeLLM 3-bit dense-only", "squeezellm", dict(bits=3)),
+        ("SqueezeLLM 3-bit 0.05% sparse", "squeezellm", dict(bits=3, sensitive_pct=0.05)),
+        ("SqueezeLLM 3-bit 0.45% sparse", "squeezellm", dict(bits=3, sensitive_pct=0.05, outlier_pct=0.40)),
     ]
-    write_report("squeezellm", "SqueezeLLM: Fisher-weighted LUTs and dense-and-sparse", rows,
-                 "0.45% = 0.05% most Fisher-sensitive values + 0.40% largest-magnitude outliers, per matrix. "
-                 "Bits/weight includes the fp16 LUT per row and the CSR sparse part (int32 index + fp32 value).")
+    rows = []
+    for label, method, options in configs:
+        rows.append(run(label, method, **options, **({"fisher": fisher} if method == "squeezellm" else {})))
+        # rewritten after every row, so that an interrupted run still leaves its finished rows
+        write_report("squeezellm", "SqueezeLLM: Fisher-weighted LUTs and dense-and-sparse", rows,
+                     "0.45% = 0.05% most Fisher-sensitive values + 0.40% largest-magnitude outliers, per matrix. "
+                     "Bits/weight includes the fp16 LUT per row and the CSR sparse part (int32 index + fp32 value).")
