@@ -1,4 +1,4 @@
-"""QuantLinear: both compute paths against the dense reference, exact dequantization, memory = packed
+"""QuantLinear: every compute path against the dense reference, exact dequantization, memory = packed
 size, the meta-device loading route, the module swap."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import sqllm.nn.qlinear as qlinear
+from sqllm.nn.kernels import cpu_kernels
 from sqllm.codes import QuantizedMatrix
 from sqllm.errors import CorruptCheckpoint
 from sqllm.formats import matrix_meta, pack_matrix
@@ -31,7 +32,7 @@ def qm(request) -> QuantizedMatrix:
     return KINDS[request.param]()
 
 
-@pytest.mark.parametrize("path", ["tiled", "reference"])
+@pytest.mark.parametrize("path", ["tiled", "reference", "auto"])
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_forward_matches_dense_reference(qm: QuantizedMatrix, path: str, tokens: int) -> None:
     out, n = qm.shape
@@ -43,6 +44,67 @@ def test_forward_matches_dense_reference(qm: QuantizedMatrix, path: str, tokens:
     y = module(x)
     assert y.shape == (tokens, out) and y.dtype == x.dtype
     assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX-512 or no C++ compiler here")
+
+KERNEL_KINDS = {  # shapes whose rows end mid-word and mid-16-code chunk; every width the kernels take
+    "lut2+sparse": lambda: lut_matrix(10, 33, 577, 2, nnz=40),
+    "lut3": lambda: lut_matrix(11, 37, 100, 3),
+    "lut4+sparse fp16": lambda: lut_matrix(12, 37, 100, 4, nnz=90, value_dtype=torch.float16),
+    "uniform4 g32 partial": lambda: uniform_matrix(13, 37, 100, 32, [4], nnz=5),
+    "uniform3 per-channel": lambda: uniform_matrix(14, 37, 96, 96, [3]),
+    "mixed 1-4 g16 partial": lambda: uniform_matrix(15, 37, 100, 16, [1, 2, 3, 4]),
+    "mixed 1-3 g64 partial": lambda: uniform_matrix(16, 40, 600, 64, [1, 2, 3]),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", list(KERNEL_KINDS))
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])
+def test_kernel_matches_reference(kind: str, tokens: int) -> None:
+    """Decode (gemv, 1..8 tokens) and prefill (dequantized tiles) kernels against the reference path."""
+    qm = KERNEL_KINDS[kind]()
+    bias = torch.randn(qm.shape[0])
+    module = QuantLinear.from_matrix(qm, bias, value_dtype=torch.float16 if "fp16" in kind else torch.float32)
+    x = torch.randn(tokens, qm.shape[1], generator=torch.Generator().manual_seed(tokens))
+    module.path = "reference"
+    expected = module(x)
+    module.path = "kernel"
+    y = module(x)
+    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@needs_kernels
+def test_kernel_prefill_tiles_and_low_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row tiles of 7 (the last partial) give the full product; bf16 activations come back in bf16."""
+    qm = uniform_matrix(17, 37, 100, 32, [2, 4])
+    module = QuantLinear.from_matrix(qm)
+    module.path = "kernel"
+    monkeypatch.setattr(qlinear, "PREFILL_TILE", 7 * 100)
+    x = torch.randn(20, 100)
+    expected = x @ qm.dequantize().T
+    assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    yb = module(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert (yb.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_kernel_path_refuses_what_it_cannot_compute() -> None:
+    """An explicit ``path="kernel"`` names the reason; ``"auto"`` falls back to the torch path."""
+    module = QuantLinear.from_matrix(uniform_matrix(18, 8, 60, 20, [3]))
+    x = torch.randn(2, 60)
+    module.path = "kernel"
+    with pytest.raises(RuntimeError, match="group size 20|unavailable"):
+        module(x)
+    module.path = "auto"
+    expected = x @ module.dequantize_weight().T
+    assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    module = QuantLinear.from_matrix(lut_matrix(19, 8, 60, 3))
+    x = torch.randn(2, 60, requires_grad=True)
+    assert module.kernel_unsupported(x) == "the kernels have no backward"
+    module(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_tiles_cover_every_row(qm: QuantizedMatrix, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import resource
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import torch
@@ -87,7 +88,13 @@ def measure(spec: str, *, dtype: str = "float32", prefill: int = 512, decode: in
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure, args=(spec, dtype, prefill, decode, threads or torch.get_num_threads(), queue))
     proc.start()
-    res = queue.get()
+    while True:  # a child that dies without reporting (killed, crashed) must not hang the parent
+        try:
+            res = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise SqllmError(f"benchmark of {spec!r} failed: its process exited with code {proc.exitcode}")
     proc.join()
     if "error" in res:
         raise SqllmError(f"benchmark of {spec!r} failed: {res['error']}")

@@ -1,6 +1,6 @@
 """Linear layers that hold a packed quantized weight (exactly the tensors of ``formats.layouts``).
 
-Two ways to compute ``y = x W^T + b`` with ``W`` = dequantized dense codes + sparse outliers:
+Three ways to compute ``y = x W^T + b`` with ``W`` = dequantized dense codes + sparse outliers:
 
 * the reference path: unpack and dequantize the whole weight (bit for bit ``QuantizedMatrix.dequantize``),
   one matmul. Everything else is tested against it.
@@ -9,8 +9,14 @@ Two ways to compute ``y = x W^T + b`` with ``W`` = dequantized dense codes + spa
   them and multiply by ``x`` permuted to that column order, so the fp weight never exists whole and the
   codes are never interleaved back. Decode (<= ``DECODE_TOKENS`` rows of ``x``) uses small, cache-sized tiles; prefill
   uses large ones, where the matmul amortizes the dequantization. Outliers are added with ``index_add_``.
+  Plain eager torch, any device.
+* the kernel path (:mod:`sqllm.nn.kernels`, AVX-512 CPUs): decode reads the packed codes straight into
+  a matrix-vector product (LUT lookups by in-register permutes, outliers from the CSR rows); prefill
+  dequantizes row tiles with the same code reader and multiplies them with torch.
 
-Plain eager torch, any device; nothing is cached unless :meth:`QuantLinear.cache_dense_weight` asks.
+``path="auto"`` (the default) takes the kernel where it applies (CPU tensors, codes of at most 4 bits,
+uniform groups a multiple of 16 columns, no gradient wanted) and the tiled path elsewhere. Nothing
+holds a dense weight unless :meth:`QuantLinear.cache_dense_weight` asks.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from ..formats.bitpack import block_shape, planar_columns, unpack_planar
 from ..formats.layouts import LayerMeta, group_columns, matrix_meta, pack_matrix, tensor_specs, unpack_matrix
 from ..formats.layouts import storage_bits as layout_storage_bits
 from ..formats.sparse import csr_rows
+from . import kernels as _kernels
 
 DECODE_TOKENS = 8
 DECODE_TILE = 1 << 18  # weight elements dequantized at once when decoding (1 MiB fp32, about an L2)
 PREFILL_TILE = 1 << 21  # larger tiles when the matmul dominates
-PATHS = ("tiled", "reference")
+PATHS = ("auto", "kernel", "tiled", "reference")
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,9 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
         bias = None if bias_dtype is None else torch.zeros(self.out_features, dtype=bias_dtype, device=device)
         self.register_buffer("bias", bias)
-        self.path = "tiled"
+        self.path = "auto"
         self.dense_cache: Tensor | None = None
+        self._kernel_parts: list[tuple[str, int, Tensor | None, Tensor | None]] | None = None
 
     @classmethod
     def from_matrix(
@@ -115,6 +123,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.dense_cache = None  # a snapshot of the old buffers
+        self._kernel_parts = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,13 +133,95 @@ class QuantLinear(nn.Module):
             y = x2 @ self.dense_cache.to(x.dtype).T
         elif self.path == "reference":
             y = x2 @ self.dequantize_weight().to(x.dtype).T
-        elif self.path == "tiled":
+        elif self.path == "tiled" or (self.path == "auto" and not self.kernel_applies(x2)):
             y = self._tiled(x2)
+        elif self.path in ("auto", "kernel"):
+            if not self.kernel_applies(x2):
+                raise RuntimeError(f"path='kernel' does not apply here: {self.kernel_unsupported(x2)}")
+            y = self._kernel(x2)
         else:
             raise ValueError(f"path={self.path!r}; supported values are {PATHS}")
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def kernel_unsupported(self, x2: Tensor) -> str | None:
+        """Why the compiled kernel cannot compute this product (None when it can)."""
+        m = self.meta
+        if x2.device.type != "cpu":
+            return f"x is on {x2.device}"
+        if x2.requires_grad and torch.is_grad_enabled():
+            return "the kernels have no backward"
+        if m.bits > _kernels.MAX_BITS:
+            return f"{m.bits}-bit codes (the kernels take up to {_kernels.MAX_BITS})"
+        if m.kind == "uniform" and m.group_size is not None and m.group_size % _kernels.LANES:
+            return f"group size {m.group_size} is not a multiple of {_kernels.LANES}"
+        if _kernels.cpu_kernels() is None:
+            return "the compiled CPU kernels are unavailable (no AVX-512, no compiler, or SQLLM_KERNELS=0)"
+        return None
+
+    def kernel_applies(self, x2: Tensor) -> bool:
+        return self.kernel_unsupported(x2) is None
+
+    def _kernel(self, x2: Tensor) -> Tensor:
+        """Compiled path: ``[m, in]`` -> ``[m, out]``; gemv for decode, dequantized row tiles for prefill."""
+        k = _kernels.cpu_kernels()
+        x32 = x2.float().contiguous()
+        m, meta = x32.shape[0], self.meta
+        sparse = (self.sp_crow, self.sp_col, self.sp_val) if meta.nnz else (None, None, None)
+        if meta.kind == "lut" and m <= DECODE_TOKENS:
+            return k.lut_gemv(x32, self.qweight, self.lut, meta.bits, *sparse).to(x2.dtype)
+        parts = self._kernel_part_list()
+        if m <= DECODE_TOKENS:
+            xs = [x32 if cols is None else x32[:, cols].contiguous() for _, _, cols, _ in parts]
+        else:  # bf16/fp16 activations multiply in their dtype (AMX or AVX-512 BF16 where the CPU has them)
+            xs = [x2 if cols is None else x2[:, cols] for _, _, cols, _ in parts]
+        if meta.kind == "uniform" and m <= DECODE_TOKENS:
+            y = x32.new_zeros(m, self.out_features)
+            for (buffer, bits, _, gid), xp in zip(parts, xs):
+                k.uniform_gemv_(y, xp, getattr(self, buffer), self.scales, self.zeros, gid, meta.group_size, bits)
+        else:
+            rows = max(1, PREFILL_TILE // self.in_features)
+            tiles = []
+            for start in range(0, self.out_features, rows):
+                stop = min(start + rows, self.out_features)
+                acc = None
+                for (buffer, bits, _, gid), xp in zip(parts, xs):
+                    q = getattr(self, buffer)
+                    if gid is None:
+                        w = k.lut_dequant(q, self.lut, bits, xp.shape[1], start, stop)
+                    else:
+                        w = k.uniform_dequant(q, self.scales, self.zeros, gid, meta.group_size, bits, xp.shape[1], start, stop)
+                    w = w.to(xp.dtype)
+                    acc = xp @ w.T if acc is None else torch.addmm(acc, xp, w.T)
+                tiles.append(acc)
+            y = torch.cat(tiles, dim=1).float()
+        if meta.nnz:
+            y = self._add_outliers(y.T, x32).T
+        return y.to(x2.dtype)
+
+    def _kernel_part_list(self) -> list[tuple[str, int, Tensor | None, Tensor | None]]:
+        """``(buffer, bits, columns or None for all, global groups or None for LUT)`` per packed tensor."""
+        if self._kernel_parts is None:
+            meta = self.meta
+            if meta.kind == "lut":
+                self._kernel_parts = [("qweight", meta.bits, None, None)]
+            elif meta.mixed_cols is None:
+                self._kernel_parts = [("qweight", meta.bits, None, torch.arange(meta.n_groups))]
+            else:
+                gb = self.group_bits.long()
+                G = meta.group_size
+                assert G is not None
+                self._kernel_parts = [
+                    (f"qweight_b{b}", b, group_columns(gb, G, self.in_features, b), torch.nonzero(gb == b).flatten())
+                    for b, _ in meta.mixed_cols
+                ]
+        return self._kernel_parts
+
+    def _add_outliers(self, y_t: Tensor, x2: Tensor) -> Tensor:
+        """``y_t: [out, m]`` plus the sparse part's product with ``x2: [m, in]``."""
+        contrib = x2.T[self.sp_col.long()] * self.sp_val.to(x2.dtype)[:, None]  # [nnz, m]
+        return y_t.index_add(0, csr_rows(self.sp_crow), contrib)
 
     def _tiled(self, x2: Tensor) -> Tensor:
         """Dense part tile by tile of output rows, then the outliers: ``[m, in]`` -> ``[m, out]``."""
@@ -153,8 +244,7 @@ class QuantLinear(nn.Module):
             tiles.append(acc)
         y_t = torch.cat(tiles)  # [out, m]
         if self.meta.nnz:
-            contrib = x2.T[self.sp_col.long()] * self.sp_val.to(x2.dtype)[:, None]  # [nnz, m]
-            y_t = y_t.index_add(0, csr_rows(self.sp_crow), contrib)
+            y_t = self._add_outliers(y_t, x2)
         return y_t.T
 
     def _operands(self, part: _Part) -> tuple[Tensor, Tensor, Tensor | None]:
