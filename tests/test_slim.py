@@ -128,7 +128,7 @@ def test_binary_grid_constant_rows():
 
 def test_gptq_core_with_binary_groups_and_no_feedback_is_binarization():
     w, _, _ = _uneven_layer(n_in=96)
-    dense, q = gptq_core(w, torch.eye(96), 32, torch.ones(3, dtype=torch.int64), lambda wg, b, c: binary_grid(wg))
+    dense, q, _ = gptq_core(w, torch.eye(96), 32, torch.ones(3, dtype=torch.int64), lambda wg, b, c: binary_grid(wg))
     assert torch.equal(q, dense.dequantize()) and int(dense.codes.max()) == 1
     for c in (0, 32, 64):
         _assert_binarized(q[:, c : c + 32], w[:, c : c + 32])

@@ -141,12 +141,15 @@ class QuantizedMatrix:
     """What a quantizer returns for one weight ``[out, in]``: dense codes plus optional sparse outliers.
 
     ``info`` holds numbers worth reporting (e.g. how many values were extracted), never tensors needed
-    to reconstruct the weight.
+    to reconstruct the weight. ``rounded`` ([out, in] float32, optional) is a solver's by-product for a
+    later refinement stage: the values it actually rounded (GPTQ's error-compensated weights, which
+    SliM-LLM+ re-rounds on learned grids). It is never stored and plays no part in ``dequantize``.
     """
 
     dense: DenseCodes
     sparse: SparseOutliers | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    rounded: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -122,8 +122,10 @@ def gptq_core(
     fit_grid:   grid of one group, called with that group's current weights, its bits and its columns
     perm:       processing order (act_order) or None. Grids are then fitted up front on ``w`` (as with
                 ``static_groups``), because a group's columns are not contiguous in the sweep.
-    Returns (codes with scales/zeros per natural group, dequantized weight [out, in]) where the
-    weight is exactly ``codes.dequantize()``, computed from the stored fp16-representable grids.
+    Returns (codes with scales/zeros per natural group, dequantized weight [out, in], rounded [out, in])
+    where the weight is exactly ``codes.dequantize()``, computed from the stored fp16-representable grids,
+    and ``rounded`` holds every column as it was just before rounding (after all earlier columns' error
+    feedback), so that ``codes`` are its nearest codes on the grids.
     """
     out, n_in = w.shape
     n_g = num_groups(n_in, group_size)
@@ -140,6 +142,7 @@ def gptq_core(
     W = w[:, order].clone()
     codes = torch.zeros_like(W)
     Q = torch.zeros_like(W)
+    R = torch.zeros_like(W)
     for b0, b1 in _block_bounds(n_in, blocksize, None if static else group_size):
         if not static and b0 % group_size == 0:
             g = b0 // group_size
@@ -152,6 +155,7 @@ def gptq_core(
             s, z = scales[:, g], zeros[:, g]
             q = nearest_codes(W1[:, i], s, z, 2 ** bits[g] - 1)
             deq = s * (q - z)
+            R[:, b0 + i] = W1[:, i]
             # OBQ update (§3) of the block's remaining columns, from the Cholesky row of column i (§4 step 3)
             err = (W1[:, i] - deq) / U1[i, i]
             W1[:, i:] -= torch.outer(err, U1[i, i:])
@@ -163,6 +167,7 @@ def gptq_core(
     if perm is not None:
         codes[:, perm] = codes.clone()
         Q[:, perm] = Q.clone()
+        R[:, perm] = R.clone()
     dense = UniformCodes(
         codes=codes.to(torch.uint8),
         scales=scales,
@@ -170,7 +175,7 @@ def gptq_core(
         group_bits=torch.as_tensor(bits, dtype=torch.int64),
         group_size=group_size,
     )
-    return dense, Q
+    return dense, Q, R
 
 
 def hessian_error(w: Tensor, q: Tensor, h: Tensor) -> float:
@@ -210,7 +215,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = ""
     def fit(wg: Tensor, bits: int, cols: slice) -> tuple[Tensor, Tensor]:
         return minmax_grid(wg, bits, cfg.sym)
 
-    dense, q = gptq_core(
+    dense, q, _ = gptq_core(
         w1, u, group_size, group_bits, fit, blocksize=cfg.blocksize, static_groups=cfg.static_groups, perm=perm
     )
     return QuantizedMatrix(dense=dense, info={"damp": damp, "hessian_error": hessian_error(w0, q, h0)})

@@ -1,22 +1,33 @@
 """SliM-LLM+: learnable weight clipping (LWC) on top of SliM-LLM's group bit map.
 
 SliM-LLM+ (Huang et al. 2024, the SliM-LLM variant built on OmniQuant) keeps SliM-LLM's salience-determined bit width of every
-column group and replaces GPTQ's rounding by OmniQuant's learnable weight clipping (Shao et al. 2023,
+column group and learns each group's grid with OmniQuant's learnable weight clipping (Shao et al. 2023,
 "OmniQuant", §3.2): every (row, group) of a linear gets two learnable clipping strengths, and the
-group's min-max uniform grid is fitted to the *clipped* range
+group's uniform grid spans the *clipped* range
 
-    hi = sigmoid(g_up) * max(w),   lo = sigmoid(g_low) * min(w),   scale = (hi - lo) / (2**b - 1),
-    zero = round(-lo / scale),     w_q = scale * (clamp(round(w / scale) + zero, 0, 2**b - 1) - zero),
+    hi = sigmoid(g_up) * H,   lo = sigmoid(g_low) * L,   scale = (hi - lo) / (2**b - 1),
+    zero = round(-lo / scale),     w_q = scale * (clamp(round(r / scale) + zero, 0, 2**b - 1) - zero),
 
 with rounding passed straight through in the backward pass. All clipping parameters of a decoder block
 are trained jointly to minimize the MSE between the block's full-precision outputs and its outputs
 with the fake-quantized weights (OmniQuant §3.1, block-wise error minimization).
 
-Choices of ours, each for a stated reason:
+What is rounded, and the bounds ``H``, ``L``, are where we depart from OmniQuant, which rounds the
+full-precision weights ``w`` and takes ``H = max(w)``, ``L = min(w)``. On a small model at 2 bits that
+learned-clipping round-to-nearest loses to SliM-LLM's GPTQ sweep in every block we measured (SmolLM2:
+higher block output error after 10 epochs), because GPTQ's error feedback is worth more than a better
+grid. So here:
 
-* The range always contains 0 (``max(w)`` is taken as ``max(w, 0)``, ``min(w)`` as ``min(w, 0)``), as in
-  :func:`~sqllm.quant.uniform.minmax_grid`, so zero weights stay exactly zero and zeros stay integers in
+* ``r`` is what SliM-LLM's GPTQ sweep actually rounded (``QuantizedMatrix.rounded``: each column after
+  the error feedback of the columns before it), so the codes on SliM's grid are SliM's codes;
+* ``H = s (2**b - 1 - z) / sigmoid(g0)`` and ``L = -s z / sigmoid(g0)`` from SliM's scale ``s`` and integer
+  zero ``z``, with the logits initialised at ``g0`` (:data:`CLIP_LOGIT_INIT`): training starts exactly at
+  SliM-LLM's grid and codes (its block loss is the starting loss) and learns how much to clip from
+  there, as OmniQuant learns it from min-max. The range keeps 0 inside, so zeros stay integers in
   ``[0, 2**b - 1]``.
+
+Further choices, each for a stated reason:
+
 * 1-bit groups keep SliM-LLM's binarization (its codes and the midpoint ``mu`` of its two levels) and
   learn only the half distance ``alpha`` between the levels, as ``alpha * (1/2 + sigmoid(g_alpha))`` with
   ``g_alpha = 0``: training starts exactly at SliM's levels. A min-max grid with two levels would put them
@@ -27,9 +38,9 @@ Choices of ours, each for a stated reason:
   gradient), so the lower clipping strength gets a gradient of its own through the zero point.
 * AdamW runs without weight decay: decay would pull the logits towards 0, i.e. towards clipping half of
   the range, which no data asked for.
-* The learned-clipping RTN starts from a worse point than GPTQ's error-compensated weights, so at the end
-  the hook keeps, per block, whichever of SliM's result and the LWC result has the lower block output MSE
-  on the training windows, and records the choice in each matrix's ``info``.
+* Training lowers the training loss but the exported grid is float16-rounded, so at the end the hook
+  keeps, per block, whichever of SliM's result and the LWC result has the lower block output MSE on the
+  training windows, and records the choice in each matrix's ``info``.
 * Training is compute-bound (a forward and backward of the block per window and epoch), so it runs under
   bfloat16 autocast where the hardware multiplies bf16 natively (:func:`fast_train_dtype`); the losses
   that decide between SliM and LWC are computed in the model's own precision.
@@ -52,7 +63,7 @@ from ..engine.loop import BlockHook
 from ..errors import InvalidConfig
 from .uniform import group_view
 
-# sigmoid(4) = 0.982: training starts from (almost) unclipped min-max rounding, as in OmniQuant.
+# sigmoid(4) = 0.982: training starts at SliM's grid with room to widen it by 1.8% or to clip it.
 CLIP_LOGIT_INIT = 4.0
 # Smallest grid step; keeps the division by the scale finite for all-zero groups (OmniQuant's CLIPMIN).
 MIN_SCALE = 1e-5
@@ -62,8 +73,8 @@ MIN_SCALE = 1e-5
 class LinearClip:
     """Everything LWC needs for one linear ``[out, in]`` with ``n_g`` groups of ``G`` columns.
 
-    w:        [out, n_g, G] full-precision weight in groups (a partial last group padded with its last column)
-    w_max:    [out, n_g, 1] ``max(w, 0)`` per group;  w_min: [out, n_g, 1] ``min(w, 0)`` per group
+    w:        [out, n_g, G] the values to round, in groups (a partial last group padded with its last column)
+    w_max:    [out, n_g, 1] the bound ``H >= 0`` of the upper end;  w_min: [out, n_g, 1] the bound ``L <= 0``
     maxq:     [1, n_g, 1] ``2**bits - 1`` per group (float)
     binary:   [1, n_g, 1] bool, the 1-bit groups
     bin_codes: [out, n_g, G] SliM's codes (float 0/1 in 1-bit groups, ignored elsewhere)
@@ -97,27 +108,30 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def init_clip(w: Tensor, codes: UniformCodes) -> LinearClip:
-    """Clipping state of the full-precision weight ``w: [out, in]`` on the bit map of SliM's ``codes``.
+def init_clip(rounded: Tensor, codes: UniformCodes) -> LinearClip:
+    """Clipping state that starts at SliM's ``codes``: ``rounded: [out, in]`` are the values SliM's sweep
+    rounded (their nearest codes on SliM's grids are ``codes``), the bounds come from SliM's grids.
 
     The 1-bit groups' two levels are read back from the codes (``level_c = s * (c - z)``, ``c`` in {0, 1}),
     so nothing is assumed about how SliM-LLM binarized them.
     """
-    out, n_in = w.shape
+    out, n_in = rounded.shape
     g, n_g = codes.group_size, num_groups(n_in, codes.group_size)
-    groups = group_view(w.float(), g)[0].reshape(out, n_g, g)
+    groups = group_view(rounded.float(), g)[0].reshape(out, n_g, g)
     bin_codes = group_view(codes.codes.float(), g)[0].reshape(out, n_g, g)
     s, z = codes.scales.unsqueeze(-1), codes.zeros.unsqueeze(-1)
+    maxq = (2.0 ** codes.group_bits.to(rounded.device) - 1).view(1, n_g, 1)
+    start = torch.sigmoid(torch.tensor(CLIP_LOGIT_INIT))
 
     def logit(value: float) -> Tensor:
-        return torch.full((out, n_g, 1), value, device=w.device).requires_grad_()
+        return torch.full((out, n_g, 1), value, device=rounded.device).requires_grad_()
 
     return LinearClip(
         w=groups,
-        w_max=groups.amax(dim=-1, keepdim=True).clamp(min=0),
-        w_min=groups.amin(dim=-1, keepdim=True).clamp(max=0),
-        maxq=(2.0 ** codes.group_bits.to(w.device) - 1).view(1, n_g, 1),
-        binary=(codes.group_bits.to(w.device) == 1).view(1, n_g, 1),
+        w_max=(s * (maxq - z) / start).clamp(min=0),
+        w_min=(-s * z / start).clamp(max=0),
+        maxq=maxq,
+        binary=(codes.group_bits.to(rounded.device) == 1).view(1, n_g, 1),
         bin_codes=bin_codes,
         bin_mid=s * (0.5 - z),
         bin_step=s,
@@ -310,14 +324,15 @@ def make_lwc_block_hook(
         if cfg.lwc_epochs == 0:
             return results
         for full, qm in results.items():
-            if not isinstance(qm.dense, UniformCodes) or qm.sparse is not None:
-                raise InvalidConfig(f"lwc needs uniform group codes without outliers; {full} has "
-                                    f"{type(qm.dense).__name__}; use it with method slim+")
+            if not isinstance(qm.dense, UniformCodes) or qm.sparse is not None or qm.rounded is None:
+                raise InvalidConfig(f"lwc needs uniform group codes without outliers and the values they "
+                                    f"rounded; {full} has {type(qm.dense).__name__}, rounded="
+                                    f"{qm.rounded is not None}; use it with method slim+")
         n = min(cfg.lwc_samples, inputs.hidden.shape[0])
         hidden, target, kwargs = inputs.hidden[:n], fp_outputs[:n], inputs.kwargs
         names = _weight_names(block, list(results))
         base = {k: v.detach() for k, v in block.named_parameters()}
-        clips = {names[f]: init_clip(fp_weights[f], results[f].dense) for f in results}
+        clips = {names[f]: init_clip(results[f].rounded, results[f].dense) for f in results}
 
         def loss_of(codes: dict[str, UniformCodes]) -> float:
             return block_output_mse(block, _codes_params(base, codes), hidden, target, kwargs, eval_batch)

@@ -220,7 +220,7 @@ def slim_quantize(
         sal = wg.pow(2) / d[cols].pow(2)
         return sqc_grid(wg, bits, sal, multipliers, cfg.sqc_salient_frac, cfg.sqc_salient_weight)
 
-    dense, q = gptq_core(w1, u, group_size, group_bits, fit, blocksize=cfg.blocksize)
+    dense, q, rounded = gptq_core(w1, u, group_size, group_bits, fit, blocksize=cfg.blocksize)
     info = {
         "p": p,
         "group_bits": group_bits.tolist(),
@@ -228,4 +228,5 @@ def slim_quantize(
         "damp": damp,
         "hessian_error": hessian_error(w0, q, h0),
     }
-    return QuantizedMatrix(dense=dense, info=info)
+    # SliM-LLM+ re-rounds the error-compensated weights on learned grids (quant/lwc.py).
+    return QuantizedMatrix(dense=dense, info=info, rounded=rounded if cfg.lwc else None)
