@@ -106,6 +106,10 @@ def test_cli_unknown_task_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and "sqllm_no_such_task" in err and "--include-path" in err
+    # Tasks are checked before any model is loaded: a missing model is not what gets reported.
+    rc = main(["eval", str(tmp_path / "no_model"), "--tasks", "sqllm_no_such_task", "--include-path", str(TASKS)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sqllm_no_such_task" in err and "no_model" not in err
 
 
 @needs_lm_eval

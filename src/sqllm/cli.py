@@ -145,6 +145,10 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
     if not a.ppl and not a.tasks:
         raise InvalidConfig("nothing to evaluate: pass --ppl SOURCE and/or --tasks T1,T2")
+    if a.tasks:  # unknown tasks fail in seconds, not after loading the models
+        from .eval.zeroshot import check_tasks
+
+        check_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
     specs = [a.model] + ([a.baseline] if a.baseline else [])
     results: dict[str, Any] = {"model": a.model, "runs": []}
     for spec in specs:

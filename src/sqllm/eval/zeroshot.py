@@ -115,6 +115,22 @@ def _evaluate_task(lm_eval: Any, lm: Any, task: str, manager: Any, limit: int | 
         ) from None
 
 
+def check_tasks(tasks: Sequence[str], *, include_path: str | None = None,
+                limit: int | None = None) -> tuple[list[str], Any]:
+    """The cleaned task names and a TaskManager that knows them all; raises before any model is loaded.
+
+    Raises DataUnavailable (lm-eval missing) or InvalidConfig (no task, an unknown task, a bad limit).
+    """
+    _, _, task_manager_cls = _import_lm_eval()
+    names = [t.strip() for t in tasks if t.strip()]
+    if not names:
+        raise InvalidConfig("no zero-shot task given; pass --tasks T1,T2")
+    if limit is not None and limit < 1:
+        raise InvalidConfig(f"limit={limit} must be >= 1 (or omitted for every document)")
+    with _quiet():
+        return names, task_manager_for(task_manager_cls, names, include_path)
+
+
 def run_zeroshot(
     model: Any, tokenizer: Any, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
     batch_size: int = 8,
@@ -126,14 +142,9 @@ def run_zeroshot(
     "limit": limit, "num_fewshot": 0, "lm_eval_version": ...}`` with the metrics each task defines.
     Raises DataUnavailable (lm-eval missing, a task's data unreachable) or InvalidConfig (unknown task).
     """
-    lm_eval, hflm_cls, task_manager_cls = _import_lm_eval()
-    names = [t.strip() for t in tasks if t.strip()]
-    if not names:
-        raise InvalidConfig("no zero-shot task given; pass --tasks T1,T2")
-    if limit is not None and limit < 1:
-        raise InvalidConfig(f"limit={limit} must be >= 1 (or omitted for every document)")
+    lm_eval, hflm_cls, _ = _import_lm_eval()
+    names, manager = check_tasks(tasks, include_path=include_path, limit=limit)
     with _quiet():
-        manager = task_manager_for(task_manager_cls, names, include_path)
         lm = hflm_cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         per_task: dict[str, dict[str, float]] = {}
         for task in names:
