@@ -90,6 +90,60 @@ void lut_gemv_rows(const float* x, int64_t n, const uint8_t* q, int64_t row_byte
   }
 }
 
+// The 4-bit case of lut_gemv_rows, twice as fast: 16 bytes hold 32 codes, byte k holding code 2k in its
+// low nibble and code 2k+1 in its high one. Widening the bytes to 16 lanes gives the even codes as the
+// lanes' low nibbles (the permute reads only the low 4 bits of an index) and the odd codes after one
+// shift; `xp` holds x with each 32-column chunk reordered to [even columns, odd columns] to match.
+template <int M, typename V>
+void lut4_gemv_rows(const float* x, const float* xp, int64_t n, int64_t n32, const uint8_t* q, int64_t row_bytes,
+                    const at::Half* lut, const int32_t* crow, const int32_t* col, const V* val, float* y, int64_t out,
+                    int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = q + r * row_bytes;
+    const __m512 table = load_lut(lut + r * 16, 16);
+    __m512 acc[M];
+    for (int t = 0; t < M; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n32; j += 2 * kLanes) {
+      const int64_t at = j / 2;
+      __m128i bytes;
+      if (at + 16 <= row_bytes) {
+        bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + at));
+      } else {  // the row's last chunk: codes past n read as zero and meet zero padding in xp
+        alignas(16) uint8_t tail[16] = {0};
+        std::memcpy(tail, row + at, row_bytes - at);
+        bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+      }
+      const __m512i wide = _mm512_cvtepu8_epi32(bytes);
+      const __m512 even = _mm512_permutexvar_ps(wide, table);
+      const __m512 odd = _mm512_permutexvar_ps(_mm512_srli_epi32(wide, 4), table);
+      for (int t = 0; t < M; ++t) {
+        acc[t] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xp + t * n32 + j), acc[t]);
+        acc[t] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xp + t * n32 + j + kLanes), acc[t]);
+      }
+    }
+    for (int t = 0; t < M; ++t) {
+      float s = _mm512_reduce_add_ps(acc[t]);
+      if (crow != nullptr) s += sparse_dot(crow, col, val, x + t * n, r);
+      y[t * out + r] = s;
+    }
+  }
+}
+
+// x [m, n] -> [m, n32] with every chunk of 32 columns as [its 16 even columns, its 16 odd ones], zero-padded.
+torch::Tensor even_odd_chunks(const torch::Tensor& x, int64_t n32) {
+  const int64_t m = x.size(0), n = x.size(1);
+  auto xp = torch::zeros({m, n32}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = xp.data_ptr<float>();
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t chunk = j / 32, k = j % 32;
+      dst[t * n32 + chunk * 32 + (k % 2) * 16 + k / 2] = src[t * n + j];
+    }
+  }
+  return xp;
+}
+
 // y[t, r] += sum over the part's groups g of scale[r, gid[g]] * sum_j (code - zero[r, gid[g]]) * x[t, j],
 // for the part's columns: x holds them contiguously, group g being columns [g*G, (g+1)*G).
 template <int M>
@@ -160,11 +214,18 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor lut, int6
   const int32_t* col_p = sparse ? col->data_ptr<int32_t>() : nullptr;
   const auto* q_p = reinterpret_cast<const uint8_t*>(q.data_ptr<int32_t>());
   const int64_t row_bytes = q.size(1) * 4;
+  const int64_t n32 = (n + 31) / 32 * 32;
+  const torch::Tensor xp = bits == 4 ? even_odd_chunks(x, n32) : x;
   auto run = [&](auto tokens, const auto* val_p) {
     constexpr int M = decltype(tokens)::value;
     at::parallel_for(0, out, grain(n), [&](int64_t r0, int64_t r1) {
-      lut_gemv_rows<M>(x.data_ptr<float>(), n, q_p, row_bytes, lut.data_ptr<at::Half>(), static_cast<int>(bits), crow_p,
-                       col_p, val_p, y.data_ptr<float>(), out, r0, r1);
+      if (bits == 4) {
+        lut4_gemv_rows<M>(x.data_ptr<float>(), xp.data_ptr<float>(), n, n32, q_p, row_bytes, lut.data_ptr<at::Half>(),
+                          crow_p, col_p, val_p, y.data_ptr<float>(), out, r0, r1);
+      } else {
+        lut_gemv_rows<M>(x.data_ptr<float>(), n, q_p, row_bytes, lut.data_ptr<at::Half>(), static_cast<int>(bits), crow_p,
+                         col_p, val_p, y.data_ptr<float>(), out, r0, r1);
+      }
     });
   };
   dispatch_tokens(m, [&](auto tokens) {
