@@ -2,21 +2,28 @@
 peak resident memory, resident bytes of the quantized linears against their packed size, prefill and
 decode tokens/s.
 
-    python benchmarks/inference.py      # writes results/inference.{json,md,png}
+    python benchmarks/inference.py [--threads N]     # writes results/inference.{json,md,png}
+
+Packed rows run QuantLinear's default path (the AVX-512 kernels where the CPU has them); one extra row
+runs SqueezeLLM 4-bit with ``SQLLM_KERNELS=0`` (the pure-torch tiled path) to show what the kernels buy.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 
 from common import CALIB, MODEL, RESULTS, ROOT, WIKI_VALID
 
 from sqllm.api import quantize, save_quantized
 from sqllm.eval.bench import disk_bytes, measure, packed_linear_bytes
 from sqllm.models import cache_dir, load_model, resolve_model_path
+from sqllm.nn.kernels import kernels_enabled
 from sqllm.report import git_commit, machine_info, markdown_table
 
 PREFILL, DECODE = 256, 32
+TORCH_PATH_ROW = "SqueezeLLM 4-bit"  # also measured with the kernels off
 CHECKPOINTS = [
     ("SqueezeLLM 4-bit", "squeezellm", dict(bits=4)),
     ("SqueezeLLM 4-bit 0.45%", "squeezellm", dict(bits=4, sensitive_pct=0.05, outlier_pct=0.40)),
@@ -45,7 +52,7 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    labels = [r["label"] for r in rows]
+    labels = [r["label"] + (" [torch path]" if "SQLLM_KERNELS" in r["path"] else "") for r in rows]
     for ax, key, title in zip(axes, ["decode_tok_s", "prefill_tok_s", "peak_rss_mb"],
                               ["decode tokens/s (batch 1)", f"prefill tokens/s ({PREFILL} tokens)", "peak RSS MiB"]):
         ax.barh(labels, [r[key] for r in rows], color=["#888" if "fp" in l or "bf16" in l else "#2a7" for l in labels])
@@ -57,29 +64,44 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(RESULTS / "inference.png", dpi=110)
 
 
+def packed_row(label: str, path: str, threads: int) -> dict:
+    r = measure(path, prefill=PREFILL, decode=DECODE, threads=threads)
+    qc = json.loads((open(f"{path}/config.json").read()))["quantization_config"]
+    return {"label": label, **r, "disk_bytes": disk_bytes(path), "bits_per_weight": qc["bits_per_weight"]["total"],
+            "bits_by_part": qc["bits_per_weight"], "packed_linear_bytes": packed_linear_bytes(path)}
+
+
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every measurement")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
     base = resolve_model_path(MODEL)
     rows = []
     for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16")):
-        r = measure(base, dtype=dtype, prefill=PREFILL, decode=DECODE)
-        rows.append({"label": label, **r, "disk_bytes": disk_bytes(base), "bits_per_weight": 32 if dtype == "float32" else 16})
+        r = measure(base, dtype=dtype, prefill=PREFILL, decode=DECODE, threads=args.threads)
+        rows.append({"label": label, **r, "disk_bytes": disk_bytes(base), "bits_per_weight": 32 if dtype == "float32" else 16,
+                     "path": "torch"})
+    kernel_path = "AVX-512 kernels" if kernels_enabled() else "torch (no AVX-512)"
     for label, method, options in CHECKPOINTS:
         path = checkpoint(label, method, options)
-        r = measure(path, prefill=PREFILL, decode=DECODE)
-        qc = json.loads((open(f"{path}/config.json").read()))["quantization_config"]
-        rows.append({"label": label, **r, "disk_bytes": disk_bytes(path), "bits_per_weight": qc["bits_per_weight"]["total"],
-                     "bits_by_part": qc["bits_per_weight"], "packed_linear_bytes": packed_linear_bytes(path)})
+        rows.append({**packed_row(label, path, args.threads), "path": kernel_path})
         print(label, {k: rows[-1][k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}, flush=True)
-    doc = {"protocol": {"model": MODEL, "prefill_tokens": PREFILL, "decode_tokens": DECODE,
+        if label == TORCH_PATH_ROW:
+            os.environ["SQLLM_KERNELS"] = "0"  # read by the spawned child
+            rows.append({**packed_row(label, path, args.threads), "path": "torch (SQLLM_KERNELS=0)"})
+            del os.environ["SQLLM_KERNELS"]
+    doc = {"protocol": {"model": MODEL, "prefill_tokens": PREFILL, "decode_tokens": DECODE, "threads": args.threads,
                         "measure": "each model in a fresh process; one warm-up, then one timed prefill and "
                                    "one greedy generate of DECODE tokens with KV cache"},
+           "load_average": {"before": load_before, "after": os.getloadavg()},
            "machine": machine_info(), "commit": git_commit(str(ROOT)), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "inference.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     table = markdown_table(
-        ["model", "bits/weight (linears)", "disk MiB", "peak RSS MiB", "quantized linears resident / packed",
-         f"prefill tok/s", "decode tok/s"],
-        [[r["label"], f"{r['bits_per_weight']:.3f}", f"{r['disk_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
+        ["model", "compute path", "bits/weight (linears)", "disk MiB", "peak RSS MiB",
+         "quantized linears resident / packed", "prefill tok/s", "decode tok/s"],
+        [[r["label"], r["path"], f"{r['bits_per_weight']:.3f}", f"{r['disk_bytes'] / 2**20:.1f}", f"{r['peak_rss_mb']:.0f}",
           f"{r['quantized_linear_bytes'] / r['packed_linear_bytes']:.3f}" if r.get("packed_linear_bytes") else "-",
           f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}"] for r in rows],
     )
@@ -87,7 +109,8 @@ if __name__ == "__main__":
     md = (f"# Inference: packed checkpoints vs fp32 / bf16\n\n{table}\n\n"
           f"Protocol: {doc['protocol']['measure']}; prefill {PREFILL} tokens, decode {DECODE} tokens, batch 1. "
           f"Embeddings and lm_head stay fp32 in every checkpoint (tied, 28M of the 135M parameters).\n\n"
-          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
+          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} thread(s) per measurement; "
+          f"load average {load_before[0]:.2f} before, {doc['load_average']['after'][0]:.2f} after. "
           f"Commit {doc['commit']}.\n")
     (RESULTS / "inference.md").write_text(md)
     plot(rows)
