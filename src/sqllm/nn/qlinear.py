@@ -21,6 +21,7 @@ holds a dense weight unless :meth:`QuantLinear.cache_dense_weight` asks.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -220,8 +221,17 @@ class QuantLinear(nn.Module):
 
     def _add_outliers(self, y_t: Tensor, x2: Tensor) -> Tensor:
         """``y_t: [out, m]`` plus the sparse part's product with ``x2: [m, in]``."""
-        contrib = x2.T[self.sp_col.long()] * self.sp_val.to(x2.dtype)[:, None]  # [nnz, m]
-        return y_t.index_add(0, csr_rows(self.sp_crow), contrib)
+        if x2.requires_grad and torch.is_grad_enabled():
+            contrib = x2.T[self.sp_col.long()] * self.sp_val.to(x2.dtype)[:, None]  # [nnz, m]
+            return y_t.index_add(0, csr_rows(self.sp_crow), contrib)
+        # A CSR product reads x's rows once per outlier row instead of gathering strided columns of x^T:
+        # over 10x faster for prefill. torch multiplies sparse CSR in float32 (MKL) on CPU.
+        values = self.sp_val.float() if x2.device.type == "cpu" else self.sp_val.to(x2.dtype)
+        with warnings.catch_warnings():  # "sparse CSR is beta": we rely only on CSR @ dense
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = torch.sparse_csr_tensor(self.sp_crow, self.sp_col, values, (self.out_features, self.in_features),
+                                          check_invariants=False)
+        return y_t + (csr @ x2.to(values.dtype).T).to(y_t.dtype)
 
     def _tiled(self, x2: Tensor) -> Tensor:
         """Dense part tile by tile of output rows, then the outliers: ``[m, in]`` -> ``[m, out]``."""
