@@ -14,19 +14,23 @@ from common import CALIB, run, write_report
 SEQ = {"true_sequential": False}
 G = 64
 
-if __name__ == "__main__":
-    plus = "--no-plus" not in sys.argv
-    configs = [(f"RTN {b}-bit g64", "rtn", dict(bits=b, group_size=G)) for b in (3, 2)]
+def configs(plus: bool = True, with_4bit: bool = False) -> list[tuple[str, str, dict]]:
+    """(label, method, options) of every row."""
+    rows = [(f"RTN {b}-bit g64", "rtn", dict(bits=b, group_size=G)) for b in (3, 2)]
     # SliM-LLM's claim is strongest at 2 bits: measure it first when CPU time is short.
-    configs += [(f"GPTQ {b}-bit g64", "gptq", dict(bits=b, group_size=G, **SEQ, **CALIB)) for b in (2, 3)]
-    configs += [(f"SliM-LLM {b}-bit g64", "slim", dict(bits=b, group_size=G, **SEQ, **CALIB)) for b in (2, 3)]
-    if "--with-4bit" in sys.argv:
-        configs += [("RTN 4-bit g64", "rtn", dict(bits=4, group_size=G)),
-                    ("GPTQ 4-bit g64", "gptq", dict(bits=4, group_size=G, **SEQ, **CALIB))]
+    rows += [(f"GPTQ {b}-bit g64", "gptq", dict(bits=b, group_size=G, **SEQ, **CALIB)) for b in (2, 3)]
+    rows += [(f"SliM-LLM {b}-bit g64", "slim", dict(bits=b, group_size=G, **SEQ, **CALIB)) for b in (2, 3)]
+    if with_4bit:
+        rows += [("RTN 4-bit g64", "rtn", dict(bits=4, group_size=G)),
+                 ("GPTQ 4-bit g64", "gptq", dict(bits=4, group_size=G, **SEQ, **CALIB))]
     if plus:
-        configs.append(("SliM-LLM+ 2-bit g64", "slim+", dict(bits=2, group_size=G, lwc_samples=16, **SEQ, **CALIB)))
+        rows.append(("SliM-LLM+ 2-bit g64", "slim+", dict(bits=2, group_size=G, lwc_samples=16, **SEQ, **CALIB)))
+    return rows
+
+
+if __name__ == "__main__":
     rows = []
-    for label, method, options in configs:
+    for label, method, options in configs("--no-plus" not in sys.argv, "--with-4bit" in sys.argv):
         rows.append(run(label, method, **options))
         # rewritten after every row, so that an interrupted run still leaves its finished rows
         write_report("slim", "GPTQ and SliM-LLM: Hessian methods at group size 64", rows,

@@ -28,20 +28,24 @@ def fisher_file() -> str:
     return str(path)
 
 
-if __name__ == "__main__":
-    fisher = fisher_file()
-    configs = [
+def configs() -> list[tuple[str, str, dict]]:
+    """(label, method, options) of every row; SqueezeLLM rows carry the cached Fisher file."""
+    fisher = {"fisher": fisher_file()}
+    return [
         ("RTN 4-bit per channel", "rtn", dict(bits=4)),
-        ("SqueezeLLM 4-bit dense-only", "squeezellm", dict(bits=4)),
-        ("SqueezeLLM 4-bit 0.45% sparse", "squeezellm", dict(bits=4, sensitive_pct=0.05, outlier_pct=0.40)),
+        ("SqueezeLLM 4-bit dense-only", "squeezellm", dict(bits=4, **fisher)),
+        ("SqueezeLLM 4-bit 0.45% sparse", "squeezellm", dict(bits=4, sensitive_pct=0.05, outlier_pct=0.40, **fisher)),
         ("RTN 3-bit per channel", "rtn", dict(bits=3)),
-        ("SqueezeLLM 3-bit dense-only", "squeezellm", dict(bits=3)),
-        ("SqueezeLLM 3-bit 0.05% sparse", "squeezellm", dict(bits=3, sensitive_pct=0.05)),
-        ("SqueezeLLM 3-bit 0.45% sparse", "squeezellm", dict(bits=3, sensitive_pct=0.05, outlier_pct=0.40)),
+        ("SqueezeLLM 3-bit dense-only", "squeezellm", dict(bits=3, **fisher)),
+        ("SqueezeLLM 3-bit 0.05% sparse", "squeezellm", dict(bits=3, sensitive_pct=0.05, **fisher)),
+        ("SqueezeLLM 3-bit 0.45% sparse", "squeezellm", dict(bits=3, sensitive_pct=0.05, outlier_pct=0.40, **fisher)),
     ]
+
+
+if __name__ == "__main__":
     rows = []
-    for label, method, options in configs:
-        rows.append(run(label, method, **options, **({"fisher": fisher} if method == "squeezellm" else {})))
+    for label, method, options in configs():
+        rows.append(run(label, method, **options))
         # rewritten after every row, so that an interrupted run still leaves its finished rows
         write_report("squeezellm", "SqueezeLLM: Fisher-weighted LUTs and dense-and-sparse", rows,
                      "0.45% = 0.05% most Fisher-sensitive values + 0.40% largest-magnitude outliers, per matrix. "
