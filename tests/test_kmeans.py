@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from sqllm.codes import fp16_grid
-from sqllm.quant.kmeans import exact_weighted_kmeans_1d, weighted_kmeans, weighted_kmeans_objective
+from sqllm.quant.kmeans import (
+    _dp,
+    _sort_rows,
+    exact_weighted_kmeans_1d,
+    weighted_kmeans,
+    weighted_kmeans_objective,
+)
 
 
 def _rows(kind: str, rows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +65,24 @@ def test_close_to_exact_optimum(kind, k):
     assert ratio.max() <= 1.25, f"worst row {ratio.max():.4f} of the exact optimum"
 
 
-def test_refinement_beats_plain_lloyd():
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_dp_over_every_place_is_exact(k):
+    # The polishing DP restricted to candidate places is exact when every place is a candidate.
+    x, w = _rows("laplace-gamma", 6, 12, seed=8)
+    r, order = _sort_rows(x, w)
+    cand = torch.arange(13).expand(6, 1, k - 1, 13)
+    b = _dp(r, cand).squeeze(1)
+    w_seg, s_seg, q_seg = torch.diff(r.p.gather(2, b.unsqueeze(1).expand(-1, 3, -1)), dim=-1).unbind(1)
+    ours = (q_seg - s_seg**2 / w_seg.clamp_min(1e-300)).sum(1)
+    exact = weighted_kmeans_objective(x, w, *exact_weighted_kmeans_1d(x, w, k))
+    torch.testing.assert_close(ours, exact, rtol=1e-9, atol=1e-12)
+
+
+def test_split_merge_rounds_help():
     x, w = _rows("laplace-gamma", 40, 64, seed=2)
     plain = weighted_kmeans_objective(x, w, *weighted_kmeans(x, w, 8, refine_rounds=0))
     refined = weighted_kmeans_objective(x, w, *weighted_kmeans(x, w, 8))
-    # Per row either may win (the final window DP starts from different points); in total refining wins.
+    # Per row either may win (the final DPs start from different points); in total the rounds win.
     assert refined.sum() < 0.99 * plain.sum()
 
 
@@ -90,6 +109,17 @@ def test_outputs_sorted_nearest_and_deterministic(k):
     assert torch.equal(chosen, dist.min(dim=2).values)  # every code is a nearest centroid
     c2, codes2 = weighted_kmeans(x, w, k, seed=7)
     assert torch.equal(c, c2) and torch.equal(codes, codes2)
+
+
+def test_runs_on_one_thread_and_restores_the_callers_setting():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        x, w = _rows("normal-uniform", 8, 32, seed=9)
+        weighted_kmeans(x, w, 4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_seed_changes_random_starts_only():
@@ -143,3 +173,8 @@ def test_snap_rounds_centroids_before_assignment():
 def test_bad_inputs(args, message):
     with pytest.raises(ValueError, match=message):
         weighted_kmeans(*args)
+
+
+def test_no_rows_gives_empty_tables():
+    c, codes = weighted_kmeans(torch.zeros(0, 12), torch.zeros(0, 12), 4)
+    assert c.shape == (0, 4) and codes.shape == (0, 12) and codes.dtype == torch.uint8

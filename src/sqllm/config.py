@@ -85,7 +85,6 @@ class SqueezeLLMConfig:
     sensitive_pct: float = 0.0
     outlier_pct: float = 0.0
     outlier_range: float | None = None
-    kmeans_iters: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,8 +96,6 @@ class SqueezeLLMConfig:
             raise InvalidConfig(f"outlier_range={self.outlier_range} must be > 0")
         if self.outlier_range is not None and self.outlier_pct > 0:
             raise InvalidConfig("give either outlier_pct or outlier_range, not both")
-        if self.kmeans_iters < 1:
-            raise InvalidConfig(f"kmeans_iters={self.kmeans_iters} must be >= 1")
 
 
 @dataclass(frozen=True)

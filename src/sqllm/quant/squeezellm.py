@@ -150,7 +150,7 @@ def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig)
     weight = _kmeans_weight(w, fisher, extracted)
     # Codes are assigned to the fp16-rounded table, so a stored fp16 LUT reproduces this matrix exactly.
     lut, codes = weighted_kmeans(
-        w, weight, 2**cfg.bits, iters=cfg.kmeans_iters, seed=cfg.seed, snap=fp16_grid
+        w, weight, 2**cfg.bits, seed=cfg.seed, snap=fp16_grid
     )
     lut, codes, zeroed = _exact_sparse(w, extracted, lut, codes)
     sparse = None
