@@ -2,7 +2,7 @@
 peak resident memory, resident bytes of the quantized linears against their packed size, prefill and
 decode tokens/s.
 
-    python benchmarks/inference.py [--threads N]     # writes results/inference.{json,md,png}
+    python benchmarks/inference.py [--threads N] [--out NAME]    # writes results/NAME.{json,md,png}
 
 Packed rows run QuantLinear's default path (the AVX-512 kernels where the CPU has them); one extra row
 runs SqueezeLLM 4-bit with ``SQLLM_KERNELS=0`` (the pure-torch tiled path) to show what the kernels buy.
@@ -45,7 +45,7 @@ def checkpoint(label: str, method: str, options: dict) -> str:
     return str(path)
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,7 +61,7 @@ def plot(rows: list[dict]) -> None:
     for ax in axes[1:]:
         ax.set_yticklabels([])
     fig.tight_layout()
-    fig.savefig(RESULTS / "inference.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 def packed_row(label: str, path: str, threads: int) -> dict:
@@ -74,6 +74,7 @@ def packed_row(label: str, path: str, threads: int) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every measurement")
+    ap.add_argument("--out", default="inference", help="name of the result files under results/")
     args = ap.parse_args()
     load_before = os.getloadavg()
     base = resolve_model_path(MODEL)
@@ -97,7 +98,7 @@ if __name__ == "__main__":
            "load_average": {"before": load_before, "after": os.getloadavg()},
            "machine": machine_info(), "commit": git_commit(str(ROOT)), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     table = markdown_table(
         ["model", "compute path", "bits/weight (linears)", "disk MiB", "peak RSS MiB",
          "quantized linears resident / packed", "prefill tok/s", "decode tok/s"],
@@ -112,6 +113,6 @@ if __name__ == "__main__":
           f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} thread(s) per measurement; "
           f"load average {load_before[0]:.2f} before, {doc['load_average']['after'][0]:.2f} after. "
           f"Commit {doc['commit']}.\n")
-    (RESULTS / "inference.md").write_text(md)
-    plot(rows)
+    (RESULTS / f"{args.out}.md").write_text(md)
+    plot(rows, args.out)
     print(md)
