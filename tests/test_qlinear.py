@@ -197,3 +197,23 @@ def test_unknown_path_and_corrupt_meta() -> None:
         module(torch.randn(1, 8))
     with pytest.raises(CorruptCheckpoint, match="layers.3.mlp"):
         quant_linear_from_meta({"kind": "lut", "shape": [4, 8]}, where="layers.3.mlp")
+
+
+def test_kernels_off_or_unbuildable_means_none(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``SQLLM_KERNELS=0`` or a failing build (no compiler, no ninja) leaves the torch path, with a warning."""
+    from sqllm.nn import kernels
+
+    monkeypatch.setenv("SQLLM_KERNELS", "0")
+    assert not kernels.kernels_enabled() and kernels.cpu_kernels.__wrapped__() is None
+    monkeypatch.delenv("SQLLM_KERNELS")
+    if not kernels.kernels_enabled():
+        pytest.skip("no AVX-512 here: the build is never tried")
+    import torch.utils.cpp_extension as ext
+
+    def fail(**_: object) -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(ext, "load_inline", fail)
+    with caplog.at_level("WARNING", logger="sqllm.nn.kernels"):
+        assert kernels.cpu_kernels.__wrapped__() is None
+    assert "Ninja is required" in caplog.text and "torch path" in caplog.text
