@@ -277,7 +277,7 @@ def test_hook_rejects_lookup_table_codes():
     hook = make_lwc_block_hook(SliMConfig(bits=2, lwc=True), progress=False)
     lut = QuantizedMatrix(dense=LUTCodes(torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(2, 4), 2))
     with pytest.raises(InvalidConfig, match="model.layers.0.mlp.up_proj.*LUTCodes"):
-        hook(torch.nn.Module(), 0, BlockInputs(torch.zeros(1, 1, 4)), torch.zeros(1, 1, 4), {},
+        hook(torch.nn.Module(), 0, BlockInputs(torch.zeros(1, 1, 4)), torch.zeros(1, 1, 4),
              {"model.layers.0.mlp.up_proj": lut})
 
 

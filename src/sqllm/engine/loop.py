@@ -26,7 +26,7 @@ from ..models import ArchSpec, get_blocks
 from .stats import HessianAccumulator, InputSampler
 
 BlockHook = Callable[
-    [nn.Module, int, "BlockInputs", Tensor, dict[str, Tensor], dict[str, QuantizedMatrix]],
+    [nn.Module, int, "BlockInputs", Tensor, dict[str, QuantizedMatrix]],
     dict[str, QuantizedMatrix],
 ]
 
@@ -148,10 +148,10 @@ def quantize_blocks(
 
     windows:    ``[n, L]`` calibration tokens; needed when the method uses per-layer activations
     fisher:     full linear name -> ``[out, in]`` Fisher diagonal, for methods that need it
-    block_hook: called as ``hook(block, index, block_inputs, fp_outputs, fp_weights, block_results)
-                -> block_results`` after a block is quantized and before its outputs are propagated, with
-                the block's full-precision outputs and weights (by full name); it may refine the block's
-                weights and codes (SliM-LLM+ trains its clipping there)
+    block_hook: called as ``hook(block, index, block_inputs, fp_outputs, block_results) -> block_results``
+                after a block is quantized and before its outputs are propagated, with the block's
+                full-precision outputs; it may refine the block's weights and codes (SliM-LLM+ trains its
+                clipping there)
     """
     blocks = get_blocks(model, arch)
     prefix = arch.blocks
@@ -170,11 +170,7 @@ def quantize_blocks(
         block.to(opts.device)
         if inputs is not None:
             inputs.hidden = inputs.hidden.to(opts.device)
-        fp_out = fp_weights = None
-        if block_hook is not None:
-            fp_out = run_block(block, inputs, opts.batch_size)
-            fp_weights = {f"{prefix}.{b}.{n}": block.get_submodule(n).weight.detach().float().clone()
-                          for n in arch.linears}
+        fp_out = run_block(block, inputs, opts.batch_size) if block_hook is not None else None
         block_results: dict[str, QuantizedMatrix] = {}
         for group in groups:
             if needs_acts and method.needs & {HESSIAN, INPUTS}:
@@ -194,7 +190,7 @@ def quantize_blocks(
                 bar.update(1)
                 bar.set_postfix_str(f"block {b} {name}")
         if block_hook is not None:
-            block_results = block_hook(block, b, inputs, fp_out, fp_weights, block_results)
+            block_results = block_hook(block, b, inputs, fp_out, block_results)
         results.update(block_results)
         if inputs is not None:
             inputs.hidden = run_block(block, inputs, opts.batch_size)

@@ -318,8 +318,7 @@ def make_lwc_block_hook(
     eval_batch = max(batch_size, 8)
 
     def hook(
-        block: nn.Module, index: int, inputs: Any, fp_outputs: Tensor, fp_weights: dict[str, Tensor],
-        results: dict[str, QuantizedMatrix],
+        block: nn.Module, index: int, inputs: Any, fp_outputs: Tensor, results: dict[str, QuantizedMatrix],
     ) -> dict[str, QuantizedMatrix]:
         if cfg.lwc_epochs == 0:
             return results
