@@ -8,8 +8,8 @@ Three ways to compute ``y = x W^T + b`` with ``W`` = dequantized dense codes + s
   block-planar order (:func:`~sqllm.formats.bitpack.unpack_planar`, once per call, as uint8), dequantize
   them and multiply by ``x`` permuted to that column order, so the fp weight never exists whole and the
   codes are never interleaved back. Decode (<= ``DECODE_TOKENS`` rows of ``x``) uses small, cache-sized tiles; prefill
-  uses large ones, where the matmul amortizes the dequantization. Outliers are added with ``index_add_``.
-  Plain eager torch, any device.
+  uses large ones, where the matmul amortizes the dequantization. Outliers are added with a sparse CSR
+  product. Plain eager torch, any device.
 * the kernel path (:mod:`sqllm.nn.kernels`, AVX-512 CPUs): decode reads the packed codes straight into
   a matrix-vector product (LUT lookups by in-register permutes, outliers from the CSR rows); prefill
   dequantizes row tiles with the same code reader and multiplies them with torch.
@@ -134,12 +134,14 @@ class QuantLinear(nn.Module):
             y = x2 @ self.dense_cache.to(x.dtype).T
         elif self.path == "reference":
             y = x2 @ self.dequantize_weight().to(x.dtype).T
-        elif self.path == "tiled" or (self.path == "auto" and not self.kernel_applies(x2)):
-            y = self._tiled(x2)
-        elif self.path in ("auto", "kernel"):
-            if not self.kernel_applies(x2):
-                raise RuntimeError(f"path='kernel' does not apply here: {self.kernel_unsupported(x2)}")
-            y = self._kernel(x2)
+        elif self.path in ("auto", "kernel", "tiled"):
+            why_not = "path='tiled'" if self.path == "tiled" else self.kernel_unsupported(x2)
+            if why_not is None:
+                y = self._kernel(x2)
+            elif self.path == "kernel":
+                raise RuntimeError(f"path='kernel' does not apply here: {why_not}")
+            else:
+                y = self._tiled(x2)
         else:
             raise ValueError(f"path={self.path!r}; supported values are {PATHS}")
         if self.bias is not None:
@@ -161,45 +163,45 @@ class QuantLinear(nn.Module):
             return "the compiled CPU kernels are unavailable (no AVX-512, no compiler, or SQLLM_KERNELS=0)"
         return None
 
-    def kernel_applies(self, x2: Tensor) -> bool:
-        return self.kernel_unsupported(x2) is None
-
     def _kernel(self, x2: Tensor) -> Tensor:
-        """Compiled path: ``[m, in]`` -> ``[m, out]``; gemv for decode, dequantized row tiles for prefill."""
-        k = _kernels.cpu_kernels()
+        """Compiled path: ``[m, in]`` -> ``[m, out]`` in ``x2.dtype``."""
+        return (self._kernel_decode(x2) if x2.shape[0] <= DECODE_TOKENS else self._kernel_prefill(x2)).to(x2.dtype)
+
+    def _kernel_decode(self, x2: Tensor) -> Tensor:
+        """gemv kernels on float32 ``x``, outliers included: ``[m, out]`` float32."""
+        k, meta = _kernels.cpu_kernels(), self.meta
         x32 = x2.float().contiguous()
-        m, meta = x32.shape[0], self.meta
-        sparse = (self.sp_crow, self.sp_col, self.sp_val) if meta.nnz else (None, None, None)
-        if meta.kind == "lut" and m <= DECODE_TOKENS:
-            return k.lut_gemv(x32, self.qweight, self.lut, meta.bits, *sparse).to(x2.dtype)
-        parts = self._kernel_part_list()
-        if m <= DECODE_TOKENS:
-            xs = [x32 if cols is None else x32[:, cols].contiguous() for _, _, cols, _ in parts]
-        else:  # bf16/fp16 activations multiply in their dtype (AMX or AVX-512 BF16 where the CPU has them)
-            xs = [x2 if cols is None else x2[:, cols] for _, _, cols, _ in parts]
-        if meta.kind == "uniform" and m <= DECODE_TOKENS:
-            y = x32.new_zeros(m, self.out_features)
-            for (buffer, bits, _, gid), xp in zip(parts, xs):
-                k.uniform_gemv_(y, xp, getattr(self, buffer), self.scales, self.zeros, gid, meta.group_size, bits)
-        else:
-            rows = max(1, PREFILL_TILE // self.in_features)
-            tiles = []
-            for start in range(0, self.out_features, rows):
-                stop = min(start + rows, self.out_features)
-                acc = None
-                for (buffer, bits, _, gid), xp in zip(parts, xs):
-                    q = getattr(self, buffer)
-                    if gid is None:
-                        w = k.lut_dequant(q, self.lut, bits, xp.shape[1], start, stop)
-                    else:
-                        w = k.uniform_dequant(q, self.scales, self.zeros, gid, meta.group_size, bits, xp.shape[1], start, stop)
-                    w = w.to(xp.dtype)
-                    acc = xp @ w.T if acc is None else torch.addmm(acc, xp, w.T)
-                tiles.append(acc)
-            y = torch.cat(tiles, dim=1).float()
-        if meta.nnz:
-            y = self._add_outliers(y.T, x32).T
-        return y.to(x2.dtype)
+        if meta.kind == "lut":
+            sparse = (self.sp_crow, self.sp_col, self.sp_val) if meta.nnz else (None, None, None)
+            return k.lut_gemv(x32, self.qweight, self.lut, meta.bits, *sparse)
+        y = x32.new_zeros(x32.shape[0], self.out_features)
+        for buffer, bits, cols, gid in self._kernel_part_list():
+            xp = x32 if cols is None else x32[:, cols].contiguous()
+            k.uniform_gemv_(y, xp, getattr(self, buffer), self.scales, self.zeros, gid, meta.group_size, bits)
+        return self._add_outliers(y.T, x32).T if meta.nnz else y
+
+    def _kernel_prefill(self, x2: Tensor) -> Tensor:
+        """Row tiles dequantized by the kernels, multiplied in ``x2``'s dtype (bf16/fp16 activations use
+        the CPU's native low-precision units), outliers in float32: ``[m, out]`` float32."""
+        k, meta = _kernels.cpu_kernels(), self.meta
+        parts = [(buffer, bits, x2 if cols is None else x2[:, cols], gid)
+                 for buffer, bits, cols, gid in self._kernel_part_list()]
+        rows = max(1, PREFILL_TILE // self.in_features)
+        tiles = []
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            acc = None
+            for buffer, bits, xp, gid in parts:
+                q, n = getattr(self, buffer), xp.shape[1]
+                if gid is None:
+                    w = k.lut_dequant(q, self.lut, bits, n, start, stop)
+                else:
+                    w = k.uniform_dequant(q, self.scales, self.zeros, gid, meta.group_size, bits, n, start, stop)
+                w = w.to(xp.dtype)
+                acc = xp @ w.T if acc is None else torch.addmm(acc, xp, w.T)
+            tiles.append(acc)
+        y = torch.cat(tiles, dim=1).float()
+        return self._add_outliers(y.T, x2.float()).T if meta.nnz else y
 
     def _kernel_part_list(self) -> list[tuple[str, int, Tensor | None, Tensor | None]]:
         """``(buffer, bits, columns or None for all, global groups or None for LUT)`` per packed tensor."""
