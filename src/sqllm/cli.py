@@ -145,10 +145,11 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
     if not a.ppl and not a.tasks:
         raise InvalidConfig("nothing to evaluate: pass --ppl SOURCE and/or --tasks T1,T2")
+    checked = None
     if a.tasks:  # unknown tasks fail in seconds, not after loading the models
         from .eval.zeroshot import check_tasks
 
-        check_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
+        checked = check_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
     specs = [a.model] + ([a.baseline] if a.baseline else [])
     results: dict[str, Any] = {"model": a.model, "runs": []}
     for spec in specs:
@@ -160,7 +161,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
             from .eval.zeroshot import run_zeroshot
 
             run["zeroshot"] = run_zeroshot(model, tok, a.tasks.split(","), include_path=a.include_path,
-                                           limit=a.limit)
+                                           limit=a.limit, checked=checked)
         results["runs"].append(run)
         del model
     if a.ppl:

@@ -133,17 +133,19 @@ def check_tasks(tasks: Sequence[str], *, include_path: str | None = None,
 
 def run_zeroshot(
     model: Any, tokenizer: Any, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = 8, checked: tuple[list[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Zero-shot lm-eval accuracy of an in-memory causal LM on ``tasks``.
 
     include_path: folder of extra task YAMLs (local data); limit: first N documents per task (None: all)
+    checked: what :func:`check_tasks` returned for these arguments, so that a caller evaluating several
+    models indexes the tasks once
     Returns ``{"tasks": {task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"}},
     "limit": limit, "num_fewshot": 0, "lm_eval_version": ...}`` with the metrics each task defines.
     Raises DataUnavailable (lm-eval missing, a task's data unreachable) or InvalidConfig (unknown task).
     """
     lm_eval, hflm_cls, _ = _import_lm_eval()
-    names, manager = check_tasks(tasks, include_path=include_path, limit=limit)
+    names, manager = checked or check_tasks(tasks, include_path=include_path, limit=limit)
     with _quiet():
         lm = hflm_cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         per_task: dict[str, dict[str, float]] = {}
