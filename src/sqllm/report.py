@@ -61,3 +61,30 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def print_bench(res: dict[str, Any]) -> None:
+    """One row per measured model of ``sqllm bench``: size, memory and speed."""
+    rows = []
+    for r in res["rows"]:
+        bpw = r.get("bits_per_weight", {}).get("total")
+        rows.append([
+            r["model"], r.get("method", r["dtype"]), f"{bpw:.3f}" if bpw else "-",
+            f"{r['disk_bytes'] / 2**20:.1f}" if r.get("disk_bytes") else "-",
+            f"{r['peak_rss_mb']:.0f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+        ])
+    print_table(["model", "kind", "bits/weight", "disk MiB", "peak RSS MiB", "prefill tok/s", "decode tok/s"], rows)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def print_zeroshot(model_label: str, results: dict[str, Any]) -> None:
+    """One markdown row per task: accuracy and normalized accuracy with their standard errors."""
+    rows = [
+        [model_label, task, _fmt(m.get("acc")), _fmt(m.get("acc_stderr")), _fmt(m.get("acc_norm")),
+         _fmt(m.get("acc_norm_stderr")), m.get("samples", "-")]
+        for task, m in results["tasks"].items()
+    ]
+    print_table(["model", "task", "acc", "acc stderr", "acc_norm", "acc_norm stderr", "samples"], rows)

@@ -7,9 +7,9 @@ Folder contents:
 * ``model-0000k-of-0000n.safetensors`` shards and ``model.safetensors.index.json``
 * tokenizer files, ``generation_config.json`` and a short model card (``README.md``)
 
-Loading builds the model skeleton without allocating weights, swaps the quantized linears for
-QuantLinear modules built from their metas, checks every tensor against the layout table, and assigns
-the stored tensors. Any missing, truncated or mis-shaped tensor is a :class:`CorruptCheckpoint` naming it.
+This module writes the folder and reads back its checked ``quantization_config`` and tensors; building a
+model from them is the runtime's job (:func:`sqllm.nn.loader.load_packed`). Any missing, truncated or
+mis-shaped tensor is a :class:`CorruptCheckpoint` naming it.
 """
 
 from __future__ import annotations
@@ -107,6 +107,16 @@ def write_packed(
     (dest / "README.md").write_text(_model_card(qconfig, base))
 
 
+def is_packed_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a folder whose ``config.json`` says ``quant_method: "sqllm"``."""
+    cfg = Path(path) / "config.json"
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "sqllm"
+
+
 def read_quantization_config(path: Path) -> dict[str, Any]:
     """The checked ``quantization_config`` of a packed checkpoint folder."""
     cfg_path = Path(path) / "config.json"
@@ -151,50 +161,3 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     if missing:
         raise CorruptCheckpoint(f"tensor {missing[0]!r} is listed in {INDEX_NAME} but missing from its shard")
     return tensors
-
-
-def _skeleton(path: Path) -> nn.Module:
-    """The model with parameters on the meta device (no memory, no init) and real buffers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """Load a packed checkpoint folder as ``(model, tokenizer)`` with QuantLinear modules."""
-    from transformers import AutoTokenizer
-
-    from ..nn import QuantLinear, replace_linear
-
-    path = Path(path)
-    qc = read_quantization_config(path)
-    tensors = read_tensors(path)
-    model = _skeleton(path)
-    for name, meta_dict in qc["layers"].items():
-        meta = LayerMeta.from_dict(meta_dict, where=name)
-        validate_tensors(tensors, f"{name}.", meta)
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise CorruptCheckpoint(f"quantized layer {name!r} does not exist in this model's architecture") from None
-        bias_dtype = linear.weight.dtype if linear.bias is not None else None
-        replace_linear(model, name, QuantLinear(meta, bias_dtype, device="meta"))
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in result.missing_keys if k not in tied and k.split(".")[-1] not in tied]
-    if missing:
-        raise CorruptCheckpoint(f"tensor {missing[0]!r} is missing from the checkpoint at {path}")
-    if result.unexpected_keys:
-        raise CorruptCheckpoint(f"tensor {result.unexpected_keys[0]!r} in the checkpoint has no place in the model")
-    model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise CorruptCheckpoint(f"tensor {leftover[0]!r} is missing from the checkpoint at {path}")
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    return model, tokenizer
