@@ -1,0 +1,156 @@
+"""Triton kernels under Triton's CPU interpreter, against the reference dequantization.
+
+The interpreter must be chosen before Triton is imported, so this module sets ``TRITON_INTERPRET=1``
+first (a machine with a GPU that imported Triton earlier in the session would run them compiled, which
+checks the same properties). Skipped when Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sqllm.codes import QuantizedMatrix
+from sqllm.formats import matrix_meta, pack_matrix, unpack_matrix
+from sqllm.formats.bitpack import pack_codes, unpack_codes
+from sqllm.formats.layouts import group_columns
+from sqllm.nn.kernels import triton_kernels as tk
+from test_layouts import lut_matrix, uniform_matrix
+
+OUT, N = 37, 203  # odd row count, columns not a multiple of any tile
+
+
+def triton_product(qm: QuantizedMatrix, x: torch.Tensor, value_dtype: torch.dtype = torch.float16,
+                   split_k: int | None = None) -> torch.Tensor:
+    """``x @ W^T`` of the packed ``qm`` through the kernels alone: ``[m, out]`` float32."""
+    t, meta = pack_matrix(qm, "", value_dtype), matrix_meta(qm, value_dtype)
+    n = meta.shape[1]
+    if meta.kind == "lut":
+        y = tk.lut_mm(x, t["qweight"], t["lut"], meta.bits, n, split_k=split_k)
+    elif meta.mixed_cols is None:
+        gid = torch.arange(meta.n_groups)
+        y = tk.uniform_mm(x, t["qweight"], t["scales"], t["zeros"], gid, meta.group_size, meta.bits, n, split_k)
+    else:
+        gb = t["group_bits"].long()
+        y = torch.zeros(x.shape[0], meta.shape[0])
+        for b, cols in meta.mixed_cols:
+            idx = group_columns(gb, meta.group_size, n, b)
+            gid = torch.nonzero(gb == b).flatten()
+            y += tk.uniform_mm(x[:, idx], t[f"qweight_b{b}"], t["scales"], t["zeros"], gid, meta.group_size,
+                               b, cols, split_k)
+    if meta.nnz:
+        tk.csr_mm_(y, x, t["sp_crow"], t["sp_col"], t["sp_val"])
+    return y
+
+
+def reference_weights(qm: QuantizedMatrix, value_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dense, sparse)`` weights ``[out, in]`` float32 after a pack/unpack round trip."""
+    back = unpack_matrix(pack_matrix(qm, "", value_dtype), "", matrix_meta(qm, value_dtype))
+    sparse = back.sparse.to_dense() if back.sparse is not None else torch.zeros(back.shape)
+    return back.dense.dequantize(), sparse
+
+
+def assert_product(y: torch.Tensor, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """``y == x @ (dense + sparse)^T`` within float32 summation round-off, with the dense weight rounded
+    to ``x``'s dtype on the tl.dot path (more than ``DECODE_MAX`` tokens) as the kernels document; the
+    outliers are always multiplied in float32.
+
+    Bound: ``2n * eps * (|x| @ |w|^T)``, the worst case of the float32 sums (n terms, plus the sparse
+    terms added to them); one wrong weight misses it by orders of magnitude.
+    """
+    dense, sparse = weights
+    if x.shape[0] > tk.DECODE_MAX and x.dtype != torch.bfloat16:  # the interpreter runs bf16 in fp32
+        dense = dense.to(x.dtype).float()
+    xd, wd = x.double(), dense.double() + sparse.double()
+    ref = xd @ wd.T
+    bound = 2 * x.shape[1] * torch.finfo(torch.float32).eps * (xd.abs() @ wd.abs().T)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound + 1e-30).all()), f"max error {err.max().item():.3g}, bound {bound.min().item():.3g}"
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_code_reader_is_bit_exact(bits: int) -> None:
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (OUT, N), generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert torch.equal(tk.unpack_codes(packed, bits, N), codes)
+    assert torch.equal(unpack_codes(packed, bits, N), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_weight_is_bit_exact(bits: int) -> None:
+    qm = lut_matrix(bits, OUT, N, bits)
+    t = pack_matrix(qm, "", torch.float16)
+    assert torch.equal(tk.lut_dequant(t["qweight"], t["lut"], bits, N), qm.dense.dequantize())
+
+
+@pytest.mark.parametrize("bits, group_size", [(2, 64), (3, 48), (4, N), (8, 64), (5, 10)])
+def test_uniform_weight_is_bit_exact(bits: int, group_size: int) -> None:
+    qm = uniform_matrix(bits, OUT, N, group_size, [bits])
+    t, meta = pack_matrix(qm, "", torch.float16), matrix_meta(qm, torch.float16)
+    w = tk.uniform_dequant(t["qweight"], t["scales"], t["zeros"], torch.arange(meta.n_groups), group_size, bits, N)
+    assert torch.equal(w, qm.dense.dequantize())
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_products(bits: int, tokens: int) -> None:
+    qm = lut_matrix(10 + bits, OUT, N, bits, nnz=(OUT * N) // 200, value_dtype=torch.float16)  # 0.5%
+    x = torch.randn(tokens, N, generator=torch.Generator().manual_seed(tokens))
+    assert_product(triton_product(qm, x), x, reference_weights(qm))
+
+
+# Group sizes: one tile per group (64 divides into the 64/128-column tiles), groups that cut tiles with
+# a partial last group (48, 100), per channel (N).
+@pytest.mark.parametrize("tokens", [1, 16])
+@pytest.mark.parametrize("bits, group_size", [(2, 64), (3, 48), (4, 64), (4, N), (8, 100)])
+def test_uniform_products(bits: int, group_size: int, tokens: int) -> None:
+    qm = uniform_matrix(20 + bits, OUT, N, group_size, [bits])
+    x = torch.randn(tokens, N, generator=torch.Generator().manual_seed(tokens))
+    assert_product(triton_product(qm, x), x, reference_weights(qm))
+
+
+@pytest.mark.parametrize("tokens", [2, 20])
+@pytest.mark.parametrize("widths, group_size", [([1, 2, 3], 64), ([2, 3, 4, 8], 16)])
+def test_mixed_precision_with_outliers(widths: list[int], group_size: int, tokens: int) -> None:
+    """SliM-LLM layout: one packed part per width, each indexing its own groups, plus CSR outliers."""
+    qm = uniform_matrix(30 + tokens, OUT, N, group_size, widths, nnz=40)
+    x = torch.randn(tokens, N, generator=torch.Generator().manual_seed(tokens))
+    assert_product(triton_product(qm, x), x, reference_weights(qm))
+
+
+def test_split_k_decode_matches() -> None:
+    """Several programs per row block (as on a GPU with long rows), partial sums added in order."""
+    qm = lut_matrix(5, OUT, 700, 3, nnz=30, value_dtype=torch.float16)
+    x = torch.randn(2, 700, generator=torch.Generator().manual_seed(5))
+    y = triton_product(qm, x, split_k=192)
+    assert_product(y, x, reference_weights(qm))
+    assert torch.equal(y, triton_product(qm, x, split_k=192))  # deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 24])
+def test_low_precision_activations(dtype: torch.dtype, tokens: int) -> None:
+    qm = lut_matrix(7, OUT, N, 3, nnz=25, value_dtype=dtype)
+    x = torch.randn(tokens, N, generator=torch.Generator().manual_seed(7)).to(dtype)
+    assert_product(triton_product(qm, x, value_dtype=dtype), x, reference_weights(qm, dtype))
+
+
+def test_bad_inputs_name_the_tensor() -> None:
+    qm = lut_matrix(0, 4, 40, 3)
+    t = pack_matrix(qm, "", torch.float16)
+    with pytest.raises(ValueError, match="qweight must be"):
+        tk.lut_mm(torch.randn(1, 40), t["qweight"], t["lut"], 4, 40)
+    with pytest.raises(ValueError, match="lut must be"):
+        tk.lut_mm(torch.randn(1, 40), t["qweight"], t["lut"].float(), 3, 40)
+    with pytest.raises(ValueError, match=r"x must be a float \[m, 40\]"):
+        tk.lut_mm(torch.randn(1, 41), t["qweight"], t["lut"], 3, 40)
+    with pytest.raises(ValueError, match="group_ids must be int64"):
+        tk.uniform_mm(torch.randn(1, 40), t["qweight"], t["lut"], t["lut"], torch.arange(2), 16, 3, 40)
