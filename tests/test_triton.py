@@ -16,12 +16,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from sqllm.codes import QuantizedMatrix
+from sqllm.codes import QuantizedMatrix, SparseOutliers
 from sqllm.formats import matrix_meta, pack_matrix, unpack_matrix
+from sqllm.formats.sparse import coo_to_csr
 from sqllm.formats.bitpack import pack_codes, unpack_codes
 from sqllm.formats.layouts import group_columns
 from sqllm.nn.kernels import triton_kernels as tk
-from test_layouts import lut_matrix, uniform_matrix
+from test_layouts import lut_matrix, outliers, uniform_matrix
 
 OUT, N = 37, 203  # odd row count, columns not a multiple of any tile
 
@@ -45,7 +46,7 @@ def triton_product(qm: QuantizedMatrix, x: torch.Tensor, value_dtype: torch.dtyp
             y += tk.uniform_mm(x[:, idx], t[f"qweight_b{b}"], t["scales"], t["zeros"], gid, meta.group_size,
                                b, cols, split_k)
     if meta.nnz:
-        tk.csr_mm_(y, x, t["sp_crow"], t["sp_col"], t["sp_val"])
+        y += tk.csr_mm(x, t["sp_crow"], t["sp_col"], t["sp_val"])
     return y
 
 
@@ -128,11 +129,25 @@ def test_mixed_precision_with_outliers(widths: list[int], group_size: int, token
 
 def test_split_k_decode_matches() -> None:
     """Several programs per row block (as on a GPU with long rows), partial sums added in order."""
-    qm = lut_matrix(5, OUT, 700, 3, nnz=30, value_dtype=torch.float16)
-    x = torch.randn(2, 700, generator=torch.Generator().manual_seed(5))
-    y = triton_product(qm, x, split_k=192)
+    qm = lut_matrix(5, 20, 400, 3)
+    x = torch.randn(2, 400, generator=torch.Generator().manual_seed(5))
+    y = triton_product(qm, x, split_k=128)  # 4 splits, the last one partial
     assert_product(y, x, reference_weights(qm))
-    assert torch.equal(y, triton_product(qm, x, split_k=192))  # deterministic
+    assert torch.equal(y, triton_product(qm, x, split_k=128))  # deterministic
+
+
+@pytest.mark.parametrize("tokens", [3, 70])
+def test_csr_outliers_alone(tokens: int) -> None:
+    """Dense rows of outliers spanning many chunks, empty rows, several row and token blocks."""
+    out, n = 70, 150
+    sp = outliers(torch.Generator().manual_seed(tokens), out, n, 1000, torch.float32)
+    keep = sp.rows % 7 != 3  # every 7th row empty
+    crow, col, val = coo_to_csr(SparseOutliers(sp.rows[keep], sp.cols[keep], sp.values[keep], sp.shape),
+                                torch.float32)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(1))
+    dense = torch.zeros(out, n)
+    dense[sp.rows[keep], sp.cols[keep]] = sp.values[keep]
+    assert_product(tk.csr_mm(x, crow, col, val), x, (torch.zeros(out, n), dense))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

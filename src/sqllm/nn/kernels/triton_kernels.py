@@ -161,16 +161,21 @@ def _dequant_kernel(q_ptr, t1_ptr, t2_ptr, gid_ptr, w_ptr, OUT, N, stride_q, str
 
 
 @triton.jit
-def _csr_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, stride_xm, stride_ym,
-                BLOCK_M: tl.constexpr, BLOCK_NZ: tl.constexpr):
-    """Program (output row, token block): ``y[tokens, row] += sum_k val[k] * x[tokens, col[k]]`` over the
-    row's CSR entries, in float32."""
-    row = tl.program_id(0)
+def _csr_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, OUT, stride_xm, stride_ym,
+                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NZ: tl.constexpr):
+    """Program (row block, token block): ``y[tokens, rows] = sum_k val[k] * x[tokens, col[k]]`` over the
+    CSR entries of the rows, in float32. The block's entries are contiguous (rows are sorted), so the
+    program walks them in chunks and routes each to its row through a 0/1 membership matrix."""
+    first = tl.program_id(0) * BLOCK_R
+    rows = first + tl.arange(0, BLOCK_R)
+    row_mask = rows < OUT
     tokens = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_mask = tokens < M
-    start = tl.load(crow_ptr + row)
-    end = tl.load(crow_ptr + row + 1)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_start = tl.load(crow_ptr + rows, mask=row_mask, other=0)
+    row_end = tl.load(crow_ptr + rows + 1, mask=row_mask, other=0)
+    start = tl.load(crow_ptr + first)
+    end = tl.load(crow_ptr + tl.minimum(first + BLOCK_R, OUT))
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_NZ):
         ks = k0 + tl.arange(0, BLOCK_NZ)
         k_mask = ks < end
@@ -178,10 +183,14 @@ def _csr_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, stride_xm, stride_y
         val = tl.load(val_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_xm + col[None, :],
                     mask=tok_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x * val[None, :], axis=1)
-    out = y_ptr + tokens.to(tl.int64) * stride_ym + row
-    y = tl.load(out, mask=tok_mask, other=0.0)
-    tl.store(out, y + acc, mask=tok_mask)
+        terms = x * val[None, :]  # [BLOCK_M, BLOCK_NZ]
+        member = ((ks[:, None] >= row_start[None, :]) & (ks[:, None] < row_end[None, :])).to(tl.float32)
+        if BLOCK_M >= 16:
+            acc = tl.dot(terms, member, acc, input_precision="ieee")  # 0/1 weights: exact products
+        else:
+            acc += tl.sum(terms[:, :, None] * member[None, :, :], axis=1)
+    tl.store(y_ptr + tokens.to(tl.int64)[:, None] * stride_ym + rows[None, :], acc,
+             mask=tok_mask[:, None] & row_mask[None, :])
 
 
 def interpreting() -> bool:
@@ -318,29 +327,29 @@ def uniform_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_
     return _matmul(x, qweight, scales, zeros, group_ids, _UNIFORM, bits, group_size, n, split_k)
 
 
-def csr_mm_(y: Tensor, x: Tensor, sp_crow: Tensor, sp_col: Tensor, sp_val: Tensor) -> Tensor:
-    """Add the sparse outliers' product in place and return ``y``: ``y += x @ S^T``.
+def csr_mm(x: Tensor, sp_crow: Tensor, sp_col: Tensor, sp_val: Tensor) -> Tensor:
+    """The sparse outliers times ``x``: ``x @ S^T`` -> ``[m, out]`` float32.
 
-    y: [m, out] float32 (contiguous); x: [m, in] float; sp_crow: [out + 1] int32; sp_col: [nnz] int32;
-    sp_val: [nnz] float (any of fp16/bf16/fp32; multiplied in float32).
+    x: [m, in] float; sp_crow: [out + 1] int32; sp_col: [nnz] int32; sp_val: [nnz] float (fp16, bf16 or
+    fp32; multiplied in float32).
     """
-    m, out = y.shape
-    if y.dtype != torch.float32 or not y.is_contiguous():
-        raise ValueError(f"y must be contiguous float32, got {y.dtype} {tuple(y.shape)}")
-    if x.dim() != 2 or x.shape[0] != m:
-        raise ValueError(f"x must be [{m}, in], got {tuple(x.shape)}")
-    if sp_crow.dtype != torch.int32 or tuple(sp_crow.shape) != (out + 1,):
-        raise ValueError(f"sp_crow must be int32 [{out + 1}], got {sp_crow.dtype} {tuple(sp_crow.shape)}")
-    if sp_col.dtype != torch.int32 or sp_col.shape != sp_val.shape or sp_col.dim() != 1:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a float [m, in] matrix, got {x.dtype} {tuple(x.shape)}")
+    if sp_crow.dtype != torch.int32 or sp_crow.dim() != 1 or sp_crow.numel() < 1:
+        raise ValueError(f"sp_crow must be int32 [out + 1], got {sp_crow.dtype} {tuple(sp_crow.shape)}")
+    if sp_col.dtype != torch.int32 or sp_col.dim() != 1 or sp_col.shape != sp_val.shape:
         raise ValueError(f"sp_col must be int32 [nnz] like sp_val, got {sp_col.dtype} {tuple(sp_col.shape)} "
                          f"and {tuple(sp_val.shape)}")
     x = x.contiguous()
-    _check_device(y, x, sp_crow, sp_col, sp_val)
+    _check_device(x, sp_crow, sp_col, sp_val)
+    m, out = x.shape[0], sp_crow.numel() - 1
     if m == 0 or out == 0 or sp_val.numel() == 0:
-        return y
-    block_m = min(64, triton.next_power_of_2(m))
-    _csr_kernel[(out, triton.cdiv(m, block_m))](
-        x, sp_crow, sp_col, sp_val.contiguous(), y, m, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_NZ=32,
+        return torch.zeros(m, out, dtype=torch.float32, device=x.device)
+    y = torch.empty(m, out, dtype=torch.float32, device=x.device)
+    block_m, block_r = min(64, triton.next_power_of_2(m)), 32
+    _csr_kernel[(triton.cdiv(out, block_r), triton.cdiv(m, block_m))](
+        x, sp_crow, sp_col, sp_val.contiguous(), y, m, out, x.stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_NZ=32,
     )
     return y
 
