@@ -169,3 +169,62 @@ def test_bad_inputs_name_the_tensor() -> None:
         tk.lut_mm(torch.randn(1, 41), t["qweight"], t["lut"], 3, 40)
     with pytest.raises(ValueError, match="group_ids must be int64"):
         tk.uniform_mm(torch.randn(1, 40), t["qweight"], t["lut"], t["lut"], torch.arange(2), 16, 3, 40)
+
+
+def op_args(qm: QuantizedMatrix, x: torch.Tensor) -> dict[str, tuple]:
+    """Arguments of each ``torch.ops.sqllm`` op for the packed ``qm`` (one uniform part, or LUT)."""
+    t, meta = pack_matrix(qm, "", torch.float16), matrix_meta(qm, torch.float16)
+    n = meta.shape[1]
+    args = {"csr_mm": (x, t["sp_crow"], t["sp_col"], t["sp_val"])} if meta.nnz else {}
+    if meta.kind == "lut":
+        args["lut_mm"] = (x, t["qweight"], t["lut"], meta.bits, n)
+    else:
+        args["uniform_mm"] = (x, t["qweight"], t["scales"], t["zeros"], torch.arange(meta.n_groups),
+                              meta.group_size, meta.bits, n)
+    return args
+
+
+def test_ops_route_to_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SQLLM_KERNELS=triton``: the CPU dispatch of every op runs the Triton kernel (counted), and it
+    agrees with the op's torch implementation; unset, CPU tensors never reach Triton."""
+    import sqllm.nn.kernels  # noqa: F401  (registers the implementations)
+    from sqllm.nn.kernels import ops, triton_ops
+
+    x = torch.randn(3, N, generator=torch.Generator().manual_seed(0))
+    args = {**op_args(lut_matrix(1, OUT, N, 3, nnz=50, value_dtype=torch.float16), x),
+            **op_args(uniform_matrix(2, OUT, N, 48, [4]), x)}
+    calls = []
+    for name in args:
+        real = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    monkeypatch.setenv("SQLLM_KERNELS", "triton")
+    for name, a in args.items():
+        y = getattr(torch.ops.sqllm, name)(*a)
+        torch.testing.assert_close(y, getattr(ops, f"{name}_torch")(*a), rtol=1e-5, atol=1e-5)
+    assert sorted(calls) == sorted(args)
+    for setting in ("0", "1"):
+        monkeypatch.setenv("SQLLM_KERNELS", setting)
+        assert triton_ops.kernels_for(torch.device("cpu")) is None
+
+
+def test_forcing_triton_without_triton_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqllm.errors import InvalidConfig
+    from sqllm.nn.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_triton_module", lambda: None)
+    monkeypatch.setenv("SQLLM_KERNELS", "triton")
+    with pytest.raises(InvalidConfig, match=r"SQLLM_KERNELS=triton needs Triton.*pip install 'sqllm\[gpu\]'"):
+        triton_ops.kernels_for(torch.device("cpu"))
+    monkeypatch.setenv("SQLLM_KERNELS", "1")
+    assert triton_ops.kernels_for(torch.device("cuda")) is None  # CUDA falls back to torch
+
+
+def test_opcheck_with_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.library's checks (schema, fake implementation, aliasing, autograd registration) pass with
+    the Triton implementation behind the op."""
+    import sqllm.nn.kernels  # noqa: F401
+
+    monkeypatch.setenv("SQLLM_KERNELS", "triton")
+    x = torch.randn(2, 40, generator=torch.Generator().manual_seed(0))
+    for name, a in op_args(lut_matrix(3, 9, 40, 3, nnz=12, value_dtype=torch.float16), x).items():
+        torch.library.opcheck(getattr(torch.ops.sqllm, name), a, test_utils=("test_schema", "test_faketensor"))
