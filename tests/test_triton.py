@@ -1,15 +1,18 @@
 """Triton kernels under Triton's CPU interpreter, against the reference dequantization.
 
-The interpreter must be chosen before Triton is imported, so this module sets ``TRITON_INTERPRET=1``
-first (a machine with a GPU that imported Triton earlier in the session would run them compiled, which
-checks the same properties). Skipped when Triton is not installed.
+Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so this module sets it before it imports the
+kernels module (every tensor here lives on the CPU). Skipped when Triton is not installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch
@@ -22,9 +25,17 @@ from sqllm.formats.sparse import coo_to_csr
 from sqllm.formats.bitpack import pack_codes, unpack_codes
 from sqllm.formats.layouts import group_columns
 from sqllm.nn.kernels import triton_kernels as tk
+from sqllm.nn.qlinear import QuantLinear, replace_linear
+from conftest import tiny_model
 from test_layouts import lut_matrix, outliers, uniform_matrix
 
 OUT, N = 37, 203  # odd row count, columns not a multiple of any tile
+
+
+@pytest.fixture(autouse=True)
+def gpu_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's tiles (partial and multiple blocks on these small shapes), not the interpreter's."""
+    monkeypatch.setattr(tk, "LARGE_INTERPRETER_TILES", False)
 
 
 def triton_product(qm: QuantizedMatrix, x: torch.Tensor, value_dtype: torch.dtype = torch.float16,
@@ -228,3 +239,66 @@ def test_opcheck_with_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(2, 40, generator=torch.Generator().manual_seed(0))
     for name, a in op_args(lut_matrix(3, 9, 40, 3, nnz=12, value_dtype=torch.float16), x).items():
         torch.library.opcheck(getattr(torch.ops.sqllm, name), a, test_utils=("test_schema", "test_faketensor"))
+
+
+def packed_tiny_llama() -> torch.nn.Module:
+    """The tiny LLaMA with every block linear packed, the three layouts the issue names side by side:
+    attention SqueezeLLM LUT 3-bit + 0.45% outliers, gate/up SliM-LLM mixed 1/2/3-bit, down GPTQ 4-bit
+    (groups of 16 columns, so that the 64-wide inputs hold several)."""
+    model = tiny_model("llama")
+    linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+               and ".layers." in name]
+    for seed, (name, linear) in enumerate(linears):
+        out, n = linear.weight.shape
+        if "attn" in name:
+            qm = lut_matrix(seed, out, n, 3, nnz=round(0.0045 * out * n))
+        elif "down" in name:
+            qm = uniform_matrix(seed, out, n, 16, [4])
+        else:
+            qm = uniform_matrix(seed, out, n, 16, [1, 2, 3])
+        replace_linear(model, name, QuantLinear.from_matrix(qm, linear.bias))
+    return model
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_packed_model_forward_matches_torch_path(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole packed model: logits with ``SQLLM_KERNELS=triton`` within 1e-3 (relative, Frobenius) of
+    ``SQLLM_KERNELS=0``, and Triton computed every packed product."""
+    model = packed_tiny_llama()
+    ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+    monkeypatch.setenv("SQLLM_KERNELS", "0")
+    with torch.no_grad():
+        ref = model(ids).logits
+    calls = []
+    for name in ("lut_mm", "uniform_mm", "csr_mm"):
+        real = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    monkeypatch.setenv("SQLLM_KERNELS", "triton")
+    with torch.no_grad():
+        got = model(ids).logits
+    metas = [m.meta for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(calls) == sum(len(m.mixed_cols or [0]) + bool(m.nnz) for m in metas)
+    assert set(calls) == {"lut_mm", "uniform_mm", "csr_mm"}
+    assert float((got - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_gpu_benchmark_runs_tiny(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/gpu.py --tiny`` runs every layout and the end-to-end rows under the interpreter and
+    writes its JSON and markdown."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(tk, "LARGE_INTERPRETER_TILES", True)  # the interpreter's fast tiles, as the script runs
+    for var in ("SQLLM_KERNELS", "TRITON_INTERPRET"):  # main() sets them; restored after the test
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--results", str(tmp_path)])
+    bench.main()
+    doc = json.loads((tmp_path / "gpu-tiny.json").read_text())
+    cfg = bench.TINY
+    expected = {(tuple(s), m, name) for s in cfg["shapes"] for m in cfg["batches"] + [cfg["prefill"]]
+                for name in ["fp16 torch.matmul"] + [layout.name for layout in bench.LAYOUTS]}
+    assert {(tuple(r["shape"]), r["tokens"], r["layout"]) for r in doc["layers"]} == expected
+    assert [r["model"] for r in doc["e2e"]] == ["fp16", *cfg["layouts"]]
+    assert all(r["seconds"] > 0 for r in doc["layers"]) and all(r["decode_tok_s"] > 0 for r in doc["e2e"])
+    assert "say nothing about GPU speed" in (tmp_path / "gpu-tiny.md").read_text()

@@ -30,6 +30,7 @@ Tensors must be contiguous on one device; the wrappers make ``x`` contiguous and
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,6 +40,14 @@ from torch import Tensor
 
 DECODE_MAX = 4  # more tokens than this go through tl.dot tiles (tensor cores need 16 rows anyway)
 _LUT, _UNIFORM = 0, 1
+# The interpreter's cost is per program and loop step, not per element, so under it the kernels take
+# large tiles, which makes model-sized checks affordable. The kernels' own tests switch this off to run
+# the GPU tiles (and with them partial and multiple blocks) on small shapes.
+LARGE_INTERPRETER_TILES = True
+# (BLOCK_N (rows), BLOCK_K (columns, or CSR entries)) per kernel; BLOCK_M follows from m (_tiles).
+_GPU_TILES = {"decode1": (32, 128), "decode": (32, 64), "dot": (64, 64), "csr": (32, 32), "dequant": (32, 64)}
+_LARGE_TILES = {"decode1": (256, 512), "decode": (256, 512), "dot": (256, 256), "csr": (256, 256),
+                "dequant": (256, 512)}
 
 
 @triton.jit
@@ -165,7 +174,8 @@ def _csr_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, OUT, stride_xm, str
                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NZ: tl.constexpr):
     """Program (row block, token block): ``y[tokens, rows] = sum_k val[k] * x[tokens, col[k]]`` over the
     CSR entries of the rows, in float32. The block's entries are contiguous (rows are sorted), so the
-    program walks them in chunks and routes each to its row through a 0/1 membership matrix."""
+    program walks them in chunks and routes each to its row by a product with a 0/1 membership matrix
+    (BLOCK_M >= 16 for tl.dot)."""
     first = tl.program_id(0) * BLOCK_R
     rows = first + tl.arange(0, BLOCK_R)
     row_mask = rows < OUT
@@ -185,10 +195,7 @@ def _csr_kernel(x_ptr, crow_ptr, col_ptr, val_ptr, y_ptr, M, OUT, stride_xm, str
                     mask=tok_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         terms = x * val[None, :]  # [BLOCK_M, BLOCK_NZ]
         member = ((ks[:, None] >= row_start[None, :]) & (ks[:, None] < row_end[None, :])).to(tl.float32)
-        if BLOCK_M >= 16:
-            acc = tl.dot(terms, member, acc, input_precision="ieee")  # 0/1 weights: exact products
-        else:
-            acc += tl.sum(terms[:, :, None] * member[None, :, :], axis=1)
+        acc = tl.dot(terms, member, acc, input_precision="ieee")  # 0/1 weights: exact products
     tl.store(y_ptr + tokens.to(tl.int64)[:, None] * stride_ym + rows[None, :], acc,
              mask=tok_mask[:, None] & row_mask[None, :])
 
@@ -224,14 +231,30 @@ def _check_x(x: Tensor, n: int) -> Tensor:
     return x.contiguous()
 
 
+def _tiles(kernel: str, m: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K)`` of ``kernel`` for ``m`` rows of x (see LARGE_INTERPRETER_TILES).
+
+    Decode takes the next power of two of m rows (one token gets longer row segments in the same
+    registers); tl.dot tiles need at least 16.
+    """
+    table = _LARGE_TILES if LARGE_INTERPRETER_TILES and interpreting() else _GPU_TILES
+    if kernel == "decode":
+        return (triton.next_power_of_2(m), *table["decode1" if m == 1 else "decode"])
+    return (16 if m <= 16 else 64, *table[kernel])
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split_k(device: torch.device, row_blocks: int, n: int, block_k: int) -> int:
     """Columns per split-K program (a multiple of ``block_k``): enough programs to fill every SM twice,
     but at least four tiles each. Under the interpreter one program per row block (fastest)."""
     tiles = -(-n // block_k)
     if device.type != "cuda":
         return tiles * block_k
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(-(-2 * sms // row_blocks), tiles // 4))
+    splits = max(1, min(-(-2 * _sm_count(device.index or 0) // row_blocks), tiles // 4))
     return -(-tiles // splits) * block_k
 
 
@@ -248,8 +271,7 @@ def _matmul(x: Tensor, qweight: Tensor, t1: Tensor, t2: Tensor, gid: Tensor, kin
     if m == 0 or out == 0:
         return torch.zeros(m, out, dtype=torch.float32, device=device)
     if m <= DECODE_MAX:
-        block_m = triton.next_power_of_2(m)
-        block_n, block_k = 32, 128 if m == 1 else 64
+        block_m, block_n, block_k = _tiles("decode", m)
         row_blocks = triton.cdiv(out, block_n)
         k_split = split_k or _split_k(device, row_blocks, n, block_k)
         if k_split % block_k:
@@ -263,8 +285,7 @@ def _matmul(x: Tensor, qweight: Tensor, t1: Tensor, t2: Tensor, gid: Tensor, kin
         )
         return y[0] if splits == 1 else y.sum(0)
     x = _dot_dtype(x)
-    block_m = 16 if m <= 16 else 64
-    block_n, block_k = 64, 64
+    block_m, block_n, block_k = _tiles("dot", m)
     y = torch.empty(m, out, dtype=torch.float32, device=device)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 is ignored for fp16/bf16 inputs
     _dot_kernel[(triton.cdiv(out, block_n), triton.cdiv(m, block_m))](
@@ -346,10 +367,10 @@ def csr_mm(x: Tensor, sp_crow: Tensor, sp_col: Tensor, sp_val: Tensor) -> Tensor
     if m == 0 or out == 0 or sp_val.numel() == 0:
         return torch.zeros(m, out, dtype=torch.float32, device=x.device)
     y = torch.empty(m, out, dtype=torch.float32, device=x.device)
-    block_m, block_r = min(64, triton.next_power_of_2(m)), 32
+    block_m, block_r, block_nz = _tiles("csr", m)
     _csr_kernel[(triton.cdiv(out, block_r), triton.cdiv(m, block_m))](
         x, sp_crow, sp_col, sp_val.contiguous(), y, m, out, x.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_NZ=32,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_NZ=block_nz,
     )
     return y
 
@@ -359,7 +380,7 @@ def _dequant(qweight: Tensor, t1: Tensor, t2: Tensor, gid: Tensor, kind: int, bi
     out = qweight.shape[0]
     w = torch.empty(out, n, dtype=torch.float32, device=qweight.device)
     if out and n:
-        block_n, block_k = 32, 64
+        _, block_n, block_k = _tiles("dequant", 0)
         _dequant_kernel[(triton.cdiv(out, block_n), triton.cdiv(n, block_k))](
             qweight, t1, t2, gid, w, out, n, qweight.stride(0), t1.stride(0),
             KIND=kind, BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
