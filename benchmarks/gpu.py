@@ -150,12 +150,11 @@ def packed_product(meta: LayerMeta, t: dict[str, Tensor]) -> Callable[[Tensor], 
 
 
 def seconds(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds per call: CUDA-graph replays on CUDA; one call after a warm-up elsewhere."""
+    """Seconds per call: CUDA-graph replays on CUDA; one call under the interpreter (nothing to warm)."""
     if device.type == "cuda":
         import triton.testing
 
         return triton.testing.do_bench_cudagraph(fn, rep=50) / 1e3
-    fn()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -229,19 +228,16 @@ def quantize_randomly(model: torch.nn.Module, layout: Layout, device: torch.devi
 
 
 def decode_tok_s(model: torch.nn.Module, prompt: int, steps: int, device: torch.device) -> float:
-    """Greedy decode tokens/s at batch 1 with a KV cache, after a ``prompt``-token prefill (HF eager)."""
+    """Tokens/s of a greedy ``generate`` of ``steps`` tokens after a ``prompt``-token prompt at batch 1
+    (KV cache, the prompt's prefill included, as ``sqllm bench`` measures)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ids = torch.arange(prompt, device=device)[None] % model.config.vocab_size
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    with torch.inference_mode():
         sync()
         start = time.perf_counter()
-        for _ in range(steps):
-            out = model(tok, past_key_values=cache, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
         sync()
-    return steps / (time.perf_counter() - start)
+    return (out.shape[1] - prompt) / (time.perf_counter() - start)
 
 
 def e2e_rows(cfg: dict, device: torch.device, gen: torch.Generator) -> list[dict]:
@@ -251,7 +247,8 @@ def e2e_rows(cfg: dict, device: torch.device, gen: torch.Generator) -> list[dict
         model = tiny_llama(cfg["model"], device)
         if name != "fp16":
             quantize_randomly(model, next(l for l in LAYOUTS if l.name == name), device, gen)
-        decode_tok_s(model, cfg["prompt"], 1, device)  # warm-up: compiles every kernel variant
+        if device.type == "cuda":
+            decode_tok_s(model, cfg["prompt"], 1, device)  # warm-up: compiles every kernel variant
         tok_s = decode_tok_s(model, cfg["prompt"], cfg["steps"], device)
         block_bytes = sum(nbytes(*m.buffers()) + nbytes(*m.parameters(recurse=False))
                           for m in model.model.layers.modules() if not list(m.children()))
@@ -316,11 +313,11 @@ def main() -> None:
             "layers": (f"x @ W^T for layers {cfg['shapes']} at {cfg['batches']} tokens (decode) and "
                        f"{cfg['prefill']} (prefill); fp16 x; packed = Triton ops (output float32); "
                        + ("CUDA-graph replays (triton.testing.do_bench_cudagraph)" if not args.tiny
-                          else "one interpreted call after a warm-up")),
+                          else "one interpreted call")),
             "e2e": (f"Random LLaMA {cfg['model']} in fp16; packed models replace every block linear "
-                    f"(embeddings, lm_head stay fp16). {cfg['prompt']}-token prompt, then {cfg['steps']} greedy "
-                    "decode steps at batch 1 with HF's KV cache, eager (no CUDA graphs: per-token launch "
-                    "overhead counts for both)."),
+                    f"(embeddings, lm_head stay fp16). {cfg['prompt']}-token prompt, then {cfg['steps']} "
+                    "tokens generated greedily at batch 1 with HF's KV cache (prefill included), eager (no CUDA "
+                    "graphs: per-token launch overhead counts for both)."),
         },
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, Triton interpreter",
         "interpreted": args.tiny,

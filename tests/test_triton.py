@@ -288,6 +288,7 @@ def test_gpu_benchmark_runs_tiny(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
     spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     monkeypatch.setattr(tk, "LARGE_INTERPRETER_TILES", True)  # the interpreter's fast tiles, as the script runs
     for var in ("SQLLM_KERNELS", "TRITON_INTERPRET"):  # main() sets them; restored after the test

@@ -1,9 +1,10 @@
 """Triton kernels for packed weights: LUT (SqueezeLLM) and uniform groups (GPTQ, RTN, SliM-LLM parts),
 plus the CSR sparse outliers.
 
-Importing this module imports Triton; ``import sqllm`` never does (the op registration imports it
-lazily). On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set
-before Triton is imported), which is how the tests check them without a GPU.
+Importing this module imports Triton; ``import sqllm`` never does (:mod:`.triton_ops` imports this module
+on the first call that needs it). On CPU tensors the kernels run only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported: Triton reads it when a kernel is defined),
+which is how the tests check them without a GPU.
 
 Every kernel reads the packed codes of :mod:`sqllm.formats.bitpack` directly: code ``j`` of a row is
 stream bits ``[j*b, (j+1)*b)``, stream bit ``k`` is bit ``k % 32`` of word ``k // 32``; a code whose
@@ -22,8 +23,11 @@ Two product kernels share that weight reader:
   round-off of ``x.float() @ W.T``). Long rows are split over several programs (split-K) whose
   partial sums are added in a fixed order, so results are deterministic.
 * dot (more rows): tiles of weights are dequantized, rounded to ``x``'s dtype and fed to ``tl.dot``
-  with float32 accumulation: ``x.float() @ W.to(x.dtype).float().T``, the rounding QuantLinear's
-  reference path applies to low-precision activations too. float32 ``x`` uses IEEE float32 products.
+  with float32 accumulation: ``x.float() @ W.to(x.dtype).float().T`` within fp32 round-off. Tensor
+  cores multiply in x's dtype; for fp16/bf16 ``x`` this differs from the ops' float32-weight torch
+  implementation by the weight's rounding to that dtype (no more than x's own). float32 ``x`` uses IEEE
+  float32 products, exact as the torch implementation. Under the interpreter, which has no bf16
+  arithmetic, bf16 ``x`` is multiplied in float32.
 
 Tensors must be contiguous on one device; the wrappers make ``x`` contiguous and check the rest.
 """
@@ -40,8 +44,8 @@ from torch import Tensor
 
 DECODE_MAX = 4  # more tokens than this go through tl.dot tiles (tensor cores need 16 rows anyway)
 _LUT, _UNIFORM = 0, 1
-# The interpreter's cost is per program and loop step, not per element, so under it the kernels take
-# large tiles, which makes model-sized checks affordable. The kernels' own tests switch this off to run
+# The interpreter pays a large fixed cost per operation, per program and loop step, so under it the
+# kernels take large tiles, which makes model-sized checks affordable. The kernels' own tests switch this off to run
 # the GPU tiles (and with them partial and multiple blocks) on small shapes.
 LARGE_INTERPRETER_TILES = True
 # (BLOCK_N (rows), BLOCK_K (columns, or CSR entries)) per kernel; BLOCK_M follows from m (_tiles).
