@@ -15,11 +15,13 @@ registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton import
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -62,6 +64,16 @@ def cpu_kernels() -> ModuleType | None:
     except Exception as exc:  # no compiler, no headers, no ninja: the torch path still works
         log.warning("sqllm: CPU kernels unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
         return None
+
+
+@contextlib.contextmanager
+def torch_path() -> Iterator[None]:
+    """Within this block the ops run their pure-torch implementation on CPU (benchmarks and tests
+    compare it with the kernels); other devices are unaffected."""
+    with contextlib.ExitStack() as stack:
+        for op in (ops.lut_mm, ops.uniform_mm, ops.csr_mm):
+            stack.enter_context(op.set_kernel_enabled("cpu", False))
+        yield
 
 
 def uniform_supported(group_size: int, n: int) -> bool:
