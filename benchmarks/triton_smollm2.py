@@ -33,7 +33,7 @@ from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_VALID = SHARED / "wikitext-2" / "wiki.valid.tokens"
-CALIB = dict(nsamples=8, calib_seqlen=256, seed=0)
+CALIB = dict(nsamples=4, calib_seqlen=128, seed=0)
 METHODS = [
     ("SqueezeLLM 3-bit + 0.45% sparse", "squeezellm", dict(bits=3, sensitive_pct=0.05, outlier_pct=0.40)),
     ("SliM-LLM 2-bit g64", "slim", dict(bits=2, group_size=64, true_sequential=False)),
