@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import sqllm
 from sqllm.codes import QuantizedMatrix, SparseOutliers
 from sqllm.formats import matrix_meta, pack_matrix, unpack_matrix
 from sqllm.formats.sparse import coo_to_csr
@@ -216,6 +218,14 @@ def test_ops_route_to_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> Non
     for setting in ("0", "1"):
         monkeypatch.setenv("SQLLM_KERNELS", setting)
         assert triton_ops.kernels_for(torch.device("cpu")) is None
+
+
+def test_importing_sqllm_does_not_import_triton() -> None:
+    """The kernels module (and with it Triton) loads only when a Triton product is first needed."""
+    code = "import sys, sqllm.api, sqllm.nn.qlinear; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(sqllm.__file__).parents[1])})
+    assert out.stdout.strip() == "False"
 
 
 def test_forcing_triton_without_triton_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
