@@ -23,9 +23,9 @@ pytest.importorskip("triton")
 import sqllm
 from sqllm.codes import QuantizedMatrix, SparseOutliers
 from sqllm.formats import matrix_meta, pack_matrix, unpack_matrix
-from sqllm.formats.sparse import coo_to_csr
 from sqllm.formats.bitpack import pack_codes, unpack_codes
 from sqllm.formats.layouts import group_columns
+from sqllm.formats.sparse import coo_to_csr
 from sqllm.nn.kernels import triton_kernels as tk
 from sqllm.nn.qlinear import QuantLinear, replace_linear
 from conftest import tiny_model
