@@ -8,7 +8,9 @@ hash). Where the CPU, the compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`c
 None and the ops run their pure-torch implementation, as they do for inputs the kernels do not take
 (LUT codes wider than 4 bits, uniform groups that are not a multiple of 8 columns).
 
-Importing this package registers the CPU implementations; building waits for the first call.
+Importing this package registers the CPU implementations; building waits for the first call. It also
+registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton imported on first use);
+``SQLLM_KERNELS=triton`` sends CPU tensors to them too (under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, triton_ops  # triton_ops registers the CUDA implementations
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def uniform_supported(group_size: int, n: int) -> bool:
 
 @ops.lut_mm.register_kernel("cpu")
 def _lut_mm_cpu(x: Tensor, qweight: Tensor, lut: Tensor, bits: int, n: int) -> Tensor:
+    if triton_ops.forced():  # SQLLM_KERNELS=triton: Triton's interpreter on CPU tensors
+        return triton_ops.lut_mm(x, qweight, lut, bits, n)
     k = cpu_kernels()
     if k is None or bits > MAX_LUT_BITS:
         return ops.lut_mm_torch(x, qweight, lut, bits, n)
@@ -95,6 +99,8 @@ def _lut_mm_cpu(x: Tensor, qweight: Tensor, lut: Tensor, bits: int, n: int) -> T
 @ops.uniform_mm.register_kernel("cpu")
 def _uniform_mm_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_ids: Tensor, group_size: int,
                     bits: int, n: int) -> Tensor:
+    if triton_ops.forced():
+        return triton_ops.uniform_mm(x, qweight, scales, zeros, group_ids, group_size, bits, n)
     k = cpu_kernels()
     if k is None or not uniform_supported(group_size, n):
         return ops.uniform_mm_torch(x, qweight, scales, zeros, group_ids, group_size, bits, n)
@@ -103,6 +109,8 @@ def _uniform_mm_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, g
 
 @ops.csr_mm.register_kernel("cpu")
 def _csr_mm_cpu(x: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
+    if triton_ops.forced():
+        return triton_ops.csr_mm(x, crow, col, val)
     k = cpu_kernels()
     if k is None:
         return ops.csr_mm_torch(x, crow, col, val)
