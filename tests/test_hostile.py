@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 import sqllm
 from sqllm import api, output
 from sqllm.cli import main
 from sqllm.errors import CorruptCheckpoint, InvalidConfig, UnsafeOutput
-
-from conftest import tiny_model
 
 TEXT = " ".join(["the cat sat on the mat and it was a day of rain"] * 200)
 
@@ -37,7 +36,7 @@ def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("the a of and to in is was it on cat sat mat".split())}}
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["the", "a", "of", "and", "on", "cat", "sat", "mat"])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]")
@@ -170,7 +169,7 @@ def test_generate_ends_when_its_thread_dies(packed):
     def consume():
         try:
             list(api.generate(model, tok, "the cat", max_new_tokens=4))
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the iteration is checked below
             outcome.append(exc)
 
     watcher = threading.Thread(target=consume, daemon=True)
@@ -223,13 +222,13 @@ def test_sensitivity_output_needs_overwrite_and_a_fisher_file(capsys, no_load, t
 
 
 def test_sensitivity_file_is_replaced_atomically(tmp_path):
-    path = tmp_path / "f.safetensors"
+    path = tmp_path / "missing" / "f.safetensors"  # a missing folder is made
     api.save_sensitivity(path, {"a": torch.ones(2, 3)}, {"n": 1})
     with pytest.raises(sqllm.errors.OutputExists):
         api.save_sensitivity(path, {"a": torch.zeros(2, 3)}, {"n": 2})
     api.save_sensitivity(path, {"a": torch.zeros(2, 3)}, {"n": 2}, overwrite=True)
     assert torch.equal(load_file(path)["a"], torch.zeros(2, 3))
-    assert _leftovers(tmp_path) == [] and path.stat().st_mode & 0o777 == 0o666 & ~output._umask()
+    assert _leftovers(path.parent) == [] and path.stat().st_mode & 0o777 == 0o666 & ~output._umask()
 
 
 def _swap_target(tmp_path: Path) -> Path:
@@ -531,9 +530,10 @@ def test_checkpoints_are_byte_identical_and_readable(capsys, tiny, text, tmp_pat
     readable like any other (0644 under the usual umask)."""
     args = ["quantize", tiny, "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", text,
             "--nsamples", "4", "--calib-seqlen", "32", "--output"]
-    env = {**os.environ, "PYTHONPATH": str(Path(sqllm.__file__).parents[1])}
+    # another hash seed than this process (whatever it is), so that no ordering by hash can pass unseen
+    env = {**os.environ, "PYTHONPATH": str(Path(sqllm.__file__).parents[1]), "PYTHONHASHSEED": "12345"}
     proc = subprocess.run([sys.executable, "-m", "sqllm.cli", *map(str, args), str(tmp_path / "a")],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _run(capsys, *args, tmp_path / "b")[0] == 0
     a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")

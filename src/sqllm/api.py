@@ -349,7 +349,11 @@ def save_quantized(
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` (checked with :func:`check_output_file`), atomically."""
     out = check_output_file(path)
-    output.write_file(out, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+    output.write_file(out, write)
 
 
 def load_quantized(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, Any]:
@@ -481,19 +485,21 @@ def generate(
     def run() -> None:
         try:
             model.generate(**kwargs)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which raises it
             failure.append(exc)
 
     thread = Thread(target=run, daemon=True)
     thread.start()
     while True:
         try:
-            yield next(streamer)
+            piece = next(streamer)
         except StopIteration:
             break
         except Empty:
-            if not thread.is_alive():
-                break
+            if thread.is_alive():
+                continue
+            break
+        yield piece
     thread.join()
     if failure:
         raise failure[0]

@@ -20,9 +20,9 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import OutputExists, UnsafeOutput
 
