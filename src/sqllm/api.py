@@ -139,6 +139,7 @@ class QuantizationResult:
     matrices: dict[str, QuantizedMatrix]
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    dense16: dict[str, Any] | None = None  # what save_quantized stored in 16 bits (set when saved)
 
     def summary(self) -> dict[str, Any]:
         """Bits per weight over the quantized linears (by part and in total) and method-specific counts."""
@@ -160,6 +161,8 @@ class QuantizationResult:
         }
         if n_weights:
             s["bits_per_weight"]["total"] = sum(parts.values()) / n_weights
+        if self.dense16 is not None:
+            s["dense16"] = self.dense16
         sparse = [qm.sparse.nnz for qm in self.matrices.values() if qm.sparse is not None]
         if sparse:
             s["sparse_values"] = sum(sparse)
@@ -339,7 +342,8 @@ def save_quantized(
     out = check_output(out_dir, overwrite, inputs=[getattr(model.config, "_name_or_path", None)])
 
     def write(tmp: Path) -> None:
-        write_packed(model, tokenizer, result.matrices, quantization_config(result), tmp)
+        written = write_packed(model, tokenizer, result.matrices, quantization_config(result), tmp)
+        result.dense16 = written["dense16"]
         (tmp / "sqllm_summary.json").write_text(json.dumps(_checkpoint_summary(result), indent=2))
 
     output.write_folder(out, write)

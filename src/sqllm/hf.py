@@ -67,6 +67,14 @@ class SqllmHfQuantizer(HfQuantizer):
             raise CorruptCheckpoint(f"{outside[0]} is not a shard listed in {folder}'s index")
         check_names(model, stored_names(folder), str(folder))
 
+    def update_dtype(self, dtype: Any) -> Any:
+        """Compute in the dtype the model was quantized in; the 16-bit stored embeddings and head are
+        widened to it on load (``sqllm.api.load_quantized`` keeps them 16-bit instead)."""
+        import torch
+
+        stored = (getattr(self.quantization_config, "dense16", None) or {}).get("compute_dtype")
+        return getattr(torch, stored) if stored else dtype
+
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         from .formats.layouts import validate_tensors
         from .nn.loader import check_finite

@@ -27,6 +27,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     rows = [[k, f"{v:.4f}"] for k, v in bpw.items()]
     print(f"{summary['method']}: {summary['linears']} linears, {summary['weights']:,} weights, "
           f"{summary['seconds']:.1f} s" + (f" -> {summary['output']}" if "output" in summary else ""))
+    dense16 = summary.get("dense16") or {}
+    if dense16.get("tensors"):
+        print(f"kept dense in {dense16['dtype']}: {', '.join(dense16['tensors'])}")
     if "sparse_values" in summary:
         print(f"sparse: {summary['sparse_values']:,} values ({summary['sparse_pct']:.3f}%)")
     print_table(["part", "bits/weight"], rows)

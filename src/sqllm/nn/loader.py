@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..errors import CorruptCheckpoint
 from ..formats.checkpoint import read_quantization_config, read_tensors
 from ..formats.layouts import LayerMeta, validate_tensors
+from .dense16 import use_dense16
 from .qlinear import QuantLinear, replace_linear
 
 
@@ -92,6 +93,14 @@ def _skeleton(path: Path) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: that of its norms (kept as the source stored them), else float32."""
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+            return module.weight.dtype
+    return torch.float32
+
+
 def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, Any]:
     """Load a packed checkpoint folder as ``(model, tokenizer)`` with QuantLinear modules (eval mode).
 
@@ -114,6 +123,8 @@ def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, An
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise CorruptCheckpoint(f"tensor {leftover[0]!r} is missing from the checkpoint at {path}")
+    if (qc.get("dense16") or {}).get("tensors"):
+        use_dense16(model, _compute_dtype(model))
     model.to(torch.device(device)).eval()
     tokenizer = (AutoTokenizer.from_pretrained(path, trust_remote_code=False)
                  if (path / "tokenizer_config.json").is_file() else None)
