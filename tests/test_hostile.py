@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 import sqllm
+from conftest import tiny_model
 from sqllm import api, output
 from sqllm.cli import main
 from sqllm.errors import CorruptCheckpoint, InvalidConfig, UnsafeOutput
@@ -169,7 +169,7 @@ def test_generate_ends_when_its_thread_dies(packed):
     def consume():
         try:
             list(api.generate(model, tok, "the cat", max_new_tokens=4))
-        except BaseException as exc:  # noqa: BLE001 - whatever ends the iteration is checked below
+        except BaseException as exc:  # whatever ends the iteration is checked below
             outcome.append(exc)
 
     watcher = threading.Thread(target=consume, daemon=True)
@@ -312,7 +312,7 @@ def _nan_bytes(folder: Path, name: str) -> None:
 
 def test_damaged_bytes_are_refused(capsys, damaged, text):
     _nan_bytes(damaged, "model.norm.weight")
-    with pytest.raises(CorruptCheckpoint, match="'model.norm.weight'.*NaN"):
+    with pytest.raises(CorruptCheckpoint, match=r"'model\.norm\.weight'.*NaN"):
         api.load_quantized(damaged)
     _refused(capsys, "NaN", "eval", damaged, "--ppl", text, "--seqlen", "32")
 
@@ -381,7 +381,8 @@ def test_output_in_proc_is_refused_up_front(capsys, no_load, tiny):
 def test_output_under_a_file_is_refused_up_front(capsys, no_load, tiny, tmp_path):
     (tmp_path / "f").write_text("x")
     _refused(capsys, "is a file, not a folder", *_quantize_args(tiny, tmp_path / "f" / "out"))
-    _refused(capsys, "is a file, not a folder", *_quantize_args(tiny, tmp_path / "q", "--json", tmp_path / "f" / "q.json"))
+    _refused(capsys, "is a file, not a folder",
+             *_quantize_args(tiny, tmp_path / "q", "--json", tmp_path / "f" / "q.json"))
 
 
 def test_json_into_a_missing_folder_is_written(capsys, tiny, tmp_path):

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -488,8 +488,8 @@ def generate(
 
     def run() -> None:
         try:
-            model.generate(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which raises it
+            cast(Any, model).generate(**kwargs)  # a transformers model; nn.Module does not declare it
+        except BaseException as exc:  # handed to the consuming thread, which raises it
             failure.append(exc)
 
     thread = Thread(target=run, daemon=True)

@@ -189,7 +189,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         for path in paths:
             api.check_context(path, a.seqlen)
     if a.json:
-        api.check_output_file(a.json, inputs=paths + [a.ppl])
+        api.check_output_file(a.json, inputs=[*paths, a.ppl])
     checked = None
     if a.tasks:  # unknown tasks fail in seconds, not after loading the models
         checked = api.check_zeroshot_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)

@@ -41,6 +41,7 @@ class SqllmHfQuantizer(HfQuantizer):
     folder, every expected tensor stored and nothing else, layouts checked, no NaN or infinity."""
 
     requires_calibration = True
+    quantization_config: SqllmConfig
 
     def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any):
         from .formats.checkpoint import check_quantization_config

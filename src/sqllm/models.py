@@ -127,7 +127,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # noqa: BLE001 - the GGUF reader raises many types on a damaged file
+    except Exception as exc:  # the GGUF reader raises many types on a damaged file
         first = (str(exc).splitlines() or [""])[0]
         raise UnknownModel(f"GGUF file {str(gguf)!r} cannot be read ({type(exc).__name__}: {first})") from None
     config = loaded.config
