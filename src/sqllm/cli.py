@@ -6,10 +6,8 @@ Every :class:`~sqllm.errors.SqllmError` becomes one line on stderr and exit code
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NoReturn, Sequence, Union, get_args, get_origin, get_type_hints
 
@@ -106,6 +104,7 @@ def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--output", required=True, help="safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Fisher file")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -145,8 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_json(path: str | None, obj: Any) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        api.write_json(path, obj)
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
@@ -157,11 +155,20 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     # Everything that can be refused is refused before the slow load.
     cfg = api.make_config(a.method, **options)
     api.check_calibration_given(a.method, a.calib, a.sensitivity_file)
-    api.check_output(a.output, a.overwrite)
-    model, tok = api.load_model(a.model)
+    engine = api.EngineOptions(batch_size=a.batch_size, seed=a.seed)
+    path = api.check_model(a.model, full_precision=True)
+    if a.calib is not None:
+        api.check_calibration_counts(a.nsamples, a.calib_seqlen)
+        api.check_text_source(a.calib)
+        api.check_context(path, a.calib_seqlen)
+    inputs = [a.model, path, a.calib, a.sensitivity_file]
+    api.check_output(a.output, a.overwrite, inputs=inputs)
+    if a.json:
+        api.check_output_file(a.json, inputs=inputs)
+    model, tok = api.load_model(path, packed=False)
     result = api.quantize(
         model, tok, a.method, config=cfg, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
-        seed=a.seed, fisher=a.sensitivity_file, engine=api.EngineOptions(batch_size=a.batch_size, seed=a.seed),
+        seed=a.seed, fisher=a.sensitivity_file, engine=engine,
     )
     out = api.save_quantized(model, tok, result, a.output, overwrite=a.overwrite)
     summary = result.summary()
@@ -175,13 +182,20 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
     if not a.ppl and not a.tasks:
         raise InvalidConfig("nothing to evaluate: pass --ppl SOURCE and/or --tasks T1,T2")
+    specs = [a.model] + ([a.baseline] if a.baseline else [])
+    paths = [api.check_model(spec) for spec in specs]
+    if a.ppl:
+        api.check_text_source(a.ppl)
+        for path in paths:
+            api.check_context(path, a.seqlen)
+    if a.json:
+        api.check_output_file(a.json, inputs=[*paths, a.ppl])
     checked = None
     if a.tasks:  # unknown tasks fail in seconds, not after loading the models
         checked = api.check_zeroshot_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
-    specs = [a.model] + ([a.baseline] if a.baseline else [])
     results: dict[str, Any] = {"model": a.model, "runs": []}
-    for spec in specs:
-        model, tok = api.load_model(spec)
+    for spec, path in zip(specs, paths):
+        model, tok = api.load_model(path)
         run: dict[str, Any] = {"model": spec}
         if a.ppl:
             run.update(api.evaluate_perplexity(model, tok, a.ppl, seqlen=a.seqlen, windows=a.windows))
@@ -203,16 +217,22 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_sensitivity(a: argparse.Namespace) -> None:
-    model, tok = api.load_model(a.model)
+    path = api.check_model(a.model, full_precision=True)
+    api.check_calibration_counts(a.nsamples, a.calib_seqlen)
+    api.check_text_source(a.calib)
+    api.check_context(path, a.calib_seqlen)
+    out = api.check_sensitivity_output(a.output, a.overwrite, inputs=[a.model, path, a.calib])
+    model, tok = api.load_model(path, packed=False)
     fisher = api.compute_sensitivity(model, tok, a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
                                      seed=a.seed, grad_checkpointing=a.gradient_checkpointing)
     meta = {"model": a.model, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed}
-    api.save_sensitivity(a.output, fisher, meta)
+    api.save_sensitivity(out, fisher, meta, overwrite=a.overwrite)
     print(f"wrote Fisher sensitivity of {len(fisher)} linears to {a.output}")
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
-    model, tok = api.load_model(a.model)
+    api.check_generate_options(a.prompt, a.max_new_tokens, a.temperature)
+    model, tok = api.load_model(api.check_model(a.model))
     for piece in api.generate(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               seed=a.seed):
         print(piece, end="", flush=True)
@@ -222,6 +242,12 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 def _cmd_bench(a: argparse.Namespace) -> None:
     from .report import print_bench
 
+    specs = [a.model] + ([a.baseline] if a.baseline else [])
+    paths = [api.check_model(spec) for spec in specs]
+    for path in paths:
+        api.check_context(path, a.prefill + a.decode)
+    if a.json:
+        api.check_output_file(a.json, inputs=paths)
     res = api.bench(a.model, baseline=a.baseline, prefill=a.prefill, decode=a.decode)
     print_bench(res)
     _write_json(a.json, res)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..codes import QuantizedMatrix
+from ..errors import InvalidConfig
 from ..methods import LayerStats, MethodSpec, StageOptions, StatContext
 from ..models import ArchSpec, get_blocks
 
@@ -100,6 +101,12 @@ class EngineOptions:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidConfig(f"batch_size={self.batch_size} must be >= 1 (calibration windows per forward)")
+        if self.input_rows < 1:
+            raise InvalidConfig(f"input_rows={self.input_rows} must be >= 1")
 
 
 def _collect(
