@@ -16,7 +16,6 @@ from sqllm.api import load_model
 from sqllm.cli import main
 from sqllm.nn import QuantLinear
 from sqllm.quant.uniform import quantize_groups_minmax
-
 from test_cli import _tiny_folder
 
 README = Path(__file__).resolve().parents[1] / "README.md"

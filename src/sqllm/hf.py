@@ -25,7 +25,7 @@ class SqllmConfig(QuantizationConfigMixin):
     """The ``quantization_config`` block of a packed checkpoint, kept as written."""
 
     def __init__(self, layers: dict[str, dict[str, Any]] | None = None, **kwargs: Any):
-        self.quant_method = METHOD
+        self.quant_method = METHOD  # type: ignore[assignment]  # transformers types it as its own enum
         self.layers = layers or {}
         for key, value in kwargs.items():
             if key != "quant_method":

@@ -8,8 +8,9 @@ stored tensors assigned after every one of them is checked against the layout ta
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,7 @@ def check_finite(named: Iterable[tuple[str, Tensor]], where: str) -> None:
                                     f"values; the file is damaged: copy it again or re-quantize")
 
 
-def _skeleton(path: Path) -> nn.Module:
+def _skeleton(path: Path) -> Any:
     """The model with parameters on the meta device (no memory, no init) and real buffers."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -96,8 +97,9 @@ def _skeleton(path: Path) -> nn.Module:
 def _compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model computes in: that of its norms (kept as the source stored them), else float32."""
     for module in model.modules():
-        if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-            return module.weight.dtype
+        weight = getattr(module, "weight", None)
+        if "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor):
+            return weight.dtype
     return torch.float32
 
 
