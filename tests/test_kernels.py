@@ -4,6 +4,10 @@ op registrations (fake, autograd) and ``torch.compile`` of a packed model."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -40,7 +44,7 @@ LUT_SHAPES = [(37, 100), (33, 577), (5, 9), (16, 64), (7, 200)]  # rows ending m
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", range(1, 9))  # 1..4: vector readers; wider: the scalar reader
 @pytest.mark.parametrize("shape", LUT_SHAPES)
 def test_lut_kernel_matches_reference(bits: int, shape: tuple[int, int]) -> None:
     out, n = shape
@@ -54,8 +58,10 @@ def test_lut_kernel_matches_reference(bits: int, shape: tuple[int, int]) -> None
         assert_round_off(y, ops.lut_mm_torch(x, t["qweight"], t["lut"], bits, n), term_scale(qm, x))
 
 
-UNIFORM = [  # (out, n, group_size): partial last groups, per-channel, groups that split super-chunks
+UNIFORM = [  # (out, n, group_size): partial last groups, per-channel, groups that split super-chunks,
+    # and group sizes the vector readers do not take (20, 12: the scalar reader)
     (37, 100, 32), (37, 100, 100), (9, 600, 64), (11, 640, 128), (7, 200, 8), (5, 130, 256), (6, 72, 24),
+    (6, 100, 20), (5, 50, 12),
 ]
 
 
@@ -125,11 +131,11 @@ def test_kernels_reject_bad_inputs() -> None:
     t = pack_matrix(qm, "", torch.float32)
     with pytest.raises(RuntimeError, match="qweight holds 6 words; 65 codes of 3 bits need 7"):
         cpu_kernels().lut_mm(torch.randn(1, 65), t["qweight"], t["lut"], 3, 65)
-    with pytest.raises(RuntimeError, match="lut must be"):
-        cpu_kernels().lut_mm(torch.randn(1, 64), t["qweight"], t["lut"][:, :4], 3, 64)
-    with pytest.raises(RuntimeError, match="group size that is a multiple of 8"):
+    with pytest.raises(RuntimeError, match=r"lut must be contiguous float16 \[4, 8\]"):
+        cpu_kernels().lut_mm(torch.randn(1, 64), t["qweight"], t["lut"][:, :4].contiguous(), 3, 64)
+    with pytest.raises(RuntimeError, match="group_size must be positive, got 0"):
         cpu_kernels().uniform_mm(torch.randn(1, 64), t["qweight"], torch.ones(4, 4).half(), torch.ones(4, 4).half(),
-                                 torch.arange(4), 20, 3, 64)
+                                 torch.arange(4), 0, 3, 64)
     with pytest.raises(RuntimeError, match="group_ids must index the 2 columns"):
         cpu_kernels().uniform_mm(torch.randn(1, 64), t["qweight"], torch.ones(4, 2).half(), torch.ones(4, 2).half(),
                                  torch.tensor([0, 2]), 32, 3, 64)
@@ -148,33 +154,44 @@ def test_ops_check_their_inputs() -> None:
 
 @needs_kernels
 def test_op_dispatch_and_torch_path() -> None:
-    """On CPU the op runs the kernel; ``torch_path()`` (and inputs the kernels do not take) run the torch
-    implementation, bit for bit."""
-    qm = lut_matrix(5, 19, 130, 3)
+    """Once loaded, the kernels are the ops' CPU implementation (autograd included); ``torch_path()`` runs
+    the torch implementation bit for bit, and leaving it restores the kernels."""
+    qm = lut_matrix(5, 19, 130, 3, nnz=7)
     t = pack_matrix(qm, "", torch.float32)
     x = torch.randn(2, 130)
     args = (x, t["qweight"], t["lut"], 3, 130)
-    assert torch.equal(torch.ops.sqllm.lut_mm(*args), cpu_kernels().lut_mm(*args))
+    sparse = (x, t["sp_crow"], t["sp_col"], t["sp_val"])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(torch.ops.sqllm.lut_mm(*args), cpu_kernels().lut_mm(*args))
+            assert torch.equal(torch.ops.sqllm.csr_mm(*sparse), cpu_kernels().csr_mm(*sparse))
+    assert kernels.kernels_registered()
     with kernels.torch_path():
         assert torch.equal(torch.ops.sqllm.lut_mm(*args), ops.lut_mm_torch(*args))
-    qm = uniform_matrix(6, 19, 130, 20, [3])  # group size 20: not a kernel layout
-    t = pack_matrix(qm, "", torch.float32)
-    args = (x, t["qweight"], t["scales"], t["zeros"], torch.arange(7), 20, 3, 130)
-    assert torch.equal(torch.ops.sqllm.uniform_mm(*args), ops.uniform_mm_torch(*args))
+        assert torch.equal(torch.ops.sqllm.csr_mm(*sparse), ops.csr_mm_torch(*sparse))
+    assert torch.equal(torch.ops.sqllm.lut_mm(*args), cpu_kernels().lut_mm(*args))
 
 
-def test_without_kernels_the_ops_run_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``SQLLM_KERNELS=0`` (or no AVX2) means no build; the ops then run the torch implementation."""
-    monkeypatch.setenv("SQLLM_KERNELS", "0")
-    assert not kernels.kernels_enabled() and kernels.cpu_kernels.__wrapped__() is None
-    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
-    qm = lut_matrix(8, 9, 70, 4, nnz=12)
-    t = pack_matrix(qm, "", torch.float32)
-    x = torch.randn(3, 70)
-    assert torch.equal(torch.ops.sqllm.lut_mm(x, t["qweight"], t["lut"], 4, 70),
-                       ops.lut_mm_torch(x, t["qweight"], t["lut"], 4, 70))
-    sparse = (t["sp_crow"], t["sp_col"], t["sp_val"])
-    assert torch.equal(torch.ops.sqllm.csr_mm(x, *sparse), ops.csr_mm_torch(x, *sparse))
+def test_without_kernels_the_ops_run_torch() -> None:
+    """``SQLLM_KERNELS=0`` (or no AVX2, or no compiler) means nothing is built or registered: the ops run
+    their torch implementation. A fresh process, since this one may have loaded the kernels."""
+    script = (
+        "import torch\n"
+        "from sqllm.nn import kernels\n"
+        "from sqllm.nn.kernels import ops\n"
+        "from test_layouts import uniform_matrix\n"
+        "from sqllm.formats import pack_matrix\n"
+        "t = pack_matrix(uniform_matrix(8, 9, 70, 16, [4], nnz=12), '', torch.float32)\n"
+        "x = torch.randn(3, 70)\n"
+        "args = (x, t['qweight'], t['scales'], t['zeros'], torch.arange(5), 16, 4, 70)\n"
+        "assert torch.equal(torch.ops.sqllm.uniform_mm(*args), ops.uniform_mm_torch(*args))\n"
+        "sparse = (x, t['sp_crow'], t['sp_col'], t['sp_val'])\n"
+        "assert torch.equal(torch.ops.sqllm.csr_mm(*sparse), ops.csr_mm_torch(*sparse))\n"
+        "assert kernels.cpu_kernels() is None and not kernels.kernels_registered()\n"
+    )
+    env = {**os.environ, "SQLLM_KERNELS": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_unbuildable_kernels_mean_none(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

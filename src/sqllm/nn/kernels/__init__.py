@@ -1,16 +1,18 @@
 """Kernels for packed weights: the ``torch.ops.sqllm`` ops (:mod:`.ops`) and their compiled CPU backend.
 
 The CPU backend (``cpu_avx2.cpp``) needs an x86-64 CPU with AVX2, FMA and F16C (read from
-``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU qualifies) and a C++ compiler. It is
-built with ``torch.utils.cpp_extension`` on the first CPU call of an op (about a minute, once; cached
-by torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source's
-hash). Where the CPU, the compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels` returns
-None and the ops run their pure-torch implementation, as they do for inputs the kernels do not take
-(LUT codes wider than 4 bits, uniform groups that are not a multiple of 8 columns).
+``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU qualifies) and a C++ compiler. The
+first CPU call of an op builds it with ``torch.utils.cpp_extension`` (a few minutes, once; cached by
+torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source's
+hash) and loads it; loading registers its C++ functions as the ops' CPU (and CPU autograd)
+implementations in the dispatcher, so later calls never pass through Python. Where the CPU, the
+compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels` returns None and the ops keep their
+pure-torch implementation. The C++ side takes every layout: the vector readers serve LUT codes of 1..4
+bits and uniform groups that are a multiple of 8 columns (or cover the row), a scalar reader the rest.
 
-Importing this package registers the CPU implementations; building waits for the first call. It also
-registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton imported on first use);
-``SQLLM_KERNELS=triton`` sends CPU tensors to them too (under ``TRITON_INTERPRET=1``).
+Importing this package also registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton
+imported on first use); ``SQLLM_KERNELS=triton`` sends CPU tensors to them too (under
+``TRITON_INTERPRET=1``), and keeps the compiled CPU kernels unloaded.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import contextlib
 import functools
 import logging
 import os
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
 import torch
-from torch import Tensor
 
 from . import ops, triton_ops  # triton_ops registers the CUDA implementations
 
@@ -32,14 +34,13 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_avx2.cpp")
 FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum"]
-MAX_LUT_BITS = 4  # wider LUT codes run the torch implementation
-CHUNK = 8  # uniform groups must be a multiple of this many columns, or cover the whole row
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
 
 def kernels_enabled() -> bool:
-    """False when ``SQLLM_KERNELS=0`` or the CPU lacks AVX2 (torch's capability tells)."""
-    if os.environ.get("SQLLM_KERNELS", "1") == "0":
+    """False when ``SQLLM_KERNELS`` is ``0`` (pure torch) or ``triton`` (Triton everywhere), or the CPU
+    lacks AVX2 (torch's capability tells)."""
+    if os.environ.get("SQLLM_KERNELS", "1") in ("0", "triton"):
         return False
     return torch.backends.cpu.get_cpu_capability() in AVX2_CAPABILITIES
 
@@ -66,52 +67,19 @@ def cpu_kernels() -> ModuleType | None:
         return None
 
 
+def kernels_registered() -> bool:
+    """Whether the compiled kernels are the ops' CPU implementations (after their first CPU call)."""
+    return cpu_kernels.cache_info().currsize > 0 and cpu_kernels() is not None
+
+
 @contextlib.contextmanager
 def torch_path() -> Iterator[None]:
-    """Within this block the ops run their pure-torch implementation on CPU (benchmarks and tests
-    compare it with the kernels); other devices are unaffected."""
-    with contextlib.ExitStack() as stack:
-        for op in (ops.lut_mm, ops.uniform_mm, ops.csr_mm):
-            stack.enter_context(op.set_kernel_enabled("cpu", False))
+    """Within this block the ops run their pure-torch implementation on CPU, whether or not the kernels
+    are loaded (tests and benchmarks compare the two). A temporary registration overrides the CPU
+    implementation and is removed on exit; other devices are unaffected."""
+    torch_impls = {"lut_mm": ops.lut_mm_torch, "uniform_mm": ops.uniform_mm_torch, "csr_mm": ops.csr_mm_torch}
+    with torch.library._scoped_library("sqllm", "IMPL") as lib, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid")  # replacing the kernels is the point
+        for name, fn in torch_impls.items():
+            lib.impl(name, fn, "CPU")
         yield
-
-
-def uniform_supported(group_size: int, n: int) -> bool:
-    """Whether the compiled kernels take a uniform part of ``n`` columns in groups of ``group_size``."""
-    return group_size % CHUNK == 0 or group_size >= n
-
-
-# The CPU implementations: the compiled kernel where it applies, else the op's torch implementation.
-# Input checks live in the C++ (a RuntimeError naming the value): the decode of a small layer takes
-# tens of microseconds, so the Python side stays a few attribute lookups.
-
-
-@ops.lut_mm.register_kernel("cpu")
-def _lut_mm_cpu(x: Tensor, qweight: Tensor, lut: Tensor, bits: int, n: int) -> Tensor:
-    if triton_ops.forced():  # SQLLM_KERNELS=triton: Triton's interpreter on CPU tensors
-        return triton_ops.lut_mm(x, qweight, lut, bits, n)
-    k = cpu_kernels()
-    if k is None or bits > MAX_LUT_BITS:
-        return ops.lut_mm_torch(x, qweight, lut, bits, n)
-    return k.lut_mm(x, qweight, lut, bits, n)
-
-
-@ops.uniform_mm.register_kernel("cpu")
-def _uniform_mm_cpu(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_ids: Tensor, group_size: int,
-                    bits: int, n: int) -> Tensor:
-    if triton_ops.forced():
-        return triton_ops.uniform_mm(x, qweight, scales, zeros, group_ids, group_size, bits, n)
-    k = cpu_kernels()
-    if k is None or not uniform_supported(group_size, n):
-        return ops.uniform_mm_torch(x, qweight, scales, zeros, group_ids, group_size, bits, n)
-    return k.uniform_mm(x, qweight, scales, zeros, group_ids, group_size, bits, n)
-
-
-@ops.csr_mm.register_kernel("cpu")
-def _csr_mm_cpu(x: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
-    if triton_ops.forced():
-        return triton_ops.csr_mm(x, crow, col, val)
-    k = cpu_kernels()
-    if k is None:
-        return ops.csr_mm_torch(x, crow, col, val)
-    return k.csr_mm(x, crow, col, val)

@@ -30,6 +30,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -413,6 +415,41 @@ void dequant_rows(const Weights& w, float* dst, int64_t stride, int64_t r0, int6
   }
 }
 
+// Any layout the vector readers do not take (LUT codes wider than 4 bits, uniform groups that are not
+// a multiple of 8 columns): one code at a time from the 16 bits that hold it.
+void generic_rows(const Weights& w, float* dst, int64_t stride, int64_t r0, int64_t r1) {
+  const uint32_t mask = (1u << w.bits) - 1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.row(r);
+    float* out = dst + (r - r0) * stride;
+    for (int64_t j = 0; j < w.n; ++j) {
+      const int64_t bit = j * w.bits, byte = bit / 8;
+      const uint32_t pair = row[byte] | (byte + 1 < w.row_bytes ? uint32_t{row[byte + 1]} << 8 : 0u);
+      const uint32_t code = (pair >> (bit % 8)) & mask;
+      if (w.lut != nullptr) {
+        out[j] = half_to_float(w.lut + r * (int64_t{1} << w.bits) + code);
+      } else {
+        const int64_t g = j / w.group_size;
+        out[j] = w.scale(r, g) * (static_cast<float>(code) - w.zero(r, g));
+      }
+    }
+  }
+}
+
+// Whether the vector readers take `w` (otherwise generic_rows serves it, through the prefill path).
+bool vector_layout(const Weights& w) {
+  return w.lut != nullptr ? w.bits <= 4 : (w.group_size % kChunk == 0 || w.segments() == 1);
+}
+
+// Rows [r0, r1) of the weight, dequantized into dst [r1 - r0, stride] fp32.
+void weight_rows(const Weights& w, float* dst, int64_t stride, int64_t r0, int64_t r1) {
+  if (vector_layout(w)) {
+    dequant_rows(w, dst, stride, r0, r1);
+  } else {
+    generic_rows(w, dst, stride, r0, r1);
+  }
+}
+
 // ----------------------------------------------------------------------------------------------------
 // Dispatch.
 
@@ -460,13 +497,6 @@ std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, cons
   return {xp, gsum};
 }
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& q, int64_t bits, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == n && x.is_floating_point(), "x must be a float [m, ", n, "] tensor");
-  TORCH_CHECK(q.dtype() == torch::kInt32 && q.dim() == 2 && q.is_contiguous(), "qweight must be contiguous int32 [out, words]");
-  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must lie in 1..8, got ", bits);
-  TORCH_CHECK(q.size(1) == (n * bits + 31) / 32, "qweight holds ", q.size(1), " words; ", n, " codes of ", bits,
-              " bits need ", (n * bits + 31) / 32);
-}
 
 // Decode or prefill for one packed tensor: [m, out] fp32.
 torch::Tensor matmul(const torch::Tensor& x, const Weights& w) {
@@ -474,7 +504,7 @@ torch::Tensor matmul(const torch::Tensor& x, const Weights& w) {
   auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
   if (m == 0 || out == 0) return y;
   const bool lut = w.lut != nullptr;
-  if (m <= kMaxTokens) {
+  if (m <= kMaxTokens && vector_layout(w)) {
     Kernel kernel;
     Order order;
     int64_t block;
@@ -497,7 +527,8 @@ torch::Tensor matmul(const torch::Tensor& x, const Weights& w) {
     });
     return y;
   }
-  // Prefill: row tiles dequantized in fp32, multiplied by BLAS into y^T [out, m].
+  // Prefill (and layouts without a decode kernel): row tiles dequantized in fp32, multiplied by BLAS into
+  // y^T [out, m].
   const int64_t stride = (w.n + kChunk - 1) / kChunk * kChunk;
   const auto xt = x.to(torch::kFloat32).t();  // [n, m]
   auto yt = torch::empty({out, m}, y.options());
@@ -507,12 +538,23 @@ torch::Tensor matmul(const torch::Tensor& x, const Weights& w) {
     const int64_t stop = std::min(out, start + rows);
     float* dst = tile.data_ptr<float>();
     at::parallel_for(start, stop, row_grain(w.n), [&](int64_t r0, int64_t r1) {
-      dequant_rows(w, dst + (r0 - start) * stride, stride, r0, r1);
+      weight_rows(w, dst + (r0 - start) * stride, stride, r0, r1);
     });
     auto dst_rows = yt.narrow(0, start, stop - start);
     at::mm_out(dst_rows, tile.narrow(0, 0, stop - start).narrow(1, 0, w.n), xt);
   }
   return yt.t().contiguous();
+}
+
+// The whole weight [out, n] fp32 (backward: dL/dx = dL/dy @ W).
+torch::Tensor dequantize(const Weights& w) {
+  const int64_t stride = (w.n + kChunk - 1) / kChunk * kChunk;
+  auto full = torch::empty({w.out, stride}, torch::dtype(torch::kFloat32));
+  float* dst = full.data_ptr<float>();
+  at::parallel_for(0, w.out, row_grain(w.n), [&](int64_t r0, int64_t r1) {
+    weight_rows(w, dst + r0 * stride, stride, r0, r1);
+  });
+  return full.narrow(1, 0, w.n);
 }
 
 Weights codes_of(const torch::Tensor& qweight, int64_t bits, int64_t n) {
@@ -534,32 +576,34 @@ void csr_rows(const int32_t* crow, const int32_t* col, const V* val, const float
   }
 }
 
-}  // namespace
-
-// torch.ops.sqllm.lut_mm on CPU: x [m, n], qweight [out, words(n, bits)] int32, lut [out, 2**bits] fp16.
-torch::Tensor lut_mm(torch::Tensor x, torch::Tensor qweight, torch::Tensor lut, int64_t bits, int64_t n) {
-  check_inputs(x, qweight, bits, n);
-  TORCH_CHECK(bits <= 4, "LUT kernels take 1..4-bit codes, got ", bits);
-  TORCH_CHECK(lut.dtype() == torch::kFloat16 && lut.is_contiguous() && lut.size(0) == qweight.size(0) &&
-                  lut.size(1) == (1 << bits), "lut must be contiguous float16 [out, 2**bits]");
+Weights lut_weights(const torch::Tensor& qweight, const torch::Tensor& lut, int64_t bits, int64_t n) {
+  TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be contiguous int32 [out, words]");
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must lie in 1..8, got ", bits);
+  TORCH_CHECK(qweight.size(1) == (n * bits + 31) / 32, "qweight holds ", qweight.size(1), " words; ", n,
+              " codes of ", bits, " bits need ", (n * bits + 31) / 32);
+  TORCH_CHECK(lut.dtype() == torch::kFloat16 && lut.is_contiguous() && lut.dim() == 2 &&
+                  lut.size(0) == qweight.size(0) && lut.size(1) == (1 << bits),
+              "lut must be contiguous float16 [", qweight.size(0), ", ", 1 << bits, "]");
   Weights w = codes_of(qweight, bits, n);
   w.lut = lut.data_ptr<at::Half>();
-  return matmul(x, w);
+  return w;
 }
 
-// torch.ops.sqllm.uniform_mm on CPU: one part's columns x [m, n]; scales, zeros [out, n_groups_total] fp16;
-// group_ids [ceil(n / group_size)] int64. Needs group_size % 8 == 0 or a single group (group_size >= n).
-torch::Tensor uniform_mm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
-                         torch::Tensor group_ids, int64_t group_size, int64_t bits, int64_t n) {
-  check_inputs(x, qweight, bits, n);
-  TORCH_CHECK(group_size > 0 && (group_size % kChunk == 0 || group_size >= n),
-              "uniform kernels need a group size that is a multiple of ", kChunk, " or covers the row, got ",
-              group_size, " for ", n, " columns");
+Weights uniform_weights(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros,
+                        const torch::Tensor& group_ids, int64_t group_size, int64_t bits, int64_t n) {
+  TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be contiguous int32 [out, words]");
+  TORCH_CHECK(bits >= 1 && bits <= 8, "bits must lie in 1..8, got ", bits);
+  TORCH_CHECK(qweight.size(1) == (n * bits + 31) / 32, "qweight holds ", qweight.size(1), " words; ", n,
+              " codes of ", bits, " bits need ", (n * bits + 31) / 32);
+  TORCH_CHECK(group_size > 0, "group_size must be positive, got ", group_size);
   TORCH_CHECK(scales.dtype() == torch::kFloat16 && zeros.dtype() == torch::kFloat16 && scales.is_contiguous() &&
-                  zeros.is_contiguous() && scales.sizes() == zeros.sizes() && scales.size(0) == qweight.size(0),
-              "scales and zeros must be contiguous float16 [out, n_groups]");
-  TORCH_CHECK(group_ids.dtype() == torch::kInt64 && group_ids.is_contiguous() &&
-                  group_ids.size(0) == (n + group_size - 1) / group_size, "group_ids must be int64 [ceil(n / group_size)]");
+                  zeros.is_contiguous() && scales.dim() == 2 && scales.sizes() == zeros.sizes() &&
+                  scales.size(0) == qweight.size(0), "scales and zeros must be contiguous float16 [out, n_groups]");
+  TORCH_CHECK(group_ids.dtype() == torch::kInt64 && group_ids.is_contiguous() && group_ids.dim() == 1 &&
+                  group_ids.size(0) == (n + group_size - 1) / group_size,
+              "group_ids must be int64 [", (n + group_size - 1) / group_size, "]");
   if (group_ids.numel()) {
     TORCH_CHECK(group_ids.min().item<int64_t>() >= 0 && group_ids.max().item<int64_t>() < scales.size(1),
                 "group_ids must index the ", scales.size(1), " columns of scales");
@@ -570,15 +614,133 @@ torch::Tensor uniform_mm(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   w.gid = group_ids.data_ptr<int64_t>();
   w.n_groups_total = scales.size(1);
   w.group_size = std::min(group_size, n);  // one group covering the row
-  return matmul(x, w);
+  return w;
+}
+
+void check_x(const torch::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == n && x.is_floating_point(), "x must be a float [m, ", n, "] tensor, got ",
+              x.sizes());
+}
+
+void check_csr(const torch::Tensor& x, const torch::Tensor& crow, const torch::Tensor& col, const torch::Tensor& val) {
+  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x must be a float [m, in] tensor");
+  TORCH_CHECK(crow.dtype() == torch::kInt32 && col.dtype() == torch::kInt32 && crow.is_contiguous() &&
+                  col.is_contiguous() && val.is_contiguous() && crow.dim() == 1 && crow.numel() >= 1 &&
+                  col.numel() == val.numel(), "CSR tensors must be contiguous int32 crow, col and values");
+}
+
+// The sqllm ops, called through the dispatcher below autograd (so a torch_path() override is honoured).
+using LutOp = torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, c10::SymInt, c10::SymInt);
+using UniformOp = torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                const torch::Tensor&, c10::SymInt, c10::SymInt, c10::SymInt);
+using CsrOp = torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&);
+
+const c10::TypedOperatorHandle<LutOp>& lut_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sqllm::lut_mm", "").typed<LutOp>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<UniformOp>& uniform_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sqllm::uniform_mm", "").typed<UniformOp>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<CsrOp>& csr_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sqllm::csr_mm", "").typed<CsrOp>();
+  return op;
+}
+
+torch::Tensor as_dtype(const torch::Tensor& t, int64_t dtype) { return t.to(static_cast<at::ScalarType>(dtype)); }
+
+// Gradients reach x only: dL/dx = dL/dy @ W, W dequantized by the same readers.
+struct LutMM : public torch::autograd::Function<LutMM> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& q,
+                               const torch::Tensor& lut, int64_t bits, int64_t n) {
+    ctx->save_for_backward({q, lut});
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["n"] = n;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return lut_op().call(x, q, lut, c10::SymInt(bits), c10::SymInt(n));
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Weights w = lut_weights(saved[0], saved[1], ctx->saved_data["bits"].toInt(), ctx->saved_data["n"].toInt());
+    const auto gx = as_dtype(grads[0].to(torch::kFloat32).mm(dequantize(w)), ctx->saved_data["dtype"].toInt());
+    return {gx, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+struct UniformMM : public torch::autograd::Function<UniformMM> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& q,
+                               const torch::Tensor& scales, const torch::Tensor& zeros, const torch::Tensor& group_ids,
+                               int64_t group_size, int64_t bits, int64_t n) {
+    ctx->save_for_backward({q, scales, zeros, group_ids});
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["bits"] = bits;
+    ctx->saved_data["n"] = n;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return uniform_op()
+        .call(x, q, scales, zeros, group_ids, c10::SymInt(group_size), c10::SymInt(bits), c10::SymInt(n));
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Weights w = uniform_weights(s[0], s[1], s[2], s[3], ctx->saved_data["group_size"].toInt(),
+                                      ctx->saved_data["bits"].toInt(), ctx->saved_data["n"].toInt());
+    const auto gx = as_dtype(grads[0].to(torch::kFloat32).mm(dequantize(w)), ctx->saved_data["dtype"].toInt());
+    torch::autograd::tensor_list out(8);
+    out[0] = gx;
+    return out;
+  }
+};
+
+struct CsrMM : public torch::autograd::Function<CsrMM> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& crow,
+                               const torch::Tensor& col, const torch::Tensor& val) {
+    ctx->save_for_backward({crow, col, val});
+    ctx->saved_data["n"] = x.size(1);
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return csr_op().call(x, crow, col, val);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto counts = (s[0].narrow(0, 1, s[0].numel() - 1) - s[0].narrow(0, 0, s[0].numel() - 1)).to(torch::kLong);
+    const auto rows = torch::repeat_interleave(torch::arange(counts.numel(), counts.options()), counts);
+    const auto g = grads[0].to(torch::kFloat32);  // [m, out]
+    const auto contrib = g.index_select(1, rows) * s[2].to(torch::kFloat32);  // [m, nnz]
+    const auto gx = torch::zeros({g.size(0), ctx->saved_data["n"].toInt()}, g.options()).index_add_(1, s[1].to(torch::kLong), contrib);
+    return {as_dtype(gx, ctx->saved_data["dtype"].toInt()), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+// Direct entry points (tests and benchmarks call the kernels without the dispatcher); the dispatcher
+// registrations at the end call the same code.
+
+// torch.ops.sqllm.lut_mm on CPU: x [m, n], qweight [out, words(n, bits)] int32, lut [out, 2**bits] fp16.
+torch::Tensor lut_mm(torch::Tensor x, torch::Tensor qweight, torch::Tensor lut, int64_t bits, int64_t n) {
+  check_x(x, n);
+  return matmul(x, lut_weights(qweight, lut, bits, n));
+}
+
+// torch.ops.sqllm.uniform_mm on CPU: one part's columns x [m, n]; scales, zeros [out, n_groups_total] fp16;
+// group_ids [ceil(n / group_size)] int64.
+torch::Tensor uniform_mm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
+                         torch::Tensor group_ids, int64_t group_size, int64_t bits, int64_t n) {
+  check_x(x, n);
+  return matmul(x, uniform_weights(qweight, scales, zeros, group_ids, group_size, bits, n));
 }
 
 // torch.ops.sqllm.csr_mm on CPU: CSR outliers [out, in] (crow int32 [out + 1], col int32 [nnz], val
 // fp16/bf16/fp32) times x [m, in]: [m, out] fp32.
 torch::Tensor csr_mm(torch::Tensor x, torch::Tensor crow, torch::Tensor col, torch::Tensor val) {
-  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x must be a float [m, in] tensor");
-  TORCH_CHECK(crow.dtype() == torch::kInt32 && col.dtype() == torch::kInt32 && crow.is_contiguous() && col.is_contiguous() &&
-                  val.is_contiguous() && col.numel() == val.numel(), "CSR tensors must be contiguous int32 crow, col and values");
+  check_csr(x, crow, col, val);
   const int64_t m = x.size(0), out = crow.numel() - 1;
   const auto xt = x.to(torch::kFloat32).t().contiguous();  // [in, m]: one outlier reads m adjacent floats
   auto yt = torch::empty({out, m}, xt.options());
@@ -598,6 +760,66 @@ torch::Tensor csr_mm(torch::Tensor x, torch::Tensor crow, torch::Tensor col, tor
     run(val.data_ptr<float>());
   }
   return yt.t().contiguous();
+}
+
+namespace {
+
+bool wants_grad(const torch::Tensor& x) { return c10::GradMode::is_enabled() && x.requires_grad(); }
+
+torch::Tensor lut_mm_autograd(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& lut, c10::SymInt bits,
+                              c10::SymInt n) {
+  if (wants_grad(x)) return LutMM::apply(x, q, lut, bits.expect_int(), n.expect_int());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return lut_op().call(x, q, lut, bits, n);
+}
+
+torch::Tensor uniform_mm_autograd(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                                  const torch::Tensor& zeros, const torch::Tensor& group_ids, c10::SymInt group_size,
+                                  c10::SymInt bits, c10::SymInt n) {
+  if (wants_grad(x)) {
+    return UniformMM::apply(x, q, scales, zeros, group_ids, group_size.expect_int(), bits.expect_int(), n.expect_int());
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return uniform_op().call(x, q, scales, zeros, group_ids, group_size, bits, n);
+}
+
+torch::Tensor csr_mm_autograd(const torch::Tensor& x, const torch::Tensor& crow, const torch::Tensor& col,
+                              const torch::Tensor& val) {
+  if (wants_grad(x)) return CsrMM::apply(x, crow, col, val);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return csr_op().call(x, crow, col, val);
+}
+
+torch::Tensor lut_mm_cpu(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& lut, c10::SymInt bits,
+                         c10::SymInt n) {
+  return lut_mm(x, q, lut, bits.expect_int(), n.expect_int());
+}
+
+torch::Tensor uniform_mm_cpu(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                             const torch::Tensor& zeros, const torch::Tensor& group_ids, c10::SymInt group_size,
+                             c10::SymInt bits, c10::SymInt n) {
+  return uniform_mm(x, q, scales, zeros, group_ids, group_size.expect_int(), bits.expect_int(), n.expect_int());
+}
+
+torch::Tensor csr_mm_cpu(const torch::Tensor& x, const torch::Tensor& crow, const torch::Tensor& col,
+                         const torch::Tensor& val) {
+  return csr_mm(x, crow, col, val);
+}
+
+}  // namespace
+
+// Loading this library makes these the ops' CPU implementations (the schemas come from ops.py). The
+// C++ autograd entry keeps the Python-level cost of a call at that of a native op.
+TORCH_LIBRARY_IMPL(sqllm, CPU, m) {
+  m.impl("lut_mm", &lut_mm_cpu);
+  m.impl("uniform_mm", &uniform_mm_cpu);
+  m.impl("csr_mm", &csr_mm_cpu);
+}
+
+TORCH_LIBRARY_IMPL(sqllm, AutogradCPU, m) {
+  m.impl("lut_mm", &lut_mm_autograd);
+  m.impl("uniform_mm", &uniform_mm_autograd);
+  m.impl("csr_mm", &csr_mm_autograd);
 }
 
 // Sum of a float32 tensor read once with AVX2 over the torch threads: a streaming read whose time gives

@@ -21,12 +21,14 @@ Contracts (``words(n, b) = ceil(n * b / 32)``, codes packed by :func:`sqllm.form
   sparse tensor so that ``torch.compile`` sees one opaque call and the CPU kernels can fuse nothing
   they do not own.
 
-Every implementation accumulates in float32. ``op.set_kernel_enabled("cpu", False)`` (a context
-manager of each op) or ``SQLLM_KERNELS=0`` runs the pure-torch implementation on CPU.
+Every implementation accumulates in float32. The first CPU call loads the compiled kernels
+(:func:`sqllm.nn.kernels.cpu_kernels`), which then serve every later CPU call;
+:func:`sqllm.nn.kernels.torch_path` or ``SQLLM_KERNELS=0`` keeps the pure-torch implementation.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -128,9 +130,34 @@ def csr_mm_torch(x: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
     return (csr @ x.float().T).T.contiguous()
 
 
+def _cpu_kernels_loaded_now(x: Tensor) -> bool:
+    """On the first CPU call, load the compiled kernels; True when that just made them the ops' CPU
+    implementation (the caller then calls the op again, which now dispatches to them)."""
+    if x.device.type != "cpu":
+        return False
+    from . import cpu_kernels, kernels_registered
+
+    return not kernels_registered() and cpu_kernels() is not None
+
+
+def _triton_forced() -> bool:
+    """``SQLLM_KERNELS=triton``: Triton serves every device, CPU tensors through its interpreter."""
+    return os.environ.get("SQLLM_KERNELS") == "triton"
+
+
+# The default implementations below serve every device without a registered one, and the CPU until the
+# compiled kernels load (never under SQLLM_KERNELS=triton, which sends CPU calls to Triton instead).
+
+
 @torch.library.custom_op("sqllm::lut_mm", mutates_args=())
 def lut_mm(x: Tensor, qweight: Tensor, lut: Tensor, bits: int, n: int) -> Tensor:
     """``x [m, n] @ W^T`` for a LUT weight (module docstring): ``[m, out]`` float32."""
+    if _triton_forced():
+        from . import triton_ops
+
+        return triton_ops.lut_mm(x, qweight, lut, bits, n)
+    if _cpu_kernels_loaded_now(x):
+        return torch.ops.sqllm.lut_mm.default(x, qweight, lut, bits, n)
     return lut_mm_torch(x, qweight, lut, bits, n)
 
 
@@ -138,12 +165,24 @@ def lut_mm(x: Tensor, qweight: Tensor, lut: Tensor, bits: int, n: int) -> Tensor
 def uniform_mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_ids: Tensor, group_size: int,
                bits: int, n: int) -> Tensor:
     """``x [m, n] @ W^T`` for one uniform part (module docstring): ``[m, out]`` float32."""
+    if _triton_forced():
+        from . import triton_ops
+
+        return triton_ops.uniform_mm(x, qweight, scales, zeros, group_ids, group_size, bits, n)
+    if _cpu_kernels_loaded_now(x):
+        return torch.ops.sqllm.uniform_mm.default(x, qweight, scales, zeros, group_ids, group_size, bits, n)
     return uniform_mm_torch(x, qweight, scales, zeros, group_ids, group_size, bits, n)
 
 
 @torch.library.custom_op("sqllm::csr_mm", mutates_args=())
 def csr_mm(x: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
     """Sparse outliers (CSR) times ``x [m, in]``: ``[m, out]`` float32."""
+    if _triton_forced():
+        from . import triton_ops
+
+        return triton_ops.csr_mm(x, crow, col, val)
+    if _cpu_kernels_loaded_now(x):
+        return torch.ops.sqllm.csr_mm.default(x, crow, col, val)
     return csr_mm_torch(x, crow, col, val)
 
 
