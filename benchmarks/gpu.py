@@ -205,7 +205,7 @@ def linears_per_token(rows: list[dict], layers: int) -> list[dict]:
     return [dict(layout=name, seconds=s, ratio=per["fp16 torch.matmul"] / s) for name, s in per.items()]
 
 
-def tiny_llama(model_cfg: dict, device: torch.device):
+def random_llama(model_cfg: dict, device: torch.device):
     """A random LLaMA of ``model_cfg``'s shape in fp16 on ``device``."""
     import transformers as tf
 
@@ -244,7 +244,7 @@ def e2e_rows(cfg: dict, device: torch.device, gen: torch.Generator) -> list[dict
     """fp16 then each packed layout of ``cfg['layouts']`` (one model, re-quantized each time)."""
     rows = []
     for name in ["fp16"] + cfg["layouts"]:
-        model = tiny_llama(cfg["model"], device)
+        model = random_llama(cfg["model"], device)
         if name != "fp16":
             quantize_randomly(model, next(l for l in LAYOUTS if l.name == name), device, gen)
         if device.type == "cuda":
