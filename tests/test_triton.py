@@ -197,24 +197,41 @@ def op_args(qm: QuantizedMatrix, x: torch.Tensor) -> dict[str, tuple]:
     return args
 
 
-def test_ops_route_to_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``SQLLM_KERNELS=triton``: the CPU dispatch of every op runs the Triton kernel (counted), and it
-    agrees with the op's torch implementation; unset, CPU tensors never reach Triton."""
-    import sqllm.nn.kernels  # noqa: F401  (registers the implementations)
-    from sqllm.nn.kernels import ops, triton_ops
+ROUTING = """
+import os, sys, torch
+sys.path[:0] = [os.environ["TESTS"]]
+import sqllm.nn.kernels
+from sqllm.nn.kernels import ops, triton_kernels as tk
+from test_layouts import lut_matrix, uniform_matrix
+from test_triton import op_args, OUT, N
+x = torch.randn(3, N, generator=torch.Generator().manual_seed(0))
+args = {**op_args(lut_matrix(1, OUT, N, 3, nnz=50, value_dtype=torch.float16), x),
+        **op_args(uniform_matrix(2, OUT, N, 48, [4]), x)}
+calls = []
+for name in args:
+    real = getattr(tk, name)
+    setattr(tk, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+for name, a in args.items():
+    torch.testing.assert_close(getattr(torch.ops.sqllm, name)(*a), getattr(ops, f"{name}_torch")(*a),
+                               rtol=1e-5, atol=1e-5)
+print(" ".join(sorted(calls)), sqllm.nn.kernels.kernels_registered())
+"""
 
-    x = torch.randn(3, N, generator=torch.Generator().manual_seed(0))
-    args = {**op_args(lut_matrix(1, OUT, N, 3, nnz=50, value_dtype=torch.float16), x),
-            **op_args(uniform_matrix(2, OUT, N, 48, [4]), x)}
-    calls = []
-    for name in args:
-        real = getattr(tk, name)
-        monkeypatch.setattr(tk, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    monkeypatch.setenv("SQLLM_KERNELS", "triton")
-    for name, a in args.items():
-        y = getattr(torch.ops.sqllm, name)(*a)
-        torch.testing.assert_close(y, getattr(ops, f"{name}_torch")(*a), rtol=1e-5, atol=1e-5)
-    assert sorted(calls) == sorted(args)
+
+def test_ops_route_to_triton_when_forced() -> None:
+    """A process started with ``SQLLM_KERNELS=triton``: the CPU dispatch of every op runs the Triton kernel
+    (counted), agrees with the op's torch implementation, and the compiled CPU kernels never load. (The
+    setting is read when the kernels first load, hence a fresh process.)"""
+    env = {**os.environ, "SQLLM_KERNELS": "triton", "TRITON_INTERPRET": "1", "TESTS": str(Path(__file__).parent),
+           "PYTHONPATH": str(Path(sqllm.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", ROUTING], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["csr_mm", "lut_mm", "uniform_mm", "False"]
+
+
+def test_cpu_tensors_never_reach_triton_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqllm.nn.kernels import triton_ops
+
     for setting in ("0", "1"):
         monkeypatch.setenv("SQLLM_KERNELS", setting)
         assert triton_ops.kernels_for(torch.device("cpu")) is None
