@@ -21,9 +21,9 @@ Saved as safetensors, so a long gradient pass is run once and reused (``sqllm se
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import CorruptCheckpoint, InvalidConfig
+from . import distributed as dist
 from .stream import ActivationCache, ModelParts, block_output, first_block_inputs, head_loss
 
 FISHER_FORMAT = "sqllm-fisher"
@@ -151,15 +152,18 @@ def compute_fisher(
         finally:
             for h in hooks:
                 h.remove()
+    for t in acc.values():
+        dist.all_reduce_(t)
     return {name: acc[id(p)].cpu() for name, p in weights.items()}
 
 
 def _run_blocks_forward(
     parts: ModelParts, hidden: Tensor, kwargs: dict[str, Any], cache: ActivationCache, amp: torch.dtype | None,
-    batch_size: int, progress: bool,
+    batch_size: int, stop: int, progress: bool,
 ) -> Tensor:
-    """Forward sweep: put each block's input ``[n, L, d]`` into ``cache`` and return the last block's output."""
-    for b in tqdm(range(parts.n_blocks), desc="Fisher forward", unit="block", disable=not progress):
+    """Forward sweep over blocks ``0 .. stop-1``: put each block's input ``[n, L, d]`` into ``cache`` and
+    return the output of block ``stop - 1``."""
+    for b in tqdm(range(stop), desc="Fisher forward", unit="block", disable=not progress):
         cache.put(b, hidden)
         block = parts.block(b)
         with parts.loaded(parts.names_under((parts.block_name(b),))), torch.no_grad(), _autocast(parts.device, amp):
@@ -204,7 +208,8 @@ def _backward_block(
                 xw = x[w : w + 1].detach().requires_grad_(need_input_grad)
                 with _autocast(x.device, amp):
                     out = block_output(block(xw, **kwargs))
-                torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=params + ([xw] if need_input_grad else []))
+                wanted = params + ([xw] if need_input_grad else [])
+                torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=wanted)
                 if need_input_grad:
                     input_grads.append(xw.grad.float())
         finally:
@@ -221,38 +226,61 @@ def streamed_fisher(
     cache: ActivationCache | None = None,
     batch_size: int = 8,
     progress: bool = True,
-) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    resume: tuple[int, Tensor] | None = None,
+    clock: Callable[[str], Any] | None = None,
+) -> Iterator[tuple[int, dict[str, Tensor], Tensor | None]]:
     """Exact diagonal Fisher of every targeted linear, one block at a time (see the module docstring).
 
-    windows: [n, L] token ids; each window is one loss, as in :func:`compute_fisher`.
+    windows: [n, L] token ids (this rank's share under data parallelism; the block sums are all-reduced)
     cache:   where the forward sweep keeps block inputs (default: all in memory)
-    Yields ``(b, {full linear name: [out, in] float32 on parts.device})`` from the last block to the
-    first, while block ``b``'s weights are still loaded, so a consumer can quantize the block at once.
+    resume:  ``(k, g)``: blocks above ``k`` are done and ``g [n, L, d]`` is the gradient at block ``k``'s
+             output; the forward sweep stops at block ``k`` and the head is skipped
+    clock:   ``clock(stage)`` gives a context that times the stage ("fisher forward", ...)
+    Yields ``(b, {full linear name: [out, in] float32 on parts.device}, gradient at block b's input or
+    None for block 0)`` from the top block down, while block ``b``'s weights are still loaded, so a
+    consumer can quantize the block at once.
     """
     _check_windows(windows)
+    timed = clock or (lambda stage: nullcontext())
     cache = cache if cache is not None else ActivationCache(None, 0)
-    hidden, kwargs = first_block_inputs(parts, windows, batch_size)
-    hidden = _run_blocks_forward(parts, hidden.float(), kwargs, cache, amp, batch_size, progress)
-    g = _head_gradients(parts, hidden, windows, amp)
+    top = resume[0] if resume is not None else parts.n_blocks - 1
+    with timed("fisher forward"):
+        hidden, kwargs = first_block_inputs(parts, windows, batch_size)
+        hidden = _run_blocks_forward(parts, hidden.float(), kwargs, cache, amp, batch_size,
+                                     top if resume is not None else parts.n_blocks, progress)
+    if resume is not None:
+        cache.put(top, hidden)
+        g = resume[1].to(parts.device)
+    else:
+        with timed("fisher head"):
+            g = _head_gradients(parts, hidden, windows, amp)
     del hidden
-    bar = tqdm(total=parts.n_blocks * windows.shape[0], desc="Fisher backward", unit="window", disable=not progress)
-    for b in reversed(range(parts.n_blocks)):
-        x = cache.get(b, parts.device)
-        prefix = parts.block_name(b)
-        with parts.loaded(parts.names_under((prefix,))):
-            block = parts.block(b)
-            weights = {f"{prefix}.{lin}": block.get_submodule(lin).weight for lin in parts.arch.linears}
-            fisher, g = _backward_block(block, x, g, kwargs, weights, amp, need_input_grad=b > 0)
-            bar.update(windows.shape[0])
-            yield b, fisher
-        del x, fisher
-        cache.drop(b)
-    bar.close()
+    with tqdm(total=(top + 1) * windows.shape[0], desc="Fisher backward", unit="window",
+              disable=not progress) as bar:
+        for b in range(top, -1, -1):
+            prefix = parts.block_name(b)
+            with timed("fisher backward"):
+                x = cache.get(b, parts.device)
+                parts.load(parts.names_under((prefix,)))
+            try:
+                with timed("fisher backward"):
+                    block = parts.block(b)
+                    weights = {f"{prefix}.{lin}": block.get_submodule(lin).weight for lin in parts.arch.linears}
+                    fisher, g_in = _backward_block(block, x, g, kwargs, weights, amp, need_input_grad=b > 0)
+                    for t in fisher.values():
+                        dist.all_reduce_(t)
+                bar.update(windows.shape[0])
+                yield b, fisher, g_in
+            finally:
+                parts.release(parts.names_under((prefix,)))
+            del x, fisher
+            g = g_in
+            cache.drop(b)
 
 
 def streamed_fisher_dict(parts: ModelParts, windows: Tensor, **options: Any) -> dict[str, Tensor]:
     """:func:`streamed_fisher` gathered into ``{full linear name: [out, in] float32 on CPU}``, in block order."""
-    blocks = {b: {k: v.cpu() for k, v in f.items()} for b, f in streamed_fisher(parts, windows, **options)}
+    blocks = {b: {k: v.cpu() for k, v in f.items()} for b, f, _ in streamed_fisher(parts, windows, **options)}
     return {k: v for b in sorted(blocks) for k, v in blocks[b].items()}
 
 
@@ -270,6 +298,13 @@ def load_fisher(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> di
     (with both shapes), and CorruptCheckpoint when the file cannot be read as a Fisher file or holds
     negative or non-finite values.
     """
+    return fisher_reader(path, expected)(list(expected))
+
+
+def fisher_reader(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> Callable[[list[str]], dict[str, Tensor]]:
+    """Check a Fisher file's header against ``expected`` (name -> shape) now, as :func:`load_fisher`
+    does, and return ``read(names) -> {name: [out, in] float32}`` that loads only the named tensors (a
+    7B model's Fisher is 27 GB in float32; the block loop reads one block's worth at a time)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidConfig(f"Fisher file {str(path)!r} does not exist; compute one with `sqllm sensitivity`")
@@ -277,18 +312,24 @@ def load_fisher(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> di
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            if header.get("format") != FISHER_FORMAT:
-                raise CorruptCheckpoint(f"{str(path)!r} is not a Fisher file (format {header.get('format')!r})")
-            _check_names_and_shapes(path, shapes, expected)
-            fisher = {name: f.get_tensor(name).float() for name in expected}
-    except (InvalidConfig, CorruptCheckpoint):
-        raise
     except Exception as e:  # safetensors raises its own error types, or OSError, on damaged files
         raise CorruptCheckpoint(f"cannot read Fisher file {str(path)!r}: {e}") from None
-    for name, t in fisher.items():
-        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-            raise CorruptCheckpoint(f"Fisher tensor {name!r} in {str(path)!r} has negative or non-finite values")
-    return fisher
+    if header.get("format") != FISHER_FORMAT:
+        raise CorruptCheckpoint(f"{str(path)!r} is not a Fisher file (format {header.get('format')!r})")
+    _check_names_and_shapes(path, shapes, expected)
+
+    def read(names: list[str]) -> dict[str, Tensor]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                fisher = {name: f.get_tensor(name).float() for name in names}
+        except Exception as e:
+            raise CorruptCheckpoint(f"cannot read Fisher file {str(path)!r}: {e}") from None
+        for name, t in fisher.items():
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise CorruptCheckpoint(f"Fisher tensor {name!r} in {str(path)!r} has negative or non-finite values")
+        return fisher
+
+    return read
 
 
 def _check_names_and_shapes(

@@ -168,10 +168,29 @@ class ModelParts:
     def head_names(self) -> list[str]:
         return self.names_under((*self.final_names, self.head_name))
 
+    def read(self, names: list[str]) -> dict[str, Tensor]:
+        """The named tensors as stored (the checkpoint's dtype, on CPU for a streamed model)."""
+        raise NotImplementedError
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def load(self, names: list[str]) -> None:
+        """Make the named tensors real, on ``self.device``, in ``self.dtype`` (floating ones)."""
+        raise NotImplementedError
+
+    def release(self, names: list[str]) -> None:
+        """Undo :meth:`load` for the named tensors."""
+        raise NotImplementedError
+
     @contextmanager
     def loaded(self, names: list[str]) -> Iterator[None]:
-        """The named tensors are real and on ``self.device`` in ``self.dtype`` inside the block."""
-        raise NotImplementedError
+        """The named tensors are loaded inside the ``with`` block and released after it."""
+        self.load(names)
+        try:
+            yield
+        finally:
+            self.release(names)
 
     def move_buffers(self) -> None:
         """Non-persistent buffers (rotary frequencies) go to the work device once."""
@@ -199,7 +218,7 @@ class StreamedModel(ModelParts):
         self.index = ShardIndex(self.folder)
         config = AutoConfig.from_pretrained(self.folder)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         super().__init__(model.eval(), device, dtype)
         self.stored = self.index.dtypes()
         self.source = self._sources()
@@ -228,19 +247,20 @@ class StreamedModel(ModelParts):
         raw = self.index.read(sorted({self.source[n] for n in names}))
         return {n: raw[self.source[n]] for n in names}
 
-    @contextmanager
-    def loaded(self, names: list[str]) -> Iterator[None]:
+    def load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
         for n, t in self.read(names).items():
-            value = t.to(self.dtype) if t.is_floating_point() else t
-            set_module_tensor_to_device(self.model, n, self.device, value=value)
-            del t, value
-        try:
-            yield
-        finally:
-            for n in names:
-                set_module_tensor_to_device(self.model, n, "meta")
+            # accelerate casts a value to the skeleton's dtype unless told otherwise
+            dtype = self.dtype if t.is_floating_point() else None
+            set_module_tensor_to_device(self.model, n, self.device, value=t, dtype=dtype)
+            del t
+
+    def release(self, names: list[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n in names:
+            set_module_tensor_to_device(self.model, n, "meta")
 
 
 class InMemoryParts(ModelParts):
@@ -249,6 +269,7 @@ class InMemoryParts(ModelParts):
     def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu"):
         dtype = next(model.parameters()).dtype
         super().__init__(model, device, dtype)
+        self.home: dict[str, torch.device] = {}  # where each tensor moved to the work device came from
         self.move_buffers()
 
     def stored_dtype(self, name: str) -> torch.dtype:
@@ -258,20 +279,21 @@ class InMemoryParts(ModelParts):
         state = self.model.state_dict(keep_vars=True)
         return {n: state[n].detach() for n in names}
 
-    @contextmanager
-    def loaded(self, names: list[str]) -> Iterator[None]:
+    def load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
         state = self.model.state_dict(keep_vars=True)
-        home = {n: state[n].device for n in names}
-        moved = [n for n in names if home[n] != self.device]
-        for n in moved:
-            set_module_tensor_to_device(self.model, n, self.device)
-        try:
-            yield
-        finally:
-            for n in moved:
-                set_module_tensor_to_device(self.model, n, home[n])
+        for n in names:
+            if state[n].device != self.device:
+                self.home[n] = state[n].device
+                set_module_tensor_to_device(self.model, n, self.device)
+
+    def release(self, names: list[str]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for n in names:
+            if n in self.home:
+                set_module_tensor_to_device(self.model, n, self.home.pop(n))
 
 
 def model_parts(model: nn.Module | str | Path, *, device: str | torch.device = "cpu",
