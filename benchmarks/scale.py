@@ -19,9 +19,9 @@ import os
 import shutil
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -172,16 +172,121 @@ def build_checkpoint(name: str, dest: Path, *, seed: int = 0, shard_bytes: int =
     return dest
 
 
+RESULTS = ROOT / "benchmarks" / "results"
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2"
+CALIB = {"nsamples": 2, "calib_seqlen": 256}
+EVAL = {"seqlen": 256, "windows": 1}
+RUNS = {
+    "squeezellm-3bit": ["--method", "squeezellm", "--bits", "3"],
+    "gptq-4bit-g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
+}
+
+
+def measured(argv: list[str], log: Path) -> dict:
+    """Run ``argv`` in a child process (stdout+stderr to ``log``): wall seconds, the child's own peak
+    RSS (from ``wait4``, not the maximum over all children so far) and its exit code."""
+    import subprocess
+    import time
+
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"argv": argv, "seconds": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "exit_code": proc.returncode, "log": str(log)}
+
+
+def run_shape(name: str, runs: list[str], out_root: Path) -> list[dict]:
+    """Quantize the random ``name`` model with each of ``runs`` and evaluate the packed output."""
+    import json as _json
+
+    from sqllm.report import git_commit
+
+    ckpt = BIG / f"llama-{name}-random"
+    rows = []
+    for run in runs:
+        out = out_root / f"{name}-{run}"
+        qjson, ejson = out_root / f"{name}-{run}.quantize.json", out_root / f"{name}-{run}.eval.json"
+        row = {"shape": name, "params": SHAPES[name].n_params(), "run": run, "commit": git_commit(str(ROOT)),
+               "load_average": os.getloadavg()[0], "calibration": CALIB, "eval": EVAL}
+        cli = [sys.executable, "-m", "sqllm.cli"]
+        q = measured([*cli, "quantize", str(ckpt), *RUNS[run], "--calib", str(WIKI / "wiki.valid.tokens"),
+                      "--nsamples", str(CALIB["nsamples"]), "--calib-seqlen", str(CALIB["calib_seqlen"]),
+                      "--output", str(out), "--overwrite", "--json", str(qjson)],
+                     out_root / f"{name}-{run}.quantize.log")
+        row["quantize"] = q
+        if q["exit_code"] == 0:
+            summary = _json.loads(qjson.read_text())
+            row["bits_per_weight"] = summary["bits_per_weight"]["total"]
+            row["stages"] = summary["stages"]
+            test_text = WIKI.parent / "wikitext-2-raw" / "wiki.test.raw"
+            e = measured([*cli, "eval", str(out), "--ppl", str(test_text),
+                          "--seqlen", str(EVAL["seqlen"]), "--windows", str(EVAL["windows"]), "--json", str(ejson)],
+                         out_root / f"{name}-{run}.eval.log")
+            row["eval"] = {**EVAL, **e}
+            if e["exit_code"] == 0:
+                row["perplexity"] = _json.loads(ejson.read_text())["perplexity"]
+            row["packed_mib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+        rows.append(row)
+        _save_row(row)
+    return rows
+
+
+def _save_row(row: dict) -> None:
+    """Append ``row`` to results/scale.jsonl (one line per run; a rerun of the same shape and run
+    replaces the older line) and rewrite results/scale.{json,md}."""
+    import json as _json
+
+    from sqllm.report import machine_info, markdown_table
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "scale.jsonl"
+    rows = [_json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = [r for r in rows if (r["shape"], r["run"]) != (row["shape"], row["run"])] + [row]
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    doc = {"machine": machine_info(), "protocol": {"calibration": CALIB, "eval": EVAL,
+                                                  "weights": f"random N(0, {INIT_STD}^2) bf16, norms 1"},
+           "rows": rows}
+    (RESULTS / "scale.json").write_text(_json.dumps(doc, indent=2) + "\n")
+    gib = 1 / 1024
+    table = markdown_table(
+        ["shape", "params", "run", "bits/weight", "quantize s", "quantize peak RSS GiB", "eval s", "eval peak RSS GiB",
+         "stages (s)", "load avg"],
+        [[r["shape"], f"{r['params'] / 1e9:.2f}B", r["run"], f"{r.get('bits_per_weight', float('nan')):.3f}",
+          f"{r['quantize']['seconds']:.0f}", f"{r['quantize']['peak_rss_mib'] * gib:.2f}",
+          f"{r['eval'].get('seconds', float('nan')):.0f}", f"{r['eval'].get('peak_rss_mib', float('nan')) * gib:.2f}",
+          ", ".join(f"{k} {v:.0f}" for k, v in r.get("stages", {}).items()), f"{r['load_average']:.1f}"]
+         for r in rows])
+    m = doc["machine"]
+    md = (f"# Large models: random LLaMA-shaped bf16 checkpoints quantized from disk\n\n{table}\n\n"
+          f"Calibration: {CALIB['nsamples']} windows x {CALIB['calib_seqlen']} tokens of wiki.valid.tokens; "
+          f"evaluation: {EVAL['windows']} window(s) x {EVAL['seqlen']} tokens of wiki.test.raw (perplexity of random "
+          f"weights is meaningless; the runs measure memory and time). Peak RSS is each child process's own "
+          f"(wait4). Vocabulary 49152 (SmolLM2's tokenizer). Machine: {m['cpu']}, {m['cores']} cores, "
+          f"torch {m['torch']}, shared with other jobs (load average at each run's start in the table).\n")
+    (RESULTS / "scale.md").write_text(md)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write random checkpoints")
     b.add_argument("shapes", nargs="+", choices=list(SHAPES))
     b.add_argument("--dest", type=Path, default=BIG)
+    r = sub.add_parser("run", help="quantize and evaluate built checkpoints, one child process per step")
+    r.add_argument("shape", choices=list(SHAPES))
+    r.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    r.add_argument("--out", type=Path, default=BIG / "out")
     a = p.parse_args(argv)
     if a.cmd == "build":
         for name in a.shapes:
             build_checkpoint(name, a.dest / f"llama-{name}-random")
+    else:
+        a.out.mkdir(parents=True, exist_ok=True)
+        for row in run_shape(a.shape, a.runs, a.out):
+            print({k: row.get(k) for k in ("shape", "run", "bits_per_weight", "stages")},
+                  row["quantize"]["peak_rss_mib"])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from sqllm.cli import main
 from sqllm.engine.resume import WorkState, work_folder_for
 from sqllm.formats.checkpoint import read_tensors
 from sqllm.formats.layouts import pack_matrix
-
 from test_cli import _tiny_folder
 
 CALIB = dict(nsamples=4, calib_seqlen=32, seed=0)
@@ -91,7 +90,7 @@ def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, method, monkey
     monkeypatch.undo()
     work = work_folder_for(out)
     assert not out.exists() and len(list((work / "blocks").glob("*.safetensors"))) == 1
-    code = main(["quantize", str(folder), "--method", method, "--output", str(out)] + _cli_options(method, text))
+    code = main(["quantize", str(folder), "--method", method, "--output", str(out), *_cli_options(method, text)])
     assert code == 2  # an unfinished work folder is never reused without --resume
     _quantize(folder, out, method, text, resume=True)
     assert _files(out) == _files(tmp_path / "whole")
@@ -114,9 +113,9 @@ def _run(capsys, *argv):
 
 def _one_line(err: str) -> bool:
     """stderr ends with exactly one error line and holds no traceback (progress bars may precede it)."""
-    lines = [l for l in err.replace("\r", "\n").splitlines() if l.strip()]
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     return bool(lines) and lines[-1].startswith("sqllm: error:") and "Traceback" not in err and \
-        sum(l.startswith("sqllm: error:") for l in lines) == 1
+        sum(line.startswith("sqllm: error:") for line in lines) == 1
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, text, capsys, monkeypatch):
@@ -126,7 +125,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, text, capsys, monkeypat
     with pytest.raises(_Killed):
         _quantize(folder, out, "gptq", text)
     monkeypatch.undo()
-    argv = ["quantize", folder, "--method", "gptq", "--output", out, "--resume"] + _cli_options("gptq", text)
+    argv = ["quantize", folder, "--method", "gptq", "--output", out, "--resume", *_cli_options("gptq", text)]
     code, err = _run(capsys, *[a if a != "3" else "4" for a in argv])  # --bits 4 and --batch-size 4
     assert code == 2 and _one_line(err) and "other settings" in err and "bits: 3 then, 4 now" in err, err
     assert not out.exists() and work_folder_for(out).is_dir()

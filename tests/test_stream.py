@@ -85,7 +85,7 @@ def test_streamed_parts_release_their_weights(tmp_path):
     model = tiny_model("llama")
     parts = StreamedModel(_saved(model, tmp_path / "ckpt"))
     assert all(p.is_meta for p in parts.model.parameters())
-    hidden, kwargs = first_block_inputs(parts, _windows(), batch_size=2)
+    hidden, _ = first_block_inputs(parts, _windows(), batch_size=2)
     assert hidden.shape == (3, 16, 64) and not hidden.is_meta
     with parts.loaded(parts.names_under((parts.block_name(1),))):
         block = parts.block(1)
@@ -104,7 +104,7 @@ def test_missing_shard_or_tensor_is_one_corrupt_checkpoint_error(tmp_path):
     (tmp_path / "away").rename(folder / shard)
     del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CorruptCheckpoint, match="'model.layers.1.mlp.up_proj.weight' of the model is missing"):
+    with pytest.raises(CorruptCheckpoint, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' of the model is missing"):
         StreamedModel(folder)
 
 

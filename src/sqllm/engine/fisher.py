@@ -21,9 +21,10 @@ Saved as safetensors, so a long gradient pass is run once and reused (``sqllm se
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -137,6 +138,7 @@ def compute_fisher(
     params = list({id(p): p for p in weights.values()}.values())
 
     def square_into_accumulator(p: Tensor) -> None:
+        assert p.grad is not None  # the hook runs once the gradient is accumulated
         acc[id(p)].add_(p.grad.float().square())
         p.grad = None
 
@@ -196,6 +198,7 @@ def _backward_block(
     by_param = {id(p): acc[name] for name, p in weights.items()}
 
     def square_into_accumulator(p: Tensor) -> None:
+        assert p.grad is not None  # the hook runs once the gradient is accumulated
         by_param[id(p)].add_(p.grad.float().square())
         p.grad = None
 
@@ -211,6 +214,7 @@ def _backward_block(
                 wanted = params + ([xw] if need_input_grad else [])
                 torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=wanted)
                 if need_input_grad:
+                    assert xw.grad is not None
                     input_grads.append(xw.grad.float())
         finally:
             for h in hooks:
@@ -250,7 +254,7 @@ def streamed_fisher(
                                      top if resume is not None else parts.n_blocks, progress)
     if resume is not None:
         cache.put(top, hidden)
-        g = resume[1].to(parts.device)
+        g: Tensor | None = resume[1].to(parts.device)
     else:
         with timed("fisher head"):
             g = _head_gradients(parts, hidden, windows, amp)
@@ -263,6 +267,7 @@ def streamed_fisher(
                 x = cache.get(b, parts.device)
                 parts.load(parts.names_under((prefix,)))
             try:
+                assert g is not None  # only block 0 passes no gradient on
                 with timed("fisher backward"):
                     block = parts.block(b)
                     weights = {f"{prefix}.{lin}": block.get_submodule(lin).weight for lin in parts.arch.linears}
@@ -301,7 +306,9 @@ def load_fisher(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> di
     return fisher_reader(path, expected)(list(expected))
 
 
-def fisher_reader(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> Callable[[list[str]], dict[str, Tensor]]:
+def fisher_reader(
+    path: str | Path, expected: Mapping[str, tuple[int, ...]]
+) -> Callable[[list[str]], dict[str, Tensor]]:
     """Check a Fisher file's header against ``expected`` (name -> shape) now, as :func:`load_fisher`
     does, and return ``read(names) -> {name: [out, in] float32}`` that loads only the named tensors (a
     7B model's Fisher is 27 GB in float32; the block loop reads one block's worth at a time)."""

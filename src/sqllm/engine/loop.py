@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +97,7 @@ class StageClock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, stage: str) -> "_Timed":
+    def __call__(self, stage: str) -> _Timed:
         return _Timed(self, stage)
 
 
@@ -172,11 +173,12 @@ def _solve_group(
 
 
 def _forward_order(
-    parts: ModelParts, method: MethodSpec, cfg: Any, windows: Tensor | None, fisher: "FisherTable | None",
+    parts: ModelParts, method: MethodSpec, cfg: Any, windows: Tensor | None, fisher: FisherTable | None,
     opts: EngineOptions, sink: BlockSink, work: Any, clock: StageClock,
 ) -> None:
     """Blocks from first to last, each calibrated on the quantized outputs of the ones before."""
-    stage = method.block_stage(cfg, StageOptions(seed=opts.seed, progress=opts.progress)) if method.block_stage else None
+    stage_opts = StageOptions(seed=opts.seed, progress=opts.progress)
+    stage = method.block_stage(cfg, stage_opts) if method.block_stage else None
     groups = parts.arch.sequential if getattr(cfg, "true_sequential", True) else (parts.arch.linears,)
     start, inputs = 0, None
     if method.needs_windows:
@@ -204,7 +206,7 @@ def _forward_order(
 
 def _forward_block(
     parts: ModelParts, b: int, method: MethodSpec, cfg: Any, groups: tuple[tuple[str, ...], ...],
-    inputs: BlockInputs | None, fisher: "FisherTable | None", stage: BlockStage | None, opts: EngineOptions,
+    inputs: BlockInputs | None, fisher: FisherTable | None, stage: BlockStage | None, opts: EngineOptions,
     sink: BlockSink, clock: StageClock, bar: tqdm,
 ) -> None:
     """Calibrate, solve, refine and propagate the loaded block ``b``; ``inputs.hidden`` becomes its
@@ -221,6 +223,7 @@ def _forward_block(
             results.update(_solve_group(parts, b, group, stats, method, cfg, block_fisher, bar,
                                         share=inputs is not None))
     if stage is not None:
+        assert inputs is not None and fp_out is not None  # a block stage makes the method need windows
         with clock("block stage"):
             results = stage(block, b, inputs, fp_out, results)
     if inputs is not None:

@@ -18,9 +18,10 @@ and in-memory paths run the same arithmetic on the same values.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -294,14 +295,6 @@ class InMemoryParts(ModelParts):
         for n in names:
             if n in self.home:
                 set_module_tensor_to_device(self.model, n, self.home.pop(n))
-
-
-def model_parts(model: nn.Module | str | Path, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> ModelParts:
-    """A loaded model, or a checkpoint folder to stream, as :class:`ModelParts`."""
-    if isinstance(model, nn.Module):
-        return InMemoryParts(model, device=device)
-    return StreamedModel(model, device=device, dtype=dtype)
 
 
 def save_activations(path: Path, hidden: Tensor) -> None:

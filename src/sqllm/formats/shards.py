@@ -30,6 +30,7 @@ from ..errors import CorruptCheckpoint, WriteFailed
 from .checkpoint import INDEX_NAME, store_dense_in_16_bits
 from .layouts import matrix_meta, pack_matrix
 
+
 def save_shard(path: Path, tensors: dict[str, Tensor]) -> None:
     """Write ``tensors`` to ``path`` as safetensors atomically; WriteFailed (and no file) on any I/O error."""
     from safetensors import SafetensorError
