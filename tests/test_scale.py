@@ -23,6 +23,7 @@ METHODS = {
     "gptq": dict(bits=3, group_size=32),
     "squeezellm": dict(bits=3, outlier_pct=0.5),
     "rtn": dict(bits=4, group_size=32),
+    "slim": dict(bits=3, group_size=32),
 }
 
 
@@ -98,7 +99,7 @@ def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, method, monkey
 
 
 def _cli_options(method: str, text: Path) -> list[str]:
-    flags = {"bits": "--bits", "group_size": "--group-size", "outlier_pct": "--outliers"}
+    flags = {"bits": "--bits", "group_size": "--group-size", "outlier_pct": "--outliers"}  # gptq, squeezellm
     argv = ["--calib", str(text), "--nsamples", "4", "--calib-seqlen", "32", "--batch-size", "3"]
     for k, v in METHODS[method].items():
         argv += [flags[k], str(v)]

@@ -29,7 +29,7 @@ from . import __version__
 from .codes import QuantizedMatrix
 from .config import CONFIG_VERSION, config_to_dict
 from .data import calibration_windows, eval_tokens
-from .engine.loop import EngineOptions, quantize_blocks, quantize_parts
+from .engine.loop import EngineOptions, StageClock, quantize_blocks, quantize_parts
 from .errors import InvalidConfig, OutputExists
 from .formats.checkpoint import is_packed_checkpoint
 from .methods import METHODS, MethodSpec, get_method
@@ -339,9 +339,11 @@ def quantize_checkpoint(
                    "device": device.type, "fisher_amp": _amp_name(engine.fisher_amp)},
     }
     work = WorkState(work_folder_for(out), settings, resume=resume) if dist.is_main() else None
+    clock = StageClock()
+    clock.seconds["prepare"] = time.perf_counter() - start  # skeleton, shard index, tokenizer, windows
     try:
-        clock = quantize_parts(parts, spec, cfg, sink=_block_shard_sink(parts, work), windows=windows,
-                               fisher=fisher_table, opts=engine, work=work)
+        quantize_parts(parts, spec, cfg, sink=_block_shard_sink(parts, work), windows=windows,
+                       fisher=fisher_table, opts=engine, work=work, clock=clock)
     except BaseException:
         if work is not None and not work.done:  # nothing finished: nothing worth keeping
             work.remove()
