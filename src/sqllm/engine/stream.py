@@ -18,6 +18,7 @@ and in-memory paths run the same arithmetic on the same values.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,7 +121,7 @@ def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
 
 
-class ModelParts:
+class ModelParts(ABC):
     """A causal LM handed out one part at a time (see the module docstring).
 
     model:   the module tree (real or meta parameters); hooks and ``get_submodule`` work on it
@@ -169,20 +170,21 @@ class ModelParts:
     def head_names(self) -> list[str]:
         return self.names_under((*self.final_names, self.head_name))
 
+    @abstractmethod
     def read(self, names: list[str]) -> dict[str, Tensor]:
         """The named tensors as stored (the checkpoint's dtype, on CPU for a streamed model)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stored_dtype(self, name: str) -> torch.dtype:
-        raise NotImplementedError
+        """The dtype the named tensor is stored in."""
 
+    @abstractmethod
     def load(self, names: list[str]) -> None:
         """Make the named tensors real, on ``self.device``, in ``self.dtype`` (floating ones)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def release(self, names: list[str]) -> None:
         """Undo :meth:`load` for the named tensors."""
-        raise NotImplementedError
 
     @contextmanager
     def loaded(self, names: list[str]) -> Iterator[None]:
