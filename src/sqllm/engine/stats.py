@@ -17,6 +17,8 @@ class HessianAccumulator:
 
     def update(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.sum.device != x.device:  # the sum lives where the block runs (a GPU with --device cuda)
+            self.sum = self.sum.to(x.device)
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
 
