@@ -115,3 +115,15 @@ def test_cuda_device_without_gpu_is_rejected():
     with pytest.raises(InvalidConfig, match="not a device"):
         check_device("gpu0")
     assert check_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_streamed_perplexity_equals_whole_model_perplexity(family, tmp_path):
+    from sqllm.eval.perplexity import perplexity, streamed_perplexity
+
+    model = tiny_model(family)
+    tokens = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(4))
+    want = perplexity(model, tokens, seqlen=32, progress=False)
+    got = streamed_perplexity(StreamedModel(_saved(model, tmp_path / "ckpt")), tokens, seqlen=32, progress=False)
+    assert got["windows"] == want["windows"] == 3
+    torch.testing.assert_close(torch.tensor(got["window_nll"]), torch.tensor(want["window_nll"]), rtol=1e-6, atol=0)

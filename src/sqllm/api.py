@@ -46,6 +46,7 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "evaluate_perplexity",
+    "evaluate_perplexity_streamed",
     "evaluate_zeroshot",
     "compute_sensitivity",
     "save_sensitivity",
@@ -471,6 +472,30 @@ def evaluate_perplexity(
     res = perplexity(model, eval_tokens(tokenizer, source), seqlen=seqlen, windows=windows, progress=progress)
     res["source"] = str(source)
     return res
+
+
+def evaluate_perplexity_streamed(
+    spec: str, source: str, *, seqlen: int = 2048, windows: int | None = None, device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of a full-precision checkpoint on disk, one block in memory at a time (float32)."""
+    from transformers import AutoTokenizer
+
+    from .engine.stream import StreamedModel, check_device
+    from .eval.perplexity import streamed_perplexity
+
+    path = resolve_model_path(spec)
+    parts = StreamedModel(path, device=check_device(device))
+    tokens = eval_tokens(AutoTokenizer.from_pretrained(path), source)
+    res = streamed_perplexity(parts, tokens, seqlen=seqlen, windows=windows, progress=progress)
+    res["source"] = str(source)
+    return res
+
+
+def is_full_precision_folder(spec: str) -> bool:
+    """Whether ``spec`` resolves to a model folder of safetensors weights that is not a packed checkpoint."""
+    path = Path(resolve_model_path(spec))
+    return path.is_dir() and not is_packed_checkpoint(path) and any(path.glob("*.safetensors"))
 
 
 def check_zeroshot_tasks(tasks: Sequence[str], *, include_path: str | None = None,

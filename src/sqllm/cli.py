@@ -188,8 +188,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     specs = [a.model] + ([a.baseline] if a.baseline else [])
     results: dict[str, Any] = {"model": a.model, "runs": []}
     for spec in specs:
-        model, tok = api.load_model(spec)
         run: dict[str, Any] = {"model": spec}
+        if not a.tasks and api.is_full_precision_folder(spec):
+            # Perplexity alone of a full-precision model: its weights stay on disk, one block in memory.
+            run.update(api.evaluate_perplexity_streamed(spec, a.ppl, seqlen=a.seqlen, windows=a.windows))
+            results["runs"].append(run)
+            continue
+        model, tok = api.load_model(spec)
         if a.ppl:
             run.update(api.evaluate_perplexity(model, tok, a.ppl, seqlen=a.seqlen, windows=a.windows))
         if a.tasks:
