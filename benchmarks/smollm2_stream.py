@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from scale import measured
-
 from sqllm import api
 from sqllm.formats.checkpoint import read_tensors
 from sqllm.formats.layouts import pack_matrix
@@ -63,7 +62,8 @@ def main() -> None:
     result = api.quantize(model, tok, "squeezellm", bits=a.bits, calib=str(CALIB), **P)
     seconds = time.perf_counter() - start
     stored = read_tensors(out)
-    packed = {k: v for name, qm in result.matrices.items() for k, v in pack_matrix(qm, f"{name}.", torch.float32).items()}
+    packed = {k: v for name, qm in result.matrices.items()
+              for k, v in pack_matrix(qm, f"{name}.", torch.float32).items()}
     equal = sum(torch.equal(stored[k], v) for k, v in packed.items())
     ppl = api.evaluate_perplexity(model, tok, str(TEST), windows=WINDOWS)["perplexity"]
     in_memory = {"seconds": seconds, "perplexity": ppl, "packed_tensors_equal": equal, "packed_tensors": len(packed)}
