@@ -79,18 +79,34 @@ def _kill_after_first_block(monkeypatch) -> None:
     monkeypatch.setattr(WorkState, "block_done", dies)
 
 
-@pytest.mark.parametrize("method", ["gptq", "squeezellm"])  # forward and reverse (Fisher) block order
-def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, method, monkeypatch):
+def _kill_while_assembling(monkeypatch) -> None:
+    """Make the next run die after every block finished, while the output folder is being assembled."""
+    import sqllm.formats.shards as shards
+
+    def dies(dest, *args, **kwargs):
+        (dest / "model-00001-of-00004.safetensors").write_bytes(b"half")
+        raise _Killed
+
+    monkeypatch.setattr(shards, "assemble_packed", dies)
+
+
+@pytest.mark.parametrize(
+    "method, kill, finished",
+    [("gptq", _kill_after_first_block, 1), ("squeezellm", _kill_after_first_block, 1),  # forward, reverse order
+     ("squeezellm", _kill_while_assembling, 2)],
+)
+def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, method, kill, finished, monkeypatch):
     folder = _tiny_folder(tmp_path)
     _quantize(folder, tmp_path / "whole", method, text)
 
     out = tmp_path / "resumed"
-    _kill_after_first_block(monkeypatch)
+    kill(monkeypatch)
     with pytest.raises(_Killed):
         _quantize(folder, out, method, text)
     monkeypatch.undo()
     work = work_folder_for(out)
-    assert not out.exists() and len(list((work / "blocks").glob("*.safetensors"))) == 1
+    assert not out.exists() and len(list((work / "blocks").glob("*.safetensors"))) == finished
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".resumed.tmp")]
     code = main(["quantize", str(folder), "--method", method, "--output", str(out), *_cli_options(method, text)])
     assert code == 2  # an unfinished work folder is never reused without --resume
     _quantize(folder, out, method, text, resume=True)

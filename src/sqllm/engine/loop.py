@@ -297,6 +297,8 @@ def quantize_parts(
     Returns the clock with the seconds spent per stage.
     """
     clock = clock or StageClock()
+    if work is not None and len(work.done) == parts.n_blocks:  # killed after the last block: nothing left
+        return clock
     if method.needs_windows and windows is None:
         raise ValueError(f"method {method.name!r} needs calibration windows")
     if method.fisher and fisher is None:
