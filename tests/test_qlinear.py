@@ -1,18 +1,19 @@
-"""QuantLinear: every compute path against the dense reference, exact dequantization, memory = packed
-size, the meta-device loading route, the module swap."""
+"""QuantLinear: the ops path (kernels and torch code) against the dense reference, exact dequantization,
+memory = packed size, the meta-device loading route, the module swap."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 from torch import nn
 
-import sqllm.nn.qlinear as qlinear
-from sqllm.nn.kernels import cpu_kernels
-from sqllm.codes import QuantizedMatrix
+from sqllm.codes import QuantizedMatrix, UniformCodes
 from sqllm.errors import CorruptCheckpoint
 from sqllm.formats import matrix_meta, pack_matrix
-from sqllm.nn import QuantLinear, quant_linear_from_meta, replace_linear
+from sqllm.nn import QuantLinear, kernels, quant_linear_from_meta, replace_linear
+from sqllm.nn.kernels import ops
 from test_layouts import lut_matrix, uniform_matrix
 
 KINDS = {
@@ -32,92 +33,78 @@ def qm(request) -> QuantizedMatrix:
     return KINDS[request.param]()
 
 
-@pytest.mark.parametrize("path", ["tiled", "reference", "auto"])
-@pytest.mark.parametrize("tokens", [1, 64])
-def test_forward_matches_dense_reference(qm: QuantizedMatrix, path: str, tokens: int) -> None:
+@pytest.fixture(params=["ops", "torch path"])
+def compute(request):
+    """Run the forward through the registered ops (the CPU kernels where built) or their torch code."""
+    return kernels.torch_path() if request.param == "torch path" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 64])
+def test_forward_matches_dense_reference(qm: QuantizedMatrix, compute, tokens: int) -> None:
     out, n = qm.shape
     bias = torch.randn(out)
     module = QuantLinear.from_matrix(qm, bias)
-    module.path = path
     x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
     expected = x @ qm.dequantize().T + bias
-    y = module(x)
+    with compute:
+        y = module(x)
     assert y.shape == (tokens, out) and y.dtype == x.dtype
     assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.allclose(module.reference_forward(x), expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
 
 
-needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX-512 or no C++ compiler here")
-
-KERNEL_KINDS = {  # shapes whose rows end mid-word and mid-16-code chunk; every width the kernels take
+MODULE_KINDS = {  # layers the kernels take whole: mixed widths, outliers in every dtype, partial groups
     "lut2+sparse": lambda: lut_matrix(10, 33, 577, 2, nnz=40),
-    "lut3": lambda: lut_matrix(11, 37, 100, 3),
     "lut4+sparse fp16": lambda: lut_matrix(12, 37, 100, 4, nnz=90, value_dtype=torch.float16),
-    "uniform4 g32 partial": lambda: uniform_matrix(13, 37, 100, 32, [4], nnz=5),
-    "uniform3 per-channel": lambda: uniform_matrix(14, 37, 96, 96, [3]),
+    "uniform4 g32 partial+sparse": lambda: uniform_matrix(13, 37, 100, 32, [4], nnz=5),
     "mixed 1-4 g16 partial": lambda: uniform_matrix(15, 37, 100, 16, [1, 2, 3, 4]),
     "mixed 1-3 g64 partial": lambda: uniform_matrix(16, 40, 600, 64, [1, 2, 3]),
+    "mixed 2,8 g128": lambda: uniform_matrix(17, 20, 700, 128, [2, 8], nnz=9),
 }
 
 
-@needs_kernels
-@pytest.mark.parametrize("kind", list(KERNEL_KINDS))
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])
-def test_kernel_matches_reference(kind: str, tokens: int) -> None:
-    """Decode (gemv, 1..8 tokens) and prefill (dequantized tiles) kernels against the reference path."""
-    qm = KERNEL_KINDS[kind]()
-    bias = torch.randn(qm.shape[0])
-    module = QuantLinear.from_matrix(qm, bias, value_dtype=torch.float16 if "fp16" in kind else torch.float32)
-    x = torch.randn(tokens, qm.shape[1], generator=torch.Generator().manual_seed(tokens))
-    module.path = "reference"
-    expected = module(x)
-    module.path = "kernel"
-    y = module(x)
-    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
-
-
-@needs_kernels
-def test_kernel_prefill_tiles_and_low_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row tiles of 7 (the last partial) give the full product; bf16 activations come back in bf16."""
-    qm = uniform_matrix(17, 37, 100, 32, [2, 4])
-    module = QuantLinear.from_matrix(qm)
-    module.path = "kernel"
-    monkeypatch.setattr(qlinear, "PREFILL_TILE", 7 * 100)
-    x = torch.randn(20, 100)
-    expected = x @ qm.dequantize().T
+@pytest.mark.parametrize("kind", list(MODULE_KINDS))
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_module_ops_match_reference_forward(kind: str, tokens: int) -> None:
+    """Every part of a layer (one ``uniform_mm`` per width, the outliers) against the reference forward."""
+    qm = MODULE_KINDS[kind]()
+    module = QuantLinear.from_matrix(qm, torch.randn(qm.shape[0]),
+                                     value_dtype=torch.float16 if "fp16" in kind else torch.float32)
+    x = torch.randn(2, tokens, qm.shape[1], generator=torch.Generator().manual_seed(tokens))  # leading dims kept
+    expected = module.reference_forward(x)
     assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
-    yb = module(x.bfloat16())
-    assert yb.dtype == torch.bfloat16
-    assert (yb.float() - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
-def test_kernel_path_refuses_what_it_cannot_compute() -> None:
-    """An explicit ``path="kernel"`` names the reason; ``"auto"`` falls back to the torch path."""
-    module = QuantLinear.from_matrix(uniform_matrix(18, 8, 60, 20, [3]))
-    x = torch.randn(2, 60)
-    module.path = "kernel"
-    with pytest.raises(RuntimeError, match="group size 20|unavailable"):
-        module(x)
-    module.path = "auto"
-    expected = x @ module.dequantize_weight().T
-    assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
-    module = QuantLinear.from_matrix(lut_matrix(19, 8, 60, 3))
-    x = torch.randn(2, 60, requires_grad=True)
-    assert module.kernel_unsupported(x) == "the kernels have no backward"
-    module(x).sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-
-
-def test_tiles_cover_every_row(qm: QuantizedMatrix, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_path_tiles_cover_every_row(qm: QuantizedMatrix, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiles of a few rows (the last one partial), for decode and prefill, still give the full product."""
     module = QuantLinear.from_matrix(qm)
     w = qm.dequantize()
-    for tile in (1, 300):
-        monkeypatch.setattr(qlinear, "DECODE_TILE", tile)
-        monkeypatch.setattr(qlinear, "PREFILL_TILE", 3 * tile)
-        for tokens in (1, 8, 9):
-            x = torch.randn(2, tokens, qm.shape[1])  # leading dims are kept
-            expected = x @ w.T
-            assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    with kernels.torch_path():
+        for tile in (1, 300):
+            monkeypatch.setattr(ops, "DECODE_TILE", tile)
+            monkeypatch.setattr(ops, "PREFILL_TILE", 3 * tile)
+            for tokens in (1, 8, 9):
+                x = torch.randn(tokens, qm.shape[1])
+                expected = x @ w.T
+                assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_column_maps_are_rebuilt_after_a_load() -> None:
+    """A mixed layer's column maps are built once, and rebuilt after a state dict with another bit map
+    (same widths and column counts, different groups)."""
+    qm = uniform_matrix(20, 9, 96, 16, [2, 3])
+    d = qm.dense
+    flipped = UniformCodes(d.codes.flip(1).contiguous(), d.scales.flip(1).contiguous(), d.zeros.flip(1).contiguous(),
+                           d.group_bits.flip(0).contiguous(), 16)
+    other = QuantizedMatrix(flipped, None)
+    assert not torch.equal(d.group_bits, flipped.group_bits)
+    module = QuantLinear.from_matrix(qm)
+    x = torch.randn(2, 96)
+    assert torch.allclose(module(x), x @ qm.dequantize().T, atol=1e-5)
+    parts = module._parts(x.device)
+    assert module._parts(x.device) is parts
+    module.load_state_dict(pack_matrix(other, "", torch.float32))
+    assert torch.allclose(module(x), x @ other.dequantize().T, atol=1e-5)
 
 
 def test_dequantize_weight_is_bit_exact(qm: QuantizedMatrix) -> None:
@@ -190,30 +177,6 @@ def test_replace_linear_checks_the_target() -> None:
     assert model[0][0] is module
 
 
-def test_unknown_path_and_corrupt_meta() -> None:
-    module = QuantLinear.from_matrix(lut_matrix(0, 4, 8, 2))
-    module.path = "triton"
-    with pytest.raises(ValueError, match="supported values are"):
-        module(torch.randn(1, 8))
+def test_corrupt_meta_names_the_layer() -> None:
     with pytest.raises(CorruptCheckpoint, match="layers.3.mlp"):
         quant_linear_from_meta({"kind": "lut", "shape": [4, 8]}, where="layers.3.mlp")
-
-
-def test_kernels_off_or_unbuildable_means_none(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """``SQLLM_KERNELS=0`` or a failing build (no compiler, no ninja) leaves the torch path, with a warning."""
-    from sqllm.nn import kernels
-
-    monkeypatch.setenv("SQLLM_KERNELS", "0")
-    assert not kernels.kernels_enabled() and kernels.cpu_kernels.__wrapped__() is None
-    monkeypatch.delenv("SQLLM_KERNELS")
-    if not kernels.kernels_enabled():
-        pytest.skip("no AVX-512 here: the build is never tried")
-    import torch.utils.cpp_extension as ext
-
-    def fail(**_: object) -> None:
-        raise RuntimeError("Ninja is required to load C++ extensions")
-
-    monkeypatch.setattr(ext, "load_inline", fail)
-    with caplog.at_level("WARNING", logger="sqllm.nn.kernels"):
-        assert kernels.cpu_kernels.__wrapped__() is None
-    assert "Ninja is required" in caplog.text and "torch path" in caplog.text

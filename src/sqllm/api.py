@@ -14,23 +14,22 @@ repeating it.
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, output
 from .codes import QuantizedMatrix
 from .config import CONFIG_VERSION, config_to_dict
-from .data import calibration_windows, eval_tokens
+from .data import calibration_windows, check_source, check_window_counts, eval_tokens
 from .engine.loop import EngineOptions, StageClock, quantize_blocks, quantize_parts
-from .errors import InvalidConfig, OutputExists
+from .errors import InvalidConfig, NumericalError
 from .formats.checkpoint import is_packed_checkpoint
 from .methods import METHODS, MethodSpec, get_method
 from .models import arch_spec, linear_names, resolve_model_path
@@ -55,15 +54,82 @@ __all__ = [
 ]
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Any]:
+def load_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", packed: bool = True,
+) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a model folder, ``.gguf`` file, alias or hub id, in eval mode; a packed
-    sqllm checkpoint folder loads with QuantLinear modules (``dtype`` applies to full-precision models)."""
+    sqllm checkpoint folder loads with QuantLinear modules (``dtype`` applies to full-precision models),
+    or is refused when ``packed`` is False."""
     from . import models
 
     path = resolve_model_path(spec)
     if is_packed_checkpoint(path):
+        if not packed:
+            raise InvalidConfig(_already_packed(spec, path))
         return load_quantized(path, device=device)
     return models.load_model(path, dtype=dtype, device=device)
+
+
+def _already_packed(spec: str, path: str) -> str:
+    return (f"model {spec!r} is already a packed sqllm checkpoint; give the full-precision model it was "
+            f"made from (see {Path(path) / 'README.md'})")
+
+
+def check_model(spec: str, *, full_precision: bool = False) -> str:
+    """Resolve ``spec`` (a folder, ``.gguf``, alias or hub id) and refuse, before any weight is read, what
+    would fail while loading: an unusable folder or architecture, a packed checkpoint whose config, index
+    or shard headers are damaged, or a packed checkpoint where a full-precision model is needed.
+    Returns what :func:`load_model` loads."""
+    from .formats.checkpoint import read_quantization_config, stored_names
+
+    path = resolve_model_path(spec)
+    if is_packed_checkpoint(path):
+        if full_precision:
+            raise InvalidConfig(_already_packed(spec, path))
+        read_quantization_config(Path(path))
+        stored_names(Path(path))
+    return path
+
+
+def check_context(path: str, seqlen: int) -> None:
+    """Windows of ``seqlen`` tokens fit the model at ``path`` (from :func:`check_model`), read from its
+    ``config.json`` before loading (a hub id is checked once loaded)."""
+    from .models import read_config
+
+    if Path(path).is_dir():
+        check_seqlen(seqlen, read_config(path))
+
+
+def check_seqlen(seqlen: int, config: Any) -> None:
+    """Windows of ``seqlen`` tokens fit the model: at least 2, at most its ``max_position_embeddings``
+    (``config``: a model config or its ``config.json`` dict)."""
+    limit = config.get("max_position_embeddings") if isinstance(config, dict) else \
+        getattr(config, "max_position_embeddings", None)
+    if seqlen < 2:
+        raise InvalidConfig(f"seqlen={seqlen} must be >= 2")
+    if isinstance(limit, int) and seqlen > limit:
+        raise InvalidConfig(f"seqlen={seqlen} is longer than the model's context "
+                            f"(max_position_embeddings={limit}); use at most {limit}")
+
+
+def check_text_source(source: str) -> None:
+    """Refuse a text source that cannot be read (missing file, folder, unknown name, unreachable hub)."""
+    check_source(source)
+
+
+def check_calibration_counts(nsamples: int, calib_seqlen: int) -> None:
+    """At least one calibration window of at least two tokens."""
+    check_window_counts(nsamples, calib_seqlen)
+
+
+def check_weights_finite(model: nn.Module) -> None:
+    """Refuse a model whose weights hold NaN or infinity: every method would turn them into a broken
+    checkpoint (or blame the calibration text)."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise NumericalError(f"weight {name!r} of the model holds {bad} NaN or infinite values; "
+                                 f"the model is damaged and cannot be quantized")
 
 
 @dataclass
@@ -192,10 +258,16 @@ def quantize(
     config:   the method's config, already built with :func:`make_config` (instead of ``options``)
     options:  the method's config fields (``bits``, ``group_size``, ``sensitive_pct``, ...)
     """
+    from .nn import QuantLinear
+
     spec = get_method(method)
     cfg = _resolve_config(spec, config, options)
     arch = arch_spec(model)
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise InvalidConfig("this model is already quantized (it holds QuantLinear modules); "
+                            "load the full-precision model it was made from")
     check_config_against_model(cfg, model)
+    check_weights_finite(model)
     engine = engine or EngineOptions(seed=seed, progress=progress)
     names = linear_names(model, arch)
 
@@ -206,6 +278,7 @@ def quantize(
     check_calibration_given(method, calib, fisher)
     if needs_windows:
         assert calib is not None
+        check_seqlen(calib_seqlen, model.config)
         windows = calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed)
         calibration = {"source": str(calib), "nsamples": nsamples, "seqlen": calib_seqlen, "seed": seed}
 
@@ -304,7 +377,7 @@ def quantize_checkpoint(
     cfg = _resolve_config(spec, config, options)
     engine = engine or EngineOptions(seed=seed, progress=progress)
     device = check_device(engine.device)
-    out = check_output(output, overwrite)
+    out = check_output(output, overwrite, inputs=[model, calib, fisher])
     check_calibration_given(method, calib, fisher)
     dist.init_from_env(device)
     if resume and dist.active():
@@ -352,7 +425,7 @@ def quantize_checkpoint(
     summary: dict[str, Any] = {}
     if work is not None:
         with clock("write"):
-            summary = _assemble_output(parts, tokenizer, work, out, spec.name, cfg, calibration, overwrite)
+            summary = _assemble_output(parts, tokenizer, work, out, spec.name, cfg, calibration)
         work.remove()
     summary["seconds"] = time.perf_counter() - start
     summary["stages"] = dict(clock.seconds)
@@ -378,9 +451,11 @@ def _block_shard_sink(parts: Any, work: Any) -> Any:
 
 
 def _assemble_output(parts: Any, tokenizer: Any, work: Any, out: Path, method: str, cfg: Any,
-                     calibration: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+                     calibration: dict[str, Any]) -> dict[str, Any]:
     """Turn the work folder's finished block shards into the packed folder ``out`` (written to a
-    temporary sibling and renamed); returns the summary."""
+    temporary sibling and put in place when complete); returns the summary."""
+    import shutil
+
     from .formats.checkpoint import model_card
     from .formats.shards import assemble_packed, read_block_records, write_text
 
@@ -391,8 +466,8 @@ def _assemble_output(parts: Any, tokenizer: Any, work: Any, out: Path, method: s
     first = parts.read([n for n in parts.trunk_names() if parts.source[n] == n])
     last = parts.read([n for n in parts.head_names() if parts.source[n] == n])
     config = json.loads((parts.folder / "config.json").read_text())
-    out, tmp = _prepare_output(out, overwrite)
-    try:
+
+    def write(tmp: Path) -> None:
         written = assemble_packed(tmp, first, blocks, last, config, _quantization_config(summary))
         summary["dense16"] = written["quantization_config"]["dense16"]
         if (parts.folder / "generation_config.json").is_file():
@@ -401,58 +476,62 @@ def _assemble_output(parts: Any, tokenizer: Any, work: Any, out: Path, method: s
         base = config.get("_name_or_path") or parts.folder.name
         write_text(tmp / "README.md", model_card(written["quantization_config"], base))
         write_text(tmp / "sqllm_summary.json", json.dumps(summary, indent=2))
-        _commit_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    output.write_folder(out, write)
     summary["output"] = str(out)
     return summary
 
 
-def check_output(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """The output folder as a Path, refused up front when it exists and ``overwrite`` is False."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExists(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
-    return out
+def written_by_sqllm(path: Path) -> bool:
+    """Whether the folder ``path`` is a checkpoint sqllm wrote (the only folders ``overwrite`` replaces)."""
+    return is_packed_checkpoint(path) or (path / "sqllm_summary.json").is_file()
 
 
-def _prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
-    """Check the output folder and make a temporary sibling to write into (renamed into place at the end)."""
-    out = check_output(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the renamed checkpoint should read like any model folder
-    return out, tmp
+def check_output(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Sequence[object] = ()) -> Path:
+    """The checkpoint folder to write, refused up front when it exists and ``overwrite`` is False, when it
+    exists and sqllm did not write it, when it is the current folder, one of ``inputs`` or a parent of
+    one, or when its parent cannot be written."""
+    return output.check_folder_output(out_dir, overwrite, ours=written_by_sqllm, inputs=inputs)
 
 
-def _commit_output(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = True, inputs: Sequence[object] = ()) -> Path:
+    """A report file to write (``--json``): refused up front when it is a folder, an input, or cannot be
+    written; an existing file is replaced unless ``overwrite`` is False."""
+    return output.check_file_output(path, overwrite, inputs=inputs)
+
+
+def _checkpoint_summary(result: QuantizationResult) -> dict[str, Any]:
+    """The summary stored in the folder: without the run time, so that the same seed gives the same bytes."""
+    return {k: v for k, v in result.summary().items() if k != "seconds"}
 
 
 def save_quantized(
     model: nn.Module, tokenizer: Any, result: QuantizationResult, out_dir: str | os.PathLike,
     *, overwrite: bool = False,
 ) -> Path:
-    """Write the packed checkpoint (safetensors + ``quantization_config``) atomically to ``out_dir``."""
+    """Write the packed checkpoint (safetensors + ``quantization_config``) to ``out_dir``: complete or not
+    at all, and an existing checkpoint stays in place until the new one is complete."""
     from .formats.checkpoint import write_packed
 
-    out, tmp = _prepare_output(out_dir, overwrite)
-    try:
+    out = check_output(out_dir, overwrite, inputs=[getattr(model.config, "_name_or_path", None)])
+
+    def write(tmp: Path) -> None:
         written = write_packed(model, tokenizer, result.matrices, quantization_config(result), tmp)
         result.dense16 = written["dense16"]
-        (tmp / "sqllm_summary.json").write_text(json.dumps(result.summary(), indent=2))
-        _commit_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "sqllm_summary.json").write_text(json.dumps(_checkpoint_summary(result), indent=2))
+
+    output.write_folder(out, write)
     return out
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (checked with :func:`check_output_file`), atomically."""
+    out = check_output_file(path)
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+    output.write_file(out, write)
 
 
 def load_quantized(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, Any]:
@@ -469,6 +548,7 @@ def evaluate_perplexity(
     """Perplexity (GPTQ protocol) of ``model`` on the evaluation text of ``source``."""
     from .eval.perplexity import perplexity
 
+    check_seqlen(seqlen, model.config)
     res = perplexity(model, eval_tokens(tokenizer, source), seqlen=seqlen, windows=windows, progress=progress)
     res["source"] = str(source)
     return res
@@ -533,17 +613,39 @@ def compute_sensitivity(
                           progress=progress)
 
 
-def save_sensitivity(path: str | os.PathLike, fisher: dict[str, Tensor], meta: dict[str, Any]) -> bool:
-    """Write a Fisher file that ``quantize(..., fisher=path)`` and ``--sensitivity-file`` read back; only
-    rank 0 of a data-parallel run writes (returns whether this process wrote)."""
+def _is_fisher_file(path: Path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    from .engine.fisher import FISHER_FORMAT
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FISHER_FORMAT
+    except (SafetensorError, OSError, RuntimeError):
+        return False
+
+
+def check_sensitivity_output(path: str | os.PathLike, overwrite: bool, *, inputs: Sequence[object] = ()) -> Path:
+    """The Fisher file to write, refused up front when it exists without ``overwrite``, exists and is not
+    a Fisher file, is a folder or an input, or cannot be written."""
+    return output.check_file_output(path, overwrite, ours=_is_fisher_file, inputs=inputs)
+
+
+def save_sensitivity(
+    path: str | os.PathLike, fisher: dict[str, Tensor], meta: dict[str, Any], *, overwrite: bool = False,
+) -> Path | None:
+    """Write a Fisher file that ``quantize(..., fisher=path)`` and ``--sensitivity-file`` read back
+    (to a temporary file first, renamed into place when complete). Only rank 0 of a data-parallel run
+    writes; the other ranks return None."""
     from .engine import distributed as dist
     from .engine.fisher import save_fisher
 
+    out = None
     if dist.is_main():
-        save_fisher(path, fisher, meta)
-    wrote = dist.is_main()
+        out = check_sensitivity_output(path, overwrite)
+        output.write_file(out, lambda tmp: save_fisher(tmp, fisher, meta))
     dist.finish()
-    return wrote
+    return out
 
 
 def fisher_dtype(name: str, device: str) -> torch.dtype | None:
@@ -568,26 +670,63 @@ def bench(path: str, *, baseline: str | None = None, prefill: int = 512, decode:
     return bench_checkpoint(load_model, path, baseline=baseline, prefill=prefill, decode=decode)
 
 
+def check_generate_options(prompt: str, max_new_tokens: int, temperature: float) -> None:
+    """Refuse generation settings that would fail (or silently mean something else) once the model runs."""
+    if not prompt:
+        raise InvalidConfig("the prompt is empty; pass some text with --prompt")
+    if max_new_tokens < 1:
+        raise InvalidConfig(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not (0 <= temperature < math.inf):
+        raise InvalidConfig(f"temperature={temperature} must be a finite number >= 0 (0 means greedy)")
+
+
 def generate(
     model: nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
     seed: int = 0,
 ) -> Iterator[str]:
-    """Yield the generated text piece by piece (greedy when ``temperature`` is 0)."""
+    """Yield the generated text piece by piece (greedy when ``temperature`` is 0).
+
+    Generation runs in a daemon thread that feeds a streamer; the streamer is polled, so that a thread
+    that died ends the iteration at once, and its exception is raised here.
+    """
+    from queue import Empty
     from threading import Thread
 
     from transformers import TextIteratorStreamer
 
+    check_generate_options(prompt, max_new_tokens, temperature)
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").to(device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if ids["input_ids"].numel() == 0:
+        raise InvalidConfig(f"the prompt {prompt!r} has no tokens; pass some text with --prompt")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=0.2)
     kwargs = dict(
         **ids, max_new_tokens=max_new_tokens, streamer=streamer, do_sample=temperature > 0,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     if temperature > 0:
         kwargs["temperature"] = temperature
-    thread = Thread(target=model.generate, kwargs=kwargs)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            cast(Any, model).generate(**kwargs)  # a transformers model; nn.Module does not declare it
+        except BaseException as exc:  # handed to the consuming thread, which raises it
+            failure.append(exc)
+
+    thread = Thread(target=run, daemon=True)
     thread.start()
-    yield from streamer
+    while True:
+        try:
+            piece = next(streamer)
+        except StopIteration:
+            break
+        except Empty:
+            if thread.is_alive():
+                continue
+            break
+        yield piece
     thread.join()
+    if failure:
+        raise failure[0]

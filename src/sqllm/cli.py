@@ -6,10 +6,8 @@ Every :class:`~sqllm.errors.SqllmError` becomes one line on stderr and exit code
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NoReturn, Sequence, Union, get_args, get_origin, get_type_hints
 
@@ -115,6 +113,7 @@ def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--output", required=True, help="safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing Fisher file")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -154,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_json(path: str | None, obj: Any) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        api.write_json(path, obj)
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
@@ -165,10 +163,20 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                for k, v in vars(a).items() if k.startswith("opt_") and v is not None}
     # Everything that can be refused is refused before the slow part.
     cfg = api.make_config(a.method, **options)
+    api.check_calibration_given(a.method, a.calib, a.sensitivity_file)
     engine = api.EngineOptions(batch_size=a.batch_size, seed=a.seed, device=a.device,
                                fisher_amp=api.fisher_dtype(a.fisher_dtype, a.device))
+    path = api.check_model(a.model, full_precision=True)
+    if a.calib is not None:
+        api.check_calibration_counts(a.nsamples, a.calib_seqlen)
+        api.check_text_source(a.calib)
+        api.check_context(path, a.calib_seqlen)
+    inputs = [a.model, path, a.calib, a.sensitivity_file]
+    api.check_output(a.output, a.overwrite, inputs=inputs)
+    if a.json:
+        api.check_output_file(a.json, inputs=inputs)
     summary = api.quantize_checkpoint(
-        a.model, a.output, a.method, config=cfg, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
+        path, a.output, a.method, config=cfg, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
         seed=a.seed, fisher=a.sensitivity_file, engine=engine, resume=a.resume, overwrite=a.overwrite,
     )
     if "output" in summary:  # rank 0 of a data-parallel run, or the only process
@@ -182,19 +190,26 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
     if not a.ppl and not a.tasks:
         raise InvalidConfig("nothing to evaluate: pass --ppl SOURCE and/or --tasks T1,T2")
+    specs = [a.model] + ([a.baseline] if a.baseline else [])
+    paths = [api.check_model(spec) for spec in specs]
+    if a.ppl:
+        api.check_text_source(a.ppl)
+        for path in paths:
+            api.check_context(path, a.seqlen)
+    if a.json:
+        api.check_output_file(a.json, inputs=[*paths, a.ppl])
     checked = None
     if a.tasks:  # unknown tasks fail in seconds, not after loading the models
         checked = api.check_zeroshot_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
-    specs = [a.model] + ([a.baseline] if a.baseline else [])
     results: dict[str, Any] = {"model": a.model, "runs": []}
-    for spec in specs:
+    for spec, path in zip(specs, paths):
         run: dict[str, Any] = {"model": spec}
-        if not a.tasks and api.is_full_precision_folder(spec):
+        if not a.tasks and api.is_full_precision_folder(path):
             # Perplexity alone of a full-precision model: its weights stay on disk, one block in memory.
-            run.update(api.evaluate_perplexity_streamed(spec, a.ppl, seqlen=a.seqlen, windows=a.windows))
+            run.update(api.evaluate_perplexity_streamed(path, a.ppl, seqlen=a.seqlen, windows=a.windows))
             results["runs"].append(run)
             continue
-        model, tok = api.load_model(spec)
+        model, tok = api.load_model(path)
         if a.ppl:
             run.update(api.evaluate_perplexity(model, tok, a.ppl, seqlen=a.seqlen, windows=a.windows))
         if a.tasks:
@@ -215,16 +230,22 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_sensitivity(a: argparse.Namespace) -> None:
-    model, tok = api.load_model(a.model)
+    path = api.check_model(a.model, full_precision=True)
+    api.check_calibration_counts(a.nsamples, a.calib_seqlen)
+    api.check_text_source(a.calib)
+    api.check_context(path, a.calib_seqlen)
+    out = api.check_sensitivity_output(a.output, a.overwrite, inputs=[a.model, path, a.calib])
+    model, tok = api.load_model(path, packed=False)
     fisher = api.compute_sensitivity(model, tok, a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
                                      seed=a.seed, grad_checkpointing=a.gradient_checkpointing)
     meta = {"model": a.model, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed}
-    if api.save_sensitivity(a.output, fisher, meta):
+    if api.save_sensitivity(out, fisher, meta, overwrite=a.overwrite):
         print(f"wrote Fisher sensitivity of {len(fisher)} linears to {a.output}")
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
-    model, tok = api.load_model(a.model)
+    api.check_generate_options(a.prompt, a.max_new_tokens, a.temperature)
+    model, tok = api.load_model(api.check_model(a.model))
     for piece in api.generate(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               seed=a.seed):
         print(piece, end="", flush=True)
@@ -234,6 +255,12 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 def _cmd_bench(a: argparse.Namespace) -> None:
     from .report import print_bench
 
+    specs = [a.model] + ([a.baseline] if a.baseline else [])
+    paths = [api.check_model(spec) for spec in specs]
+    for path in paths:
+        api.check_context(path, a.prefill + a.decode)
+    if a.json:
+        api.check_output_file(a.json, inputs=paths)
     res = api.bench(a.model, baseline=a.baseline, prefill=a.prefill, decode=a.decode)
     print_bench(res)
     _write_json(a.json, res)

@@ -28,18 +28,51 @@ DATASETS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 }
 
 
+def _read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; a binary file is refused by name rather than tokenized as noise."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidConfig(
+            f"text file {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); give a plain text file"
+        ) from None
+    if "\x00" in text:
+        raise InvalidConfig(f"text file {str(path)!r} holds NUL bytes, so it is binary; give a plain text file")
+    return text
+
+
 def _read_local(path: Path) -> str:
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InvalidConfig(f"{path}:{i + 1} is not a JSON object with a 'text' field") from None
-        return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    text = _read_text_file(path)
+    if path.suffix != ".jsonl":
+        return text
+    texts = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            raise InvalidConfig(f"{path}:{i + 1} is not a JSON object with a 'text' field") from None
+        if not isinstance(value, str):
+            raise InvalidConfig(f"{path}:{i + 1}: 'text' is a JSON {type(value).__name__}, not a string")
+        texts.append(value)
+    return "\n\n".join(texts)
+
+
+def _check_hub(name: str) -> None:
+    """Fail at once, instead of after the download retries, when the hub cannot be reached. In offline
+    mode ``datasets`` itself answers at once, from its cache."""
+    from .hub import offline_mode, offline_reason
+
+    if offline_mode():
+        return
+    reason = offline_reason()
+    if reason is not None:
+        raise DataUnavailable(
+            f"dataset {name!r} comes from the Hugging Face hub, which {reason}; pass a local text file "
+            f"(or set HF_HUB_OFFLINE=1 to use a copy cached earlier)"
+        )
 
 
 def _read_dataset(name: str, split: Split) -> str:
@@ -66,21 +99,32 @@ def _read_dataset(name: str, split: Split) -> str:
     return sep.join(ds[field])
 
 
-def load_text(source: str, split: Split = "eval") -> str:
-    """The raw text of a source: a local file, or the calibration / evaluation split of a named dataset."""
+def check_source(source: str) -> Path | None:
+    """Refuse a text source that cannot be read, before any model is loaded: a missing file, a folder,
+    an unsupported suffix, an unknown name, or a dataset whose hub is unreachable. Returns the local file
+    (None for a dataset name)."""
     path = Path(source).expanduser()
     if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise InvalidConfig(f"text source {source!r} is a folder; give a {'/'.join(LOCAL_SUFFIXES)} file")
         if not path.is_file():
             raise DataUnavailable(f"text file {source!r} does not exist")
         if path.suffix not in LOCAL_SUFFIXES:
             raise InvalidConfig(f"text file {source!r}: supported suffixes are {', '.join(LOCAL_SUFFIXES)}")
-        return _read_local(path)
+        return path
     if source in DATASETS:
-        return _read_dataset(source, split)
+        _check_hub(source)
+        return None
     raise DataUnavailable(
         f"unknown text source {source!r}: give a local {'/'.join(LOCAL_SUFFIXES)} file or one of "
         f"{', '.join(DATASETS)}"
     )
+
+
+def load_text(source: str, split: Split = "eval") -> str:
+    """The raw text of a source: a local file, or the calibration / evaluation split of a named dataset."""
+    path = check_source(source)
+    return _read_local(path) if path is not None else _read_dataset(source, split)
 
 
 def tokenize(tokenizer: Any, text: str) -> Tensor:
@@ -89,10 +133,15 @@ def tokenize(tokenizer: Any, text: str) -> Tensor:
     return ids.long()
 
 
-def calibration_windows(tokenizer: Any, source: str, n: int, seqlen: int, seed: int = 0) -> Tensor:
-    """``[n, seqlen]`` token windows at seeded random offsets of the source's calibration text."""
+def check_window_counts(n: int, seqlen: int) -> None:
+    """Calibration takes at least one window of at least two tokens."""
     if n < 1 or seqlen < 2:
         raise InvalidConfig(f"calibration needs n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
+
+
+def calibration_windows(tokenizer: Any, source: str, n: int, seqlen: int, seed: int = 0) -> Tensor:
+    """``[n, seqlen]`` token windows at seeded random offsets of the source's calibration text."""
+    check_window_counts(n, seqlen)
     ids = tokenize(tokenizer, load_text(source, "calib"))[0]
     return sample_windows(ids, n, seqlen, seed, what=f"calibration source {source!r}")
 

@@ -38,6 +38,11 @@ class OutputExists(SqllmError):
     """An output folder that already exists, written without --overwrite."""
 
 
+class UnsafeOutput(SqllmError):
+    """An output path that cannot be written, or whose replacement would destroy something sqllm did not
+    write (the input model, a folder holding the working directory, a file of another kind)."""
+
+
 class NumericalError(SqllmError):
     """A computation that cannot proceed on these numbers (e.g. a Hessian not positive definite)."""
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from .errors import UnknownModel, UnsupportedArchitecture
+from .errors import CorruptCheckpoint, UnknownModel, UnsupportedArchitecture
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,12 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
 
     if importlib.util.find_spec("gguf") is None:
         raise UnknownModel(f"loading {gguf} needs the 'gguf' package: pip install gguf")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # the GGUF reader raises many types on a damaged file
+        first = (str(exc).splitlines() or [""])[0]
+        raise UnknownModel(f"GGUF file {str(gguf)!r} cannot be read ({type(exc).__name__}: {first})") from None
     config = loaded.config
     # save_pretrained refuses a model that carries the GGUF quantization_config; the weights are
     # already dequantized, so a plain model of the same config is an exact copy.
@@ -148,14 +153,87 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         raise
 
 
+WEIGHT_SUFFIXES_PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a model folder as a dict, or UnknownModel saying what is wrong with it."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UnknownModel(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnknownModel(f"{path} cannot be read ({exc})") from None
+    if not isinstance(config, dict):
+        raise UnknownModel(f"{path} holds a JSON {type(config).__name__}, not an object of model settings")
+    if not isinstance(config.get("model_type"), str):
+        raise UnknownModel(f"{path} has no model_type, so the model's architecture is unknown")
+    return config
+
+
+def check_model_folder(folder: str | Path) -> dict[str, Any]:
+    """Refuse, before any weight is read, a folder that could only fail later (or run foreign code): an
+    unusable ``config.json``, an unsupported architecture, or weights that are not safetensors.
+    Returns the folder's config."""
+    folder = Path(folder)
+    config = read_config(folder)
+    model_type = config["model_type"]
+    if model_type not in ARCHITECTURES:
+        if "auto_map" in config:
+            raise UnsupportedArchitecture(
+                f"model {str(folder)!r} ({model_type!r}) needs its own Python code (auto_map in config.json); "
+                f"sqllm never runs code from a model folder. Supported: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        raise UnsupportedArchitecture(
+            f"architecture {model_type!r} of {str(folder)!r} is not supported; "
+            f"supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    if not any(name.endswith(".safetensors") for name in files):
+        pickles = sorted(name for name in files if name.endswith(WEIGHT_SUFFIXES_PICKLE))
+        if pickles:
+            raise UnknownModel(
+                f"model folder {str(folder)!r} has only pickle weights ({pickles[0]}); sqllm loads only "
+                f"safetensors, since unpickling can run code: convert the weights to .safetensors"
+            )
+        raise UnknownModel(f"model folder {str(folder)!r} has no .safetensors weights")
+    return config
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UnknownModel(f"{str(path)!r} is not a GGUF file (it does not start with the bytes 'GGUF')")
+
+
+def _hub_id(spec: str) -> str:
+    """A hub id, or its cached snapshot folder when the hub cannot be reached; fails at once (without the
+    download retries) when it is neither reachable nor cached."""
+    from .hub import cached_snapshot, offline_reason
+
+    reason = offline_reason()
+    if reason is None:
+        return spec
+    snapshot = cached_snapshot(spec)
+    if snapshot is None:
+        raise UnknownModel(
+            f"model {spec!r} is not a local folder, and the Hugging Face hub {reason}; "
+            f"download it elsewhere and pass its folder"
+        )
+    return str(snapshot)
+
+
 def resolve_model_path(spec: str) -> str:
-    """Turn a model spec into something ``from_pretrained`` takes: a local folder or a hub id."""
+    """Turn a model spec into something ``from_pretrained`` takes: a checked local folder or a hub id."""
     if spec in ALIASES:
         spec = str(resolve_alias(spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UnknownModel(f"GGUF file {spec!r} does not exist")
+        _check_gguf(path)
         dest = _gguf_cache_path(path)
         if not (dest / "config.json").is_file():
             _convert_gguf(path, dest)
@@ -163,6 +241,7 @@ def resolve_model_path(spec: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UnknownModel(f"folder {spec!r} has no config.json, so it is not a Hugging Face model")
+        check_model_folder(path)
         return str(path)
     if path.exists():
         raise UnknownModel(f"{spec!r} is a file but not a .gguf; give a model folder, a .gguf file or a hub id")
@@ -172,20 +251,46 @@ def resolve_model_path(spec: str) -> str:
             f"model {spec!r} not found: give a folder with config.json, a .gguf file, "
             f"a hub id (org/name) or one of the aliases {', '.join(ALIASES)}"
         )
-    return spec
+    return _hub_id(spec)
+
+
+def _check_loading_info(spec: str, info: dict[str, Any]) -> None:
+    """Refuse a model that transformers would complete with random weights or with mis-shaped ones.
+    (Extra stored tensors are left to transformers, which ignores those it knows to be harmless.)"""
+    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing:
+        module = missing[0].rsplit(".", 1)[0] + "."
+        if any(k.startswith(module) for k in unexpected):
+            raise CorruptCheckpoint(
+                f"model {spec!r} stores {missing[0].rsplit('.', 1)[0]} in another form "
+                f"({', '.join(sorted(k for k in unexpected if k.startswith(module))[:3])}) but config.json has "
+                f"no quantization_config saying how to read it (a packed sqllm checkpoint whose "
+                f"quantization_config was removed?); restore it or re-quantize"
+            )
+        raise CorruptCheckpoint(
+            f"tensor {missing[0]!r} is missing from model {spec!r} ({len(missing)} missing); "
+            f"it would be filled with random values"
+        )
+    if mismatched:
+        raise CorruptCheckpoint(f"tensor {mismatched[0][0]!r} of model {spec!r} does not fit its config.json")
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Any]:
     """Load a full-precision ``(model, tokenizer)`` from a folder, ``.gguf`` file, alias or hub id, in
-    eval mode. Packed sqllm checkpoints are the runtime's (:func:`sqllm.nn.loader.load_packed`)."""
+    eval mode, with every tensor taken from the checkpoint (none left at random). Packed sqllm
+    checkpoints are the runtime's (:func:`sqllm.nn.loader.load_packed`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = cast(tuple[nn.Module, dict[str, Any]], AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+        ))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except OSError as exc:
         raise UnknownModel(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    _check_loading_info(spec, info)
     model.to(device).eval()
     arch_spec(model)
     return model, tokenizer

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..codes import QuantizedMatrix
+from ..errors import InvalidConfig
 from ..methods import LayerStats, MethodSpec, StageOptions, StatContext
 from ..models import ArchSpec
 from . import distributed as dist
@@ -110,6 +111,12 @@ class _Timed:
 
     def __exit__(self, *exc: Any) -> None:
         self.clock.seconds[self.stage] = self.clock.seconds.get(self.stage, 0.0) + time.perf_counter() - self.start
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidConfig(f"batch_size={self.batch_size} must be >= 1 (calibration windows per forward)")
+        if self.input_rows < 1:
+            raise InvalidConfig(f"input_rows={self.input_rows} must be >= 1")
 
 
 def _collect(

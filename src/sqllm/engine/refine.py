@@ -126,6 +126,16 @@ def _codes_params(block_params: dict[str, Tensor], codes: dict[str, UniformCodes
     return {**block_params, **{n: c.dequantize().to(block_params[n].dtype) for n, c in codes.items()}}
 
 
+def _uniform(qm: QuantizedMatrix) -> UniformCodes:
+    assert isinstance(qm.dense, UniformCodes)  # checked by the stage before any training
+    return qm.dense
+
+
+def _rounded(qm: QuantizedMatrix) -> Tensor:
+    assert qm.rounded is not None
+    return qm.rounded
+
+
 def lwc_block_stage(
     cfg: SliMPlusConfig, *, seed: int = 0, progress: bool = True, batch_size: int = 1,
     train_dtype: torch.dtype | None = None,
@@ -160,12 +170,12 @@ def lwc_block_stage(
         hidden, target, kwargs = inputs.hidden[:n], fp_outputs[:n], inputs.kwargs
         names = _weight_names(block, list(results))
         base = {k: v.detach() for k, v in block.named_parameters()}
-        clips = {names[f]: init_clip(results[f].rounded, results[f].dense) for f in results}
+        clips = {names[f]: init_clip(_rounded(qm), _uniform(qm)) for f, qm in results.items()}
 
         def loss_of(codes: dict[str, UniformCodes]) -> float:
             return block_output_mse(block, _codes_params(base, codes), hidden, target, kwargs, eval_batch)
 
-        loss_slim = loss_of({names[f]: qm.dense for f, qm in results.items()})
+        loss_slim = loss_of({names[f]: _uniform(qm) for f, qm in results.items()})
         loss_before = loss_of({name: export_codes(c) for name, c in clips.items()})
         steps = cfg.lwc_epochs * -(-n // batch_size)
         with tqdm(total=steps, desc=f"lwc block {index}", leave=False, disable=not progress) as bar, \
@@ -182,8 +192,8 @@ def lwc_block_stage(
         chosen = {}
         for full, qm in results.items():
             new = QuantizedMatrix(dense=learned[full] if use_lwc else qm.dense, info={**qm.info, **info})
-            layer = block.get_submodule(names[full].removesuffix(".weight"))
-            layer.weight.data = new.dequantize().to(layer.weight.dtype).to(layer.weight.device)
+            weight = block.get_parameter(names[full])
+            weight.data = new.dequantize().to(weight.dtype).to(weight.device)
             chosen[full] = new
         return chosen
 

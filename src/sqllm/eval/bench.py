@@ -9,9 +9,10 @@ import json
 import multiprocessing as mp
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from queue import Empty
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -55,6 +56,7 @@ def _measure(load: Loader, spec: str, dtype: str, prefill: int, decode: int, thr
 
         hf_logging.disable_progress_bar()
         t0 = time.perf_counter()
+        model: Any
         model, _ = load(spec, dtype=getattr(torch, dtype))
         load_s = time.perf_counter() - t0
         vocab = model.config.vocab_size
@@ -72,7 +74,8 @@ def _measure(load: Loader, spec: str, dtype: str, prefill: int, decode: int, thr
         res = {
             "model": spec, "dtype": dtype, "load_s": load_s,
             "prefill_tokens": prefill, "prefill_tok_s": prefill / prefill_s,
-            "decode_tokens": int(out.shape[1] - prompt.shape[1]), "decode_tok_s": (out.shape[1] - prompt.shape[1]) / decode_s,
+            "decode_tokens": int(out.shape[1] - prompt.shape[1]),
+            "decode_tok_s": (out.shape[1] - prompt.shape[1]) / decode_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             **_module_bytes(model),
         }
@@ -89,7 +92,8 @@ def measure(load: Loader, spec: str, *, dtype: str = "float32", prefill: int = 5
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(load, spec, dtype, prefill, decode, threads or torch.get_num_threads(), queue))
+    args = (load, spec, dtype, prefill, decode, threads or torch.get_num_threads(), queue)
+    proc = ctx.Process(target=_measure, args=args)
     proc.start()
     while True:  # a child that dies without reporting (killed, crashed) must not hang the parent
         try:
@@ -97,7 +101,9 @@ def measure(load: Loader, spec: str, *, dtype: str = "float32", prefill: int = 5
             break
         except Empty:
             if not proc.is_alive():
-                raise SqllmError(f"benchmark of {spec!r} failed: its process exited with code {proc.exitcode}")
+                raise SqllmError(
+                    f"benchmark of {spec!r} failed: its process exited with code {proc.exitcode}"
+                ) from None
     proc.join()
     if "error" in res:
         raise SqllmError(f"benchmark of {spec!r} failed: {res['error']}")

@@ -129,7 +129,9 @@ def write_packed(
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(dest / fname), metadata={"format": "pt", "sqllm_format_version": str(FORMAT_VERSION)})
+        # One metadata key: safetensors writes the metadata table in hash order, which differs between runs,
+        # so a second key would make checkpoints of the same seed differ in their bytes.
+        save_file(shard, str(dest / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (dest / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -156,47 +158,92 @@ def is_packed_checkpoint(path: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "sqllm"
 
 
+def check_quantization_config(qc: Any, where: str) -> dict[str, Any]:
+    """``qc`` if it is a ``quantization_config`` this sqllm reads (``quant_method`` sqllm, the supported
+    ``format_version``, a ``layers`` table), else CorruptCheckpoint naming ``where`` and the fault.
+    Every loading path (ours and transformers') runs this same check."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != "sqllm":
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise CorruptCheckpoint(f"{where}: quantization_config.quant_method is {method!r}, not 'sqllm'")
+    version = qc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CorruptCheckpoint(
+            f"{where}: format_version {version!r} is not supported (this sqllm reads {FORMAT_VERSION}); "
+            f"upgrade sqllm or re-quantize"
+        )
+    if not isinstance(qc.get("layers"), dict):
+        raise CorruptCheckpoint(f"{where}: quantization_config has no 'layers' table")
+    return qc
+
+
 def read_quantization_config(path: Path) -> dict[str, Any]:
     """The checked ``quantization_config`` of a packed checkpoint folder."""
     cfg_path = Path(path) / "config.json"
     try:
         config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpoint(f"{cfg_path}: unreadable config.json ({exc})") from None
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "sqllm":
-        raise CorruptCheckpoint(f"{cfg_path}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'sqllm'")
-    version = qc.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CorruptCheckpoint(
-            f"{cfg_path}: format_version {version!r} is not supported (this sqllm reads {FORMAT_VERSION}); "
-            f"upgrade sqllm or re-quantize"
-        )
-    if not isinstance(qc.get("layers"), dict):
-        raise CorruptCheckpoint(f"{cfg_path}: quantization_config has no 'layers' table")
-    return qc
+    if not isinstance(config, dict):
+        raise CorruptCheckpoint(f"{cfg_path}: config.json holds a JSON {type(config).__name__}, not an object")
+    return check_quantization_config(config.get("quantization_config"), str(cfg_path))
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The shard index of a checkpoint folder: tensor name -> shard file name. Every shard must be a plain
+    file name inside the folder (no ``..``, no separators, no absolute path)."""
+    index_path = Path(path) / INDEX_NAME
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CorruptCheckpoint(f"{index_path}: unreadable shard index ({type(exc).__name__})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpoint(f"{index_path}: weight_map is not a table of tensor name -> shard file")
+    for fname in weight_map.values():
+        if fname in ("", ".", "..") or Path(fname).name != fname or "\\" in fname:
+            raise CorruptCheckpoint(f"{index_path}: shard {fname!r} is not a file name inside the checkpoint folder")
+    return weight_map
+
+
+def _shard_path(path: Path, fname: str) -> Path:
+    shard = path / fname
+    if not shard.is_file():
+        raise CorruptCheckpoint(f"shard {fname} listed in {INDEX_NAME} is missing from {path}")
+    return shard
+
+
+def stored_names(path: Path) -> set[str]:
+    """Names of every tensor in the folder's shards (headers only), checked against the index."""
+    path = Path(path)
+    weight_map = read_index(path)
+    names: set[str] = set()
+    for fname in sorted(set(weight_map.values())):
+        try:
+            with safe_open(str(_shard_path(path, fname)), framework="pt") as f:
+                names.update(f.keys())
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CorruptCheckpoint(f"shard {fname} is truncated or corrupt ({str(exc).splitlines()[0]})") from None
+    _check_listed(weight_map, names)
+    return names
+
+
+def _check_listed(weight_map: dict[str, str], names: Any) -> None:
+    missing = [k for k in weight_map if k not in names]
+    if missing:
+        raise CorruptCheckpoint(f"tensor {missing[0]!r} is listed in {INDEX_NAME} but missing from its shard")
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of the folder's shards, checked against the index (missing shards or tensors named)."""
     path = Path(path)
-    index_path = path / INDEX_NAME
-    try:
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise CorruptCheckpoint(f"{index_path}: unreadable shard index ({type(exc).__name__})") from None
+    weight_map = read_index(path)
     tensors: dict[str, Tensor] = {}
     for fname in sorted(set(weight_map.values())):
-        shard = path / fname
-        if not shard.is_file():
-            raise CorruptCheckpoint(f"shard {fname} listed in {INDEX_NAME} is missing from {path}")
+        shard = _shard_path(path, fname)
         try:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CorruptCheckpoint(f"shard {fname} is truncated or corrupt ({str(exc).splitlines()[0]})") from None
-    missing = [k for k in weight_map if k not in tensors]
-    if missing:
-        raise CorruptCheckpoint(f"tensor {missing[0]!r} is listed in {INDEX_NAME} but missing from its shard")
+    _check_listed(weight_map, tensors)
     return tensors

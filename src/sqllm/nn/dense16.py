@@ -8,6 +8,8 @@ dtype. The module classes are swapped in place (``module.__class__``), so tied w
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,7 +52,7 @@ def use_dense16(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
             continue
         if type(module) is nn.Embedding:
             module.__class__ = Dense16Embedding
-            module.compute_dtype = compute_dtype
+            cast(Dense16Embedding, module).compute_dtype = compute_dtype
         elif type(module) is nn.Linear:
             module.__class__ = Dense16Linear
         else:

@@ -8,11 +8,12 @@ stored tensors assigned after every one of them is checked against the layout ta
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import CorruptCheckpoint
 from ..formats.checkpoint import read_quantization_config, read_tensors
@@ -44,31 +45,69 @@ def swap_quant_linears(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]
     return metas
 
 
-def _skeleton(path: Path) -> nn.Module:
+def check_names(model: nn.Module, stored: Iterable[str], where: str) -> None:
+    """Strict loading: every tensor of ``model``'s state dict is among the ``stored`` names (a tied weight
+    may be absent, as its source is stored) and every stored name has a place in the model."""
+    expected = set(model.state_dict().keys())
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    stored = set(stored)
+    missing = sorted(expected - stored - tied)
+    if missing:
+        raise CorruptCheckpoint(f"tensor {missing[0]!r} is missing from the checkpoint at {where} "
+                                f"({len(missing)} missing)")
+    unexpected = sorted(stored - expected)
+    if unexpected:
+        raise CorruptCheckpoint(f"tensor {unexpected[0]!r} in the checkpoint at {where} has no place in the model")
+
+
+def check_shapes(model: nn.Module, tensors: Mapping[str, Tensor], where: str) -> None:
+    """Every stored tensor has the shape the model built from ``config.json`` expects (a config edited to
+    other sizes than the weights were saved with fails here, naming the tensor)."""
+    state = model.state_dict()
+    for name, t in tensors.items():
+        want = tuple(state[name].shape)
+        if tuple(t.shape) != want:
+            raise CorruptCheckpoint(
+                f"tensor {name!r} is {list(t.shape)} in the checkpoint at {where} but {list(want)} for the "
+                f"architecture in its config.json"
+            )
+
+
+def check_finite(named: Iterable[tuple[str, Tensor]], where: str) -> None:
+    """No floating-point tensor holds NaN or infinity (damaged bytes usually show up so)."""
+    for name, t in named:
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CorruptCheckpoint(f"tensor {name!r} of the checkpoint at {where} holds {bad} NaN or infinite "
+                                    f"values; the file is damaged: copy it again or re-quantize")
+
+
+def _skeleton(path: Path) -> Any:
     """The model with parameters on the meta device (no memory, no init) and real buffers."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model computes in: that of its norms (kept as the source stored them), else float32."""
     for module in model.modules():
-        if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-            return module.weight.dtype
+        weight = getattr(module, "weight", None)
+        if "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor):
+            return weight.dtype
     return torch.float32
 
 
 def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, Any]:
     """Load a packed checkpoint folder as ``(model, tokenizer)`` with QuantLinear modules (eval mode).
 
-    Every tensor the model expects must be stored, and nothing else: tied weights are the only names
-    allowed to be absent.
+    Loading is strict: every tensor the model expects is stored (tied weights excepted) and nothing
+    else, each has its layout's dtype and shape, and none holds NaN or infinity.
     """
     from transformers import AutoTokenizer
 
@@ -78,13 +117,10 @@ def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, An
     model = _skeleton(path)
     for name, meta in swap_quant_linears(model, qc["layers"]).items():
         validate_tensors(tensors, f"{name}.", meta)
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in result.missing_keys if k not in tied and k.split(".")[-1] not in tied]
-    if missing:
-        raise CorruptCheckpoint(f"tensor {missing[0]!r} is missing from the checkpoint at {path}")
-    if result.unexpected_keys:
-        raise CorruptCheckpoint(f"tensor {result.unexpected_keys[0]!r} in the checkpoint has no place in the model")
+    check_names(model, tensors, str(path))
+    check_shapes(model, tensors, str(path))
+    check_finite(tensors.items(), str(path))
+    model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
@@ -92,5 +128,6 @@ def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, An
     if (qc.get("dense16") or {}).get("tensors"):
         use_dense16(model, _compute_dtype(model))
     model.to(torch.device(device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tokenizer = (AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+                 if (path / "tokenizer_config.json").is_file() else None)
     return model, tokenizer

@@ -1,64 +1,44 @@
 """Linear layers that hold a packed quantized weight (exactly the tensors of ``formats.layouts``).
 
-Three ways to compute ``y = x W^T + b`` with ``W`` = dequantized dense codes + sparse outliers:
+``forward`` computes ``y = x W^T + b`` with ``W`` = dequantized dense codes + sparse outliers through the
+``torch.ops.sqllm`` operators (:mod:`sqllm.nn.kernels.ops`): ``lut_mm`` for LUT layers, ``uniform_mm``
+once per stored width of a uniform layer (its columns gathered from ``x``), ``csr_mm`` for the outliers.
+Each device runs its registered implementation: the compiled AVX2 kernels on CPU where available, the
+pure-torch one (a few dequantized rows at a time) elsewhere. The column maps of mixed-precision layers
+are built once per device and dropped when a state dict is loaded.
 
-* the reference path: unpack and dequantize the whole weight (bit for bit ``QuantizedMatrix.dequantize``),
-  one matmul. Everything else is tested against it.
-* the tiled path (default): a few output rows at a time, unpack the rows' codes in the packer's
-  block-planar order (:func:`~sqllm.formats.bitpack.unpack_planar`, once per call, as uint8), dequantize
-  them and multiply by ``x`` permuted to that column order, so the fp weight never exists whole and the
-  codes are never interleaved back. Decode (<= ``DECODE_TOKENS`` rows of ``x``) uses small, cache-sized tiles; prefill
-  uses large ones, where the matmul amortizes the dequantization. Outliers are added with a sparse CSR
-  product. Plain eager torch, any device.
-* the kernel path (:mod:`sqllm.nn.kernels`, AVX-512 CPUs): decode reads the packed codes straight into
-  a matrix-vector product (LUT lookups by in-register permutes, outliers from the CSR rows); prefill
-  dequantizes row tiles with the same code reader and multiplies them with torch.
-
-``path="auto"`` (the default) takes the kernel where it applies (CPU tensors, codes of at most 4 bits,
-uniform groups a multiple of 16 columns, no gradient wanted) and the tiled path elsewhere. Nothing
-holds a dense weight unless :meth:`QuantLinear.cache_dense_weight` asks.
+:meth:`QuantLinear.reference_forward` is the ground truth every path is tested against: the whole
+weight dequantized (bit for bit ``QuantizedMatrix.dequantize``) and one matmul. Nothing holds a dense
+weight unless :meth:`QuantLinear.cache_dense_weight` asks.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..codes import QuantizedMatrix
-from ..formats.bitpack import block_shape, planar_columns, unpack_planar
 from ..formats.layouts import LayerMeta, group_columns, matrix_meta, pack_matrix, tensor_specs, unpack_matrix
 from ..formats.layouts import storage_bits as layout_storage_bits
-from ..formats.sparse import csr_rows
-from . import kernels as _kernels
-
-DECODE_TOKENS = 8
-DECODE_TILE = 1 << 18  # weight elements dequantized at once when decoding (1 MiB fp32, about an L2)
-PREFILL_TILE = 1 << 21  # larger tiles when the matmul dominates
-PATHS = ("auto", "kernel", "tiled", "reference")
+from . import kernels  # noqa: F401  (registers the CPU implementations of the ops)
 
 
 @dataclass(frozen=True)
 class _Part:
-    """Columns stored in one packed tensor (the whole matrix, or one width's groups when mixed).
+    """One packed tensor of a uniform layer and the ``uniform_mm`` arguments that go with it.
 
-    columns:   [cpb * L] int64, the input column of each planar position (``in`` = padding, reads a zero)
-    groups:    [n_groups_part] int64, global group of each of the part's groups (uniform only)
-    pos_group: [cpb * L] int64, the part-local group of each planar position, only where groups do
-               not line up with whole blocks (``group_size % cpb != 0``); None where they broadcast
+    columns:   [n] int64, the input columns it stores (in order); None when it stores all of them
+    group_ids: [ceil(n / group_size)] int64, the column of scales/zeros of each of its groups
     """
 
     buffer: str
     bits: int
     n: int
-    pad_to: int
-    columns: Tensor
-    groups: Tensor | None = None
-    pos_group: Tensor | None = None
+    columns: Tensor | None
+    group_ids: Tensor
 
 
 class QuantLinear(nn.Module):
@@ -77,9 +57,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, torch.empty(spec.shape, dtype=spec.dtype, device=device))
         bias = None if bias_dtype is None else torch.zeros(self.out_features, dtype=bias_dtype, device=device)
         self.register_buffer("bias", bias)
-        self.path = "auto"
         self.dense_cache: Tensor | None = None
-        self._kernel_parts: list[tuple[str, int, Tensor | None, Tensor | None]] | None = None
+        self._parts_cache: tuple[torch.device, list[_Part]] | None = None
 
     @classmethod
     def from_matrix(
@@ -99,7 +78,7 @@ class QuantLinear(nn.Module):
         mixed = f", mixed={dict(m.mixed_cols)}" if m.mixed_cols else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, kind={m.kind}, bits={m.bits}, "
-            f"group_size={m.group_size}{mixed}, nnz={m.nnz}, bias={self.bias is not None}, path={self.path}"
+            f"group_size={m.group_size}{mixed}, nnz={m.nnz}, bias={self.bias is not None}"
         )
 
     def packed_tensors(self) -> dict[str, Tensor]:
@@ -123,8 +102,8 @@ class QuantLinear(nn.Module):
         self.dense_cache = None if dtype is None else self.dequantize_weight().to(dtype)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.dense_cache = None  # a snapshot of the old buffers
-        self._kernel_parts = None
+        self.dense_cache = None  # snapshots of the old buffers
+        self._parts_cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,189 +111,59 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.dense_cache is not None:
             y = x2 @ self.dense_cache.to(x.dtype).T
-        elif self.path == "reference":
-            y = x2 @ self.dequantize_weight().to(x.dtype).T
-        elif self.path in ("auto", "kernel", "tiled"):
-            why_not = "path='tiled'" if self.path == "tiled" else self.kernel_unsupported(x2)
-            if why_not is None:
-                y = self._kernel(x2)
-            elif self.path == "kernel":
-                raise RuntimeError(f"path='kernel' does not apply here: {why_not}")
-            else:
-                y = self._tiled(x2)
         else:
-            raise ValueError(f"path={self.path!r}; supported values are {PATHS}")
+            y = self.packed_product(x2).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def kernel_unsupported(self, x2: Tensor) -> str | None:
-        """Why the compiled kernel cannot compute this product (None when it can)."""
-        m = self.meta
-        if x2.device.type != "cpu":
-            return f"x is on {x2.device}"
-        if x2.requires_grad and torch.is_grad_enabled():
-            return "the kernels have no backward"
-        if m.bits > _kernels.MAX_BITS:
-            return f"{m.bits}-bit codes (the kernels take up to {_kernels.MAX_BITS})"
-        if m.kind == "uniform" and m.group_size is not None and m.group_size % _kernels.LANES:
-            return f"group size {m.group_size} is not a multiple of {_kernels.LANES}"
-        if _kernels.cpu_kernels() is None:
-            return "the compiled CPU kernels are unavailable (no AVX-512, no compiler, or SQLLM_KERNELS=0)"
-        return None
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The ground truth of :meth:`forward`: the whole weight dequantized, one matmul in float32,
+        ``[..., out]`` in ``x.dtype``."""
+        y = x.float() @ self.dequantize_weight().T
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
 
-    def _kernel(self, x2: Tensor) -> Tensor:
-        """Compiled path: ``[m, in]`` -> ``[m, out]`` in ``x2.dtype``."""
-        return (self._kernel_decode(x2) if x2.shape[0] <= DECODE_TOKENS else self._kernel_prefill(x2)).to(x2.dtype)
-
-    def _kernel_decode(self, x2: Tensor) -> Tensor:
-        """gemv kernels on float32 ``x``, outliers included: ``[m, out]`` float32."""
-        k, meta = _kernels.cpu_kernels(), self.meta
-        x32 = x2.float().contiguous()
-        if meta.kind == "lut":
-            sparse = (self.sp_crow, self.sp_col, self.sp_val) if meta.nnz else (None, None, None)
-            return k.lut_gemv(x32, self.qweight, self.lut, meta.bits, *sparse)
-        y = x32.new_zeros(x32.shape[0], self.out_features)
-        for buffer, bits, cols, gid in self._kernel_part_list():
-            xp = x32 if cols is None else x32[:, cols].contiguous()
-            k.uniform_gemv_(y, xp, getattr(self, buffer), self.scales, self.zeros, gid, meta.group_size, bits)
-        return self._add_outliers(y.T, x32).T if meta.nnz else y
-
-    def _kernel_prefill(self, x2: Tensor) -> Tensor:
-        """Row tiles dequantized by the kernels, multiplied in ``x2``'s dtype (bf16/fp16 activations use
-        the CPU's native low-precision units), outliers in float32: ``[m, out]`` float32."""
-        k, meta = _kernels.cpu_kernels(), self.meta
-        parts = [(buffer, bits, x2 if cols is None else x2[:, cols], gid)
-                 for buffer, bits, cols, gid in self._kernel_part_list()]
-        rows = max(1, PREFILL_TILE // self.in_features)
-        tiles = []
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
-            acc = None
-            for buffer, bits, xp, gid in parts:
-                q, n = getattr(self, buffer), xp.shape[1]
-                if gid is None:
-                    w = k.lut_dequant(q, self.lut, bits, n, start, stop)
-                else:
-                    w = k.uniform_dequant(q, self.scales, self.zeros, gid, meta.group_size, bits, n, start, stop)
-                w = w.to(xp.dtype)
-                acc = xp @ w.T if acc is None else torch.addmm(acc, xp, w.T)
-            tiles.append(acc)
-        y = torch.cat(tiles, dim=1).float()
-        return self._add_outliers(y.T, x2.float()).T if meta.nnz else y
-
-    def _kernel_part_list(self) -> list[tuple[str, int, Tensor | None, Tensor | None]]:
-        """``(buffer, bits, columns or None for all, global groups or None for LUT)`` per packed tensor."""
-        if self._kernel_parts is None:
-            meta = self.meta
-            if meta.kind == "lut":
-                self._kernel_parts = [("qweight", meta.bits, None, None)]
-            elif meta.mixed_cols is None:
-                self._kernel_parts = [("qweight", meta.bits, None, torch.arange(meta.n_groups))]
-            else:
-                gb = self.group_bits.long()
-                G = meta.group_size
-                assert G is not None
-                self._kernel_parts = [
-                    (f"qweight_b{b}", b, group_columns(gb, G, self.in_features, b), torch.nonzero(gb == b).flatten())
-                    for b, _ in meta.mixed_cols
-                ]
-        return self._kernel_parts
-
-    def _add_outliers(self, y_t: Tensor, x2: Tensor) -> Tensor:
-        """``y_t: [out, m]`` plus the sparse part's product with ``x2: [m, in]``."""
-        if x2.requires_grad and torch.is_grad_enabled():
-            contrib = x2.T[self.sp_col.long()] * self.sp_val.to(x2.dtype)[:, None]  # [nnz, m]
-            return y_t.index_add(0, csr_rows(self.sp_crow), contrib)
-        # A CSR product reads x's rows once per outlier row instead of gathering strided columns of x^T:
-        # over 10x faster for prefill. torch multiplies sparse CSR in float32 (MKL) on CPU.
-        values = self.sp_val.float() if x2.device.type == "cpu" else self.sp_val.to(x2.dtype)
-        with warnings.catch_warnings():  # "sparse CSR is beta": we rely only on CSR @ dense
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            csr = torch.sparse_csr_tensor(self.sp_crow, self.sp_col, values, (self.out_features, self.in_features),
-                                          check_invariants=False)
-        return y_t + (csr @ x2.to(values.dtype).T).to(y_t.dtype)
-
-    def _tiled(self, x2: Tensor) -> Tensor:
-        """Dense part tile by tile of output rows, then the outliers: ``[m, in]`` -> ``[m, out]``."""
-        m = x2.shape[0]
-        parts = self._parts()
-        x_ext = F.pad(x2, (0, 1))  # column ``in`` is the zero that padding positions read
-        xs = [x_ext[:, p.columns].T for p in parts]  # [width_p, m], planar column order
-        # Codes are unpacked whole (uint8: a quarter of the fp32 weight): per tile, the fixed cost of
-        # each of the unpacking's few dozen small ops would be paid again for every tile.
-        operands = [self._operands(p) for p in parts]
-        width = sum(p.columns.numel() for p in parts)
-        rows = max(1, (DECODE_TILE if m <= DECODE_TOKENS else PREFILL_TILE) // width)
-        tiles = []  # no out= into one buffer: x may require grad
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
-            acc = None
-            for part, xp, ops in zip(parts, xs, operands):
-                w = _dequantize_rows(part, ops, start, stop).to(x2.dtype)
-                acc = w @ xp if acc is None else torch.addmm(acc, w, xp)
-            tiles.append(acc)
-        y_t = torch.cat(tiles)  # [out, m]
-        if self.meta.nnz:
-            y_t = self._add_outliers(y_t, x2)
-        return y_t.T
-
-    def _operands(self, part: _Part) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(codes [out, cpb, L] uint8 planar, lut [out, 2**b] | scales [out, groups_p], None | zeros)``,
-        tables in float32."""
-        codes = unpack_planar(getattr(self, part.buffer), part.bits, part.n, part.pad_to)
-        if part.groups is None:
-            return codes, self.lut.float(), None
-        return codes, self.scales.index_select(1, part.groups).float(), self.zeros.index_select(1, part.groups).float()
-
-    def _parts(self) -> list[_Part]:
-        """How the packed columns map to input columns; O(in) index work per call, nothing cached."""
+    def packed_product(self, x2: Tensor) -> Tensor:
+        """``x2 [m, in] @ W^T`` through the ``torch.ops.sqllm`` ops: ``[m, out]`` float32, no bias."""
         meta = self.meta
-        n = self.in_features
         if meta.kind == "lut":
-            return [_Part("qweight", meta.bits, n, 0, planar_columns(meta.bits, n).to(self.qweight.device))]
+            y = torch.ops.sqllm.lut_mm(x2, self.qweight, self.lut, meta.bits, self.in_features)
+        else:
+            assert meta.group_size is not None
+            y = None
+            for p in self._parts(x2.device):
+                xp = x2 if p.columns is None else x2.index_select(1, p.columns)
+                yp = torch.ops.sqllm.uniform_mm(
+                    xp, getattr(self, p.buffer), self.scales, self.zeros, p.group_ids, meta.group_size, p.bits, p.n
+                )
+                y = yp if y is None else y + yp
+        if meta.nnz:
+            y = y + torch.ops.sqllm.csr_mm(x2, self.sp_crow, self.sp_col, self.sp_val)
+        return y
+
+    def _parts(self, device: torch.device) -> list[_Part]:
+        """The uniform parts' column maps on ``device``, built on first use there."""
+        if self._parts_cache is None or self._parts_cache[0] != device:
+            self._parts_cache = (device, self._build_parts(device))
+        return self._parts_cache[1]
+
+    def _build_parts(self, device: torch.device) -> list[_Part]:
+        meta = self.meta
         assert meta.group_size is not None
-        G = meta.group_size
         if meta.mixed_cols is None:
-            groups = torch.arange(meta.n_groups, device=self.scales.device)
-            return [self._uniform_part("qweight", meta.bits, torch.arange(n, device=groups.device), groups)]
-        group_bits = self.group_bits.long()
+            ids = torch.arange(meta.n_groups, device=device)
+            return [_Part("qweight", meta.bits, self.in_features, None, ids)]
+        group_bits = self.group_bits.to(device=device, dtype=torch.int64)
         return [
-            self._uniform_part(
-                f"qweight_b{b}", b, group_columns(group_bits, G, n, b), torch.nonzero(group_bits == b).flatten()
+            _Part(
+                f"qweight_b{b}", b, cols,
+                group_columns(group_bits, meta.group_size, self.in_features, b),
+                torch.nonzero(group_bits == b).flatten(),
             )
-            for b, _ in meta.mixed_cols
+            for b, cols in meta.mixed_cols
         ]
-
-    def _uniform_part(self, buffer: str, bits: int, cols: Tensor, groups: Tensor) -> _Part:
-        """A part whose planar width is padded to whole groups when that lets scales broadcast."""
-        G = self.meta.group_size
-        assert G is not None
-        _, cpb = block_shape(bits)
-        n = cols.numel()
-        ext = torch.cat([cols, cols.new_full((1,), self.in_features)])
-        if G % cpb == 0:
-            pad_to = groups.numel() * G
-            return _Part(buffer, bits, n, pad_to, ext[planar_columns(bits, n, pad_to).to(cols.device)], groups)
-        planar = planar_columns(bits, n).to(cols.device)
-        return _Part(buffer, bits, n, 0, ext[planar], groups, planar.clamp(max=n - 1) // G)
-
-
-def _dequantize_rows(part: _Part, operands: tuple[Tensor, Tensor, Tensor | None], start: int, stop: int) -> Tensor:
-    """Dense dequantized rows ``[start, stop)`` of one part, planar order: ``[T, cpb * L]`` float32."""
-    codes, table, zeros = operands
-    c = codes[start:stop]
-    t, cpb, _ = c.shape
-    if zeros is None:
-        return torch.gather(table[start:stop], 1, c.reshape(t, -1).long())
-    s, z = table[start:stop], zeros[start:stop]
-    # In place: (c - z) * s exactly as the reference, with one pass less than out of place.
-    if part.pos_group is None:
-        # Planar position (k, m) holds column m * cpb + k, whose group is m // (group_size / cpb).
-        w = c.reshape(t, cpb, s.shape[1], -1).float()
-        return w.sub_(z[:, None, :, None]).mul_(s[:, None, :, None]).view(t, -1)
-    pos = part.pos_group
-    return c.reshape(t, -1).float().sub_(z.index_select(1, pos)).mul_(s.index_select(1, pos))
 
 
 def replace_linear(model: nn.Module, name: str, qmodule: QuantLinear) -> nn.Module:

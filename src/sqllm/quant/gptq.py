@@ -112,7 +112,7 @@ def gptq_core(
     blocksize: int = 128,
     static_groups: bool = False,
     perm: Tensor | None = None,
-) -> tuple[UniformCodes, Tensor]:
+) -> tuple[UniformCodes, Tensor, Tensor]:
     """The GPTQ sweep (Algorithm 1) with a bit width and a grid per column group.
 
     w:          [out, in] float32 in natural column order, dead inputs zeroed

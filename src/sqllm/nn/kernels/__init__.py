@@ -1,34 +1,48 @@
-"""Compiled CPU kernels for packed weights, built on first use with ``torch.utils.cpp_extension``.
+"""Kernels for packed weights: the ``torch.ops.sqllm`` ops (:mod:`.ops`) and their compiled CPU backend.
 
-The kernels need AVX-512 (read from ``torch.backends.cpu.get_cpu_capability()``) and a C++ compiler;
-where either is missing, or ``SQLLM_KERNELS=0`` is set, :func:`cpu_kernels` returns None and QuantLinear
-keeps its pure-torch path. The first build takes about a minute and is cached by torch (under
-``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by the source's hash.
+The CPU backend (``cpu_avx2.cpp``) needs an x86-64 CPU with AVX2, FMA and F16C (read from
+``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU qualifies) and a C++ compiler. The
+first CPU call of an op builds it with ``torch.utils.cpp_extension`` (a few minutes, once; cached by
+torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source's
+hash) and loads it; loading registers its C++ functions as the ops' CPU (and CPU autograd)
+implementations in the dispatcher, so later calls never pass through Python. Where the CPU, the
+compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels` returns None and the ops keep their
+pure-torch implementation. The C++ side takes every layout: the vector readers serve LUT codes of 1..4
+bits and uniform groups that are a multiple of 8 columns (or cover the row), a scalar reader the rest.
+
+Importing this package also registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton
+imported on first use); ``SQLLM_KERNELS=triton`` sends CPU tensors to them too (under
+``TRITON_INTERPRET=1``), and keeps the compiled CPU kernels unloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
+from . import ops, triton_ops  # triton_ops registers the CUDA implementations
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_avx512.cpp")
-FUNCTIONS = ["lut_gemv", "uniform_gemv_", "lut_dequant", "uniform_dequant"]
-MAX_BITS = 4
-LANES = 16  # uniform kernels need group sizes that are a multiple of this
+SOURCE = Path(__file__).with_name("cpu_avx2.cpp")
+FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum"]
+AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
 
 def kernels_enabled() -> bool:
-    """False when ``SQLLM_KERNELS=0`` or the CPU lacks AVX-512."""
-    if os.environ.get("SQLLM_KERNELS", "1") == "0":
+    """False when ``SQLLM_KERNELS`` is ``0`` (pure torch) or ``triton`` (Triton everywhere), or the CPU
+    lacks AVX2 (torch's capability tells)."""
+    if os.environ.get("SQLLM_KERNELS", "1") in ("0", "triton"):
         return False
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    return torch.backends.cpu.get_cpu_capability() in AVX2_CAPABILITIES
 
 
 @functools.cache
@@ -39,16 +53,33 @@ def cpu_kernels() -> ModuleType | None:
     from torch.utils.cpp_extension import load_inline
 
     log.info("sqllm: building the CPU kernels (once; cached by torch)")
-    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mf16c", "-fopenmp"]
     try:
         return load_inline(
-            name="sqllm_cpu_kernels",
+            name="sqllm_cpu_avx2",
             cpp_sources=[SOURCE.read_text()],
             functions=FUNCTIONS,
-            extra_cflags=flags,
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
-    except Exception as exc:  # no compiler, no headers: the torch path still works
+    except Exception as exc:  # no compiler, no headers, no ninja: the torch path still works
         log.warning("sqllm: CPU kernels unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
         return None
+
+
+def kernels_registered() -> bool:
+    """Whether the compiled kernels are the ops' CPU implementations (after their first CPU call)."""
+    return cpu_kernels.cache_info().currsize > 0 and cpu_kernels() is not None
+
+
+@contextlib.contextmanager
+def torch_path() -> Iterator[None]:
+    """Within this block the ops run their pure-torch implementation on CPU, whether or not the kernels
+    are loaded (tests and benchmarks compare the two). A temporary registration overrides the CPU
+    implementation and is removed on exit; other devices are unaffected."""
+    torch_impls = {"lut_mm": ops.lut_mm_torch, "uniform_mm": ops.uniform_mm_torch, "csr_mm": ops.csr_mm_torch}
+    with torch.library._scoped_library("sqllm", "IMPL") as lib, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid")  # replacing the kernels is the point
+        for name, fn in torch_impls.items():
+            lib.impl(name, fn, "CPU")
+        yield

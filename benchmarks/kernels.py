@@ -1,0 +1,170 @@
+"""Layer benchmark of the packed-weight kernels against bf16 ``F.linear`` on LLaMA-2-7B-shaped layers.
+
+    python benchmarks/kernels.py [--threads 1 2] [--reps 15] [--out kernels]   # results/NAME.{json,md}
+
+For every layer shape (out x in: 4096x4096, 11008x4096, 4096x11008), format (LUT 3/4-bit, LUT 3-bit with
+0.45% outliers, SliM-LLM-style mixed 1/2/3-bit g64 averaging 2 bits, uniform 4-bit g128) and thread
+count, in one process: decode (1 token) and prefill (256 tokens) through ``QuantLinear`` with bf16
+activations, next to ``F.linear`` with a bf16 weight. Timings are medians of interleaved rounds (each
+round times every variant once), so load from other processes hits all variants alike. Achieved
+bandwidth counts the packed tensors (codes, tables or scales, bit map, outliers) read once per call,
+and is compared with the machine's streaming read bandwidth at the same thread count (a 256 MiB
+float32 buffer summed with AVX2 by the kernels' own ``stream_sum``). Weights are random: speed does
+not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from sqllm.codes import LUTCodes, QuantizedMatrix, SparseOutliers, UniformCodes, expand_groups, fp16_grid  # noqa: E402
+from sqllm.nn import QuantLinear  # noqa: E402
+from sqllm.nn.kernels import cpu_kernels, kernels_enabled  # noqa: E402
+from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+PREFILL = 256
+FORMATS = ["LUT 3-bit", "LUT 4-bit", "LUT 3-bit + 0.45% sparse", "SliM mixed 2-bit g64", "uniform 4-bit g128"]
+
+
+def random_matrix(fmt: str, out: int, n: int, g: torch.Generator) -> QuantizedMatrix:
+    """Random codes of ``fmt`` for an ``[out, n]`` weight (tables fp16-representable, as stored)."""
+    if fmt.startswith("LUT"):
+        bits = int(fmt[4])
+        codes = torch.randint(0, 1 << bits, (out, n), generator=g, dtype=torch.uint8)
+        lut = fp16_grid(torch.randn(out, 1 << bits, generator=g) * 0.02)
+        sparse = None
+        if "sparse" in fmt:
+            nnz = round(0.0045 * out * n)
+            flat = torch.randperm(out * n, generator=g)[:nnz].sort().values
+            values = (torch.randn(nnz, generator=g) * 0.1).half().float()
+            sparse = SparseOutliers(rows=flat // n, cols=flat % n, values=values, shape=(out, n))
+        return QuantizedMatrix(LUTCodes(codes, lut, bits), sparse)
+    group_size = 64 if "g64" in fmt else 128
+    n_groups = -(-n // group_size)
+    if "mixed" in fmt:  # SliM-LLM's allocation at 2 bits: a quarter of the groups at 1 and at 3 bits
+        group_bits = torch.tensor([1, 2, 2, 3])[torch.randint(0, 4, (n_groups,), generator=g)]
+    else:
+        group_bits = torch.full((n_groups,), 4)
+    col_bits = expand_groups(group_bits, group_size, n)
+    codes = (torch.rand(out, n, generator=g) * 2.0**col_bits).floor().to(torch.uint8)
+    scales = fp16_grid(torch.rand(out, n_groups, generator=g) * 0.01 + 1e-4)
+    zeros = fp16_grid(torch.rand(out, n_groups, generator=g) * 2.0 ** group_bits.float())
+    return QuantizedMatrix(UniformCodes(codes, scales, zeros, group_bits, group_size), None)
+
+
+def packed_bytes(module: QuantLinear) -> int:
+    return sum(t.numel() * t.element_size() for t in module.packed_tensors().values())
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall seconds of each function, timed once per round across ``reps`` rounds (after a warm-up)."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def read_bandwidth(reps: int) -> float:
+    """Streaming read bandwidth in GB/s at the current torch thread count."""
+    buffer = torch.ones(64 * 2**20)  # 256 MiB, touched so every page is real memory
+    k = cpu_kernels()
+    t = interleaved_medians({"read": lambda: k.stream_sum(buffer)}, reps)["read"]
+    return buffer.numel() * 4 / t / 1e9
+
+
+def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch.Generator) -> list[dict]:
+    w_bf16 = (torch.randn(out, n, generator=g) * 0.02).bfloat16()
+    modules = {fmt: QuantLinear.from_matrix(random_matrix(fmt, out, n, g), value_dtype=torch.float16)
+               for fmt in FORMATS}
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        bandwidth = read_bandwidth(5)
+        for tokens, label, rounds in ((1, "decode", reps), (PREFILL, f"prefill {PREFILL}", max(3, reps // 5))):
+            x = torch.randn(tokens, n, generator=g).bfloat16()
+            fns: dict[str, Callable[[], object]] = {"bf16 F.linear": lambda: F.linear(x, w_bf16)}
+            fns |= {fmt: (lambda m=m: m(x)) for fmt, m in modules.items()}
+            with torch.inference_mode():
+                seconds = interleaved_medians(fns, rounds)
+            base = seconds["bf16 F.linear"]
+            for name, s in seconds.items():
+                nbytes = 2 * out * n if name == "bf16 F.linear" else packed_bytes(modules[name])
+                rows.append({
+                    "shape": f"{out}x{n}", "threads": threads, "phase": label, "tokens": tokens, "format": name,
+                    "bits_per_weight": 16.0 if name == "bf16 F.linear" else modules[name].bits_per_weight(),
+                    "ms": s * 1e3, "speedup_vs_bf16": base / s, "weight_gb_s": nbytes / s / 1e9,
+                    "read_bandwidth_gb_s": bandwidth, "fraction_of_read_bandwidth": nbytes / s / 1e9 / bandwidth,
+                })
+            print(f"{out}x{n} {threads}t {label}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items()),
+                  flush=True)
+    return rows
+
+
+def write(rows: list[dict], doc: dict, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")
+    table = markdown_table(
+        ["layer (out x in)", "threads", "phase", "format", "bits/weight", "ms", "x bf16", "weights GB/s",
+         "of read bandwidth"],
+        [[r["shape"], r["threads"], r["phase"], r["format"], f"{r['bits_per_weight']:.2f}", f"{r['ms']:.2f}",
+          f"{r['speedup_vs_bf16']:.2f}", f"{r['weight_gb_s']:.1f}", f"{r['fraction_of_read_bandwidth']:.0%}"]
+         for r in rows],
+    )
+    m = doc["machine"]
+    bw = {t: v for t, v in doc["read_bandwidth_gb_s"].items()}
+    md = (f"# Packed-weight kernels vs bf16 F.linear (LLaMA-2-7B layer shapes)\n\n{table}\n\n"
+          f"Protocol: {doc['protocol']}\n\n"
+          f"Streaming read bandwidth (GB/s) by threads: {bw}. Kernels: {doc['kernels']}.\n\n"
+          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average "
+          f"{doc['load_average']['before'][0]:.2f} before, {doc['load_average']['after'][0]:.2f} after "
+          f"(other processes share the cores: compare rows of one run, not across runs). Commit {doc['commit']}.\n")
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=15, help="decode rounds (prefill: a fifth, at least 3)")
+    ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, comma separated")
+    ap.add_argument("--out", default="kernels")
+    args = ap.parse_args()
+    if cpu_kernels() is None:
+        sys.exit("the compiled CPU kernels are unavailable here (no AVX2, no compiler, or SQLLM_KERNELS=0)")
+    load_before = os.getloadavg()
+    g = torch.Generator().manual_seed(0)
+    rows: list[dict] = []
+    for shape in args.shapes.split(","):
+        out, n = (int(v) for v in shape.split("x"))
+        rows += measure_shape(out, n, args.threads, args.reps, g)
+    bandwidth = {str(t): next(r["read_bandwidth_gb_s"] for r in rows if r["threads"] == t) for t in args.threads}
+    doc = {
+        "protocol": (f"QuantLinear forward with bf16 activations vs F.linear with a bf16 weight; decode = 1 token "
+                     f"(median of {args.reps} interleaved rounds), prefill = {PREFILL} tokens (median of "
+                     f"{max(3, args.reps // 5)}); GB/s = packed bytes (bf16: 2 bytes/weight) per call / time."),
+        "kernels": "AVX2 (sqllm_cpu_avx2)" if kernels_enabled() else "none",
+        "read_bandwidth_gb_s": bandwidth,
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "machine": machine_info(), "commit": git_commit(str(ROOT)),
+    }
+    write(rows, doc, args.out)
