@@ -28,7 +28,7 @@ from . import __version__, output
 from .codes import QuantizedMatrix
 from .config import CONFIG_VERSION, config_to_dict
 from .data import calibration_windows, check_source, check_window_counts, eval_tokens
-from .engine.loop import EngineOptions, quantize_blocks
+from .engine.loop import EngineOptions, StageClock, quantize_blocks, quantize_parts
 from .errors import InvalidConfig, NumericalError
 from .formats.checkpoint import is_packed_checkpoint
 from .methods import METHODS, MethodSpec, get_method
@@ -41,9 +41,11 @@ __all__ = [
     "load_model",
     "make_config",
     "quantize",
+    "quantize_checkpoint",
     "save_quantized",
     "load_quantized",
     "evaluate_perplexity",
+    "evaluate_perplexity_streamed",
     "evaluate_zeroshot",
     "compute_sensitivity",
     "save_sensitivity",
@@ -143,31 +145,42 @@ class QuantizationResult:
 
     def summary(self) -> dict[str, Any]:
         """Bits per weight over the quantized linears (by part and in total) and method-specific counts."""
-        parts: dict[str, int] = {}
-        n_weights = 0
-        for qm in self.matrices.values():
-            out, n_in = qm.shape
-            n_weights += out * n_in
-            for k, v in qm.storage_bits().items():
-                parts[k] = parts.get(k, 0) + v
-        s: dict[str, Any] = {
-            "method": self.method,
-            "config": config_to_dict(self.config),
-            "linears": len(self.matrices),
-            "weights": n_weights,
-            "bits_per_weight": {k: v / n_weights for k, v in parts.items()} if n_weights else {},
-            "seconds": self.seconds,
-            "calibration": self.calibration,
-        }
-        if n_weights:
-            s["bits_per_weight"]["total"] = sum(parts.values()) / n_weights
+        records = {name: {"weights": qm.shape[0] * qm.shape[1], "storage_bits": qm.storage_bits(),
+                          "sparse_nnz": qm.sparse.nnz if qm.sparse is not None else None}
+                   for name, qm in self.matrices.items()}
+        s = summarize(self.method, self.config, records, self.calibration, self.seconds)
         if self.dense16 is not None:
             s["dense16"] = self.dense16
-        sparse = [qm.sparse.nnz for qm in self.matrices.values() if qm.sparse is not None]
-        if sparse:
-            s["sparse_values"] = sum(sparse)
-            s["sparse_pct"] = 100.0 * sum(sparse) / n_weights
         return s
+
+
+def summarize(method: str, config: Any, records: dict[str, dict[str, Any]], calibration: dict[str, Any],
+              seconds: float | None) -> dict[str, Any]:
+    """The summary of a quantization from per-linear records (``weights``, ``storage_bits`` by part,
+    ``sparse_nnz`` or None): bits per weight by part and in total, sparse counts."""
+    parts: dict[str, int] = {}
+    n_weights = 0
+    for r in records.values():
+        n_weights += r["weights"]
+        for k, v in r["storage_bits"].items():
+            parts[k] = parts.get(k, 0) + v
+    s: dict[str, Any] = {
+        "method": method,
+        "config": config_to_dict(config),
+        "linears": len(records),
+        "weights": n_weights,
+        "bits_per_weight": {k: v / n_weights for k, v in parts.items()} if n_weights else {},
+        "calibration": calibration,
+    }
+    if seconds is not None:
+        s["seconds"] = seconds
+    if n_weights:
+        s["bits_per_weight"]["total"] = sum(parts.values()) / n_weights
+    sparse = [r["sparse_nnz"] for r in records.values() if r["sparse_nnz"] is not None]
+    if sparse:
+        s["sparse_values"] = sum(sparse)
+        s["sparse_pct"] = 100.0 * sum(sparse) / n_weights
+    return s
 
 
 def make_config(method: str, **options: Any) -> Any:
@@ -290,22 +303,183 @@ def quantize(
 
 def quantization_config(result: QuantizationResult) -> dict[str, Any]:
     """The ``quantization_config`` block written into ``config.json``."""
+    return _quantization_config(result.summary())
+
+
+def _quantization_config(summary: dict[str, Any]) -> dict[str, Any]:
     from .formats.checkpoint import FORMAT_VERSION
 
-    summary = result.summary()
     return {
         "quant_method": "sqllm",
         "format_version": FORMAT_VERSION,
         "config_version": CONFIG_VERSION,
         "sqllm_version": __version__,
-        "method": result.method,
+        "method": summary["method"],
         "config": summary["config"],
         "bits": summary["config"].get("bits"),
         "group_size": summary["config"].get("group_size"),
         "bits_per_weight": summary["bits_per_weight"],
         "sparse_pct": summary.get("sparse_pct", 0.0),
-        "calibration": result.calibration,
+        "calibration": summary["calibration"],
     }
+
+
+def _model_fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies a checkpoint folder's weights cheaply: its config, and the names and sizes of its
+    safetensors files (the weights themselves are not hashed: 13 GB for a 7B model)."""
+    import hashlib
+
+    config = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+    files = {p.name: p.stat().st_size for p in sorted(path.glob("*.safetensors"))}
+    return {"path": str(path.resolve()), "config_sha256": config, "files": files}
+
+
+def _amp_name(dtype: torch.dtype | None) -> str:
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def quantize_checkpoint(
+    model: str,
+    output: str | os.PathLike,
+    method: str,
+    *,
+    config: Any = None,
+    calib: str | None = None,
+    nsamples: int = 128,
+    calib_seqlen: int = 2048,
+    seed: int = 0,
+    fisher: str | None = None,
+    engine: EngineOptions | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Quantize a checkpoint on disk into the packed folder ``output`` without loading the whole model.
+
+    Weights stay in the source's safetensors shards (in their stored dtype) and come in one block at a
+    time (:class:`~sqllm.engine.stream.StreamedModel`); each finished block's packed shard is written
+    at once into the work folder beside ``output`` (``.<name>.work``), which also records what a killed
+    run needs to go on: ``resume=True`` continues from the first unfinished block and produces the same
+    files, byte for byte, as an uninterrupted run. Under ``torchrun`` the calibration windows are split
+    across the ranks and the statistics all-reduced; rank 0 writes.
+
+    Returns the summary (bits per weight, ``stages``: wall seconds per stage, ``peak_rss_mib``).
+    """
+    import resource
+
+    from .engine import distributed as dist
+    from .engine.resume import WorkState, work_folder_for
+    from .engine.stream import StreamedModel, check_device
+
+    start = time.perf_counter()
+    spec = get_method(method)
+    cfg = _resolve_config(spec, config, options)
+    engine = engine or EngineOptions(seed=seed, progress=progress)
+    device = check_device(engine.device)
+    out = check_output(output, overwrite, inputs=[model, calib, fisher])
+    check_calibration_given(method, calib, fisher)
+    dist.init_from_env(device)
+    if resume and dist.active():
+        raise InvalidConfig("--resume runs in one process; rerun without torchrun to continue the work folder")
+    path = Path(resolve_model_path(model))
+    if is_packed_checkpoint(path):
+        raise InvalidConfig(f"{model!r} is already a packed sqllm checkpoint; quantize its full-precision source")
+    parts = StreamedModel(path, device=device)
+    check_config_against_model(cfg, parts.model)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = None
+    calibration: dict[str, Any] = {}
+    if spec.needs_windows or (spec.fisher and fisher is None):
+        assert calib is not None
+        windows = dist.shard_windows(calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed))
+        calibration = {"source": str(calib), "nsamples": nsamples, "seqlen": calib_seqlen, "seed": seed}
+    fisher_table = None
+    if spec.fisher and fisher is not None:
+        from .engine.fisher import fisher_reader
+
+        expected = {n: (parts.model.get_submodule(n).out_features, parts.model.get_submodule(n).in_features)
+                    for n in linear_names(parts.model, parts.arch)}
+        fisher_table = fisher_reader(fisher, expected)
+        calibration["fisher_file"] = fisher
+
+    settings = {
+        "model": _model_fingerprint(path), "method": method, "config": config_to_dict(cfg),
+        "calibration": calibration, "sqllm_version": __version__,
+        "engine": {"batch_size": engine.batch_size, "input_rows": engine.input_rows, "seed": engine.seed,
+                   "device": device.type, "fisher_amp": _amp_name(engine.fisher_amp)},
+    }
+    work = WorkState(work_folder_for(out), settings, resume=resume) if dist.is_main() else None
+    clock = StageClock()
+    clock.seconds["prepare"] = time.perf_counter() - start  # skeleton, shard index, tokenizer, windows
+    try:
+        quantize_parts(parts, spec, cfg, sink=_block_shard_sink(parts, work), windows=windows,
+                       fisher=fisher_table, opts=engine, work=work, clock=clock)
+    except BaseException:
+        if work is not None and not work.done:  # nothing finished: nothing worth keeping
+            work.remove()
+        raise
+    summary: dict[str, Any] = {}
+    if work is not None:
+        with clock("write"):
+            summary = _assemble_output(parts, tokenizer, work, out, spec.name, cfg, calibration)
+        work.remove()
+    summary["seconds"] = time.perf_counter() - start
+    summary["stages"] = dict(clock.seconds)
+    summary["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        summary["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    dist.finish()
+    return summary
+
+
+def _block_shard_sink(parts: Any, work: Any) -> Any:
+    """The engine's sink: each finished block's packed tensors and its other tensors (norms, biases,
+    read as stored) go to ``work.blocks_dir/block-<b>.safetensors``."""
+    from .formats.shards import write_block_shard
+
+    def sink(b: int, results: dict[str, QuantizedMatrix], block: nn.Module) -> None:
+        quantized = {f"{n}.weight" for n in results}
+        plain = parts.read([n for n in parts.names_under((parts.block_name(b),)) if n not in quantized])
+        dtypes = {n: parts.stored_dtype(f"{n}.weight") for n in results}
+        write_block_shard(work.blocks_dir / f"block-{b:05d}.safetensors", results, plain, dtypes)
+
+    return sink
+
+
+def _assemble_output(parts: Any, tokenizer: Any, work: Any, out: Path, method: str, cfg: Any,
+                     calibration: dict[str, Any]) -> dict[str, Any]:
+    """Turn the work folder's finished block shards into the packed folder ``out`` (written to a
+    temporary sibling and put in place when complete); returns the summary."""
+    import shutil
+
+    from .formats.checkpoint import model_card
+    from .formats.shards import assemble_packed, read_block_records, write_text
+
+    blocks = [work.blocks_dir / f"block-{b:05d}.safetensors" for b in range(parts.n_blocks)]
+    records = {k: v for f in blocks for k, v in read_block_records(f)[0].items()}
+    summary = summarize(method, cfg, records, calibration, None)
+    # A tied head is stored once, under the name the source stores it.
+    first = parts.read([n for n in parts.trunk_names() if parts.source[n] == n])
+    last = parts.read([n for n in parts.head_names() if parts.source[n] == n])
+    config = json.loads((parts.folder / "config.json").read_text())
+
+    def write(tmp: Path) -> None:
+        written = assemble_packed(tmp, first, blocks, last, config, _quantization_config(summary))
+        summary["dense16"] = written["quantization_config"]["dense16"]
+        if (parts.folder / "generation_config.json").is_file():
+            shutil.copyfile(parts.folder / "generation_config.json", tmp / "generation_config.json")
+        tokenizer.save_pretrained(tmp)
+        base = config.get("_name_or_path") or parts.folder.name
+        write_text(tmp / "README.md", model_card(written["quantization_config"], base))
+        write_text(tmp / "sqllm_summary.json", json.dumps(summary, indent=2))
+
+    output.write_folder(out, write)
+    summary["output"] = str(out)
+    return summary
 
 
 def written_by_sqllm(path: Path) -> bool:
@@ -380,6 +554,30 @@ def evaluate_perplexity(
     return res
 
 
+def evaluate_perplexity_streamed(
+    spec: str, source: str, *, seqlen: int = 2048, windows: int | None = None, device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of a full-precision checkpoint on disk, one block in memory at a time (float32)."""
+    from transformers import AutoTokenizer
+
+    from .engine.stream import StreamedModel, check_device
+    from .eval.perplexity import streamed_perplexity
+
+    path = resolve_model_path(spec)
+    parts = StreamedModel(path, device=check_device(device))
+    tokens = eval_tokens(AutoTokenizer.from_pretrained(path), source)
+    res = streamed_perplexity(parts, tokens, seqlen=seqlen, windows=windows, progress=progress)
+    res["source"] = str(source)
+    return res
+
+
+def is_full_precision_folder(spec: str) -> bool:
+    """Whether ``spec`` resolves to a model folder of safetensors weights that is not a packed checkpoint."""
+    path = Path(resolve_model_path(spec))
+    return path.is_dir() and not is_packed_checkpoint(path) and any(path.glob("*.safetensors"))
+
+
 def check_zeroshot_tasks(tasks: Sequence[str], *, include_path: str | None = None,
                          limit: int | None = None) -> tuple[list[str], Any]:
     """Checked task names and an lm-eval TaskManager that knows them; raises before any model is loaded."""
@@ -400,13 +598,18 @@ def evaluate_zeroshot(
 
 def compute_sensitivity(
     model: nn.Module, tokenizer: Any, calib: str, *, nsamples: int = 100, calib_seqlen: int = 512, seed: int = 0,
-    grad_checkpointing: bool = False, progress: bool = True,
+    grad_checkpointing: bool = False, amp: torch.dtype | None = None, progress: bool = True,
 ) -> dict[str, Tensor]:
-    """Diagonal Fisher ``{linear name: [out, in] float32}`` of every targeted linear (SqueezeLLM §3.2)."""
+    """Diagonal Fisher ``{linear name: [out, in] float32}`` of every targeted linear (SqueezeLLM §3.2).
+
+    Under ``torchrun`` each rank computes its share of the windows and the sums are all-reduced, so
+    every rank returns the Fisher of all windows."""
+    from .engine import distributed as dist
     from .engine.fisher import compute_fisher
 
-    windows = calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed)
-    return compute_fisher(model, linear_names(model), windows, grad_checkpointing=grad_checkpointing,
+    dist.init_from_env(next(model.parameters()).device)
+    windows = dist.shard_windows(calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed))
+    return compute_fisher(model, linear_names(model), windows, grad_checkpointing=grad_checkpointing, amp=amp,
                           progress=progress)
 
 
@@ -430,14 +633,34 @@ def check_sensitivity_output(path: str | os.PathLike, overwrite: bool, *, inputs
 
 def save_sensitivity(
     path: str | os.PathLike, fisher: dict[str, Tensor], meta: dict[str, Any], *, overwrite: bool = False,
-) -> Path:
+) -> Path | None:
     """Write a Fisher file that ``quantize(..., fisher=path)`` and ``--sensitivity-file`` read back
-    (to a temporary file first, renamed into place when complete)."""
+    (to a temporary file first, renamed into place when complete). Only rank 0 of a data-parallel run
+    writes; the other ranks return None."""
+    from .engine import distributed as dist
     from .engine.fisher import save_fisher
 
-    out = check_sensitivity_output(path, overwrite)
-    output.write_file(out, lambda tmp: save_fisher(tmp, fisher, meta))
+    out = None
+    if dist.is_main():
+        out = check_sensitivity_output(path, overwrite)
+        output.write_file(out, lambda tmp: save_fisher(tmp, fisher, meta))
+    dist.finish()
     return out
+
+
+def fisher_dtype(name: str, device: str) -> torch.dtype | None:
+    """The Fisher pass's autocast dtype for ``--fisher-dtype`` (None: float32, no autocast); ``auto`` is
+    bfloat16 where ``device`` multiplies it natively, else float32."""
+    from .engine.refine import fast_train_dtype
+    from .engine.stream import check_device
+
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name != "auto":
+        raise InvalidConfig(f"fisher dtype {name!r} is not one of auto, float32, bfloat16")
+    return None if fast_train_dtype(check_device(device)) == torch.float32 else torch.bfloat16
 
 
 def bench(path: str, *, baseline: str | None = None, prefill: int = 512, decode: int = 32) -> dict[str, Any]:

@@ -73,6 +73,15 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
     g.add_argument("--sensitivity-file", help="Fisher file from `sqllm sensitivity` (skips the gradient pass)")
+    g.add_argument("--fisher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="precision of the Fisher pass's forward and backward (squares and sums stay float32); "
+                        "auto: bfloat16 where the device multiplies it natively (AMX, AVX512-BF16, CUDA), "
+                        "else float32")
+    r = p.add_argument_group("large models")
+    r.add_argument("--device", default="cpu", help="where each block is computed: cpu (default), cuda or cuda:N; "
+                                                   "weights rest on disk either way")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run recorded in the work folder beside --output")
     m = p.add_argument_group("method options (each applies to the methods named in brackets)")
     for name, opt in method_options().items():
         kwargs = dict(opt["kwargs"])
@@ -148,14 +157,15 @@ def _write_json(path: str | None, obj: Any) -> None:
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
-    from .report import print_summary
+    from .report import print_stages, print_summary
 
     options = {k.removeprefix("opt_"): tuple(v) if isinstance(v, list) else v
                for k, v in vars(a).items() if k.startswith("opt_") and v is not None}
-    # Everything that can be refused is refused before the slow load.
+    # Everything that can be refused is refused before the slow part.
     cfg = api.make_config(a.method, **options)
     api.check_calibration_given(a.method, a.calib, a.sensitivity_file)
-    engine = api.EngineOptions(batch_size=a.batch_size, seed=a.seed)
+    engine = api.EngineOptions(batch_size=a.batch_size, seed=a.seed, device=a.device,
+                               fisher_amp=api.fisher_dtype(a.fisher_dtype, a.device))
     path = api.check_model(a.model, full_precision=True)
     if a.calib is not None:
         api.check_calibration_counts(a.nsamples, a.calib_seqlen)
@@ -165,16 +175,14 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     api.check_output(a.output, a.overwrite, inputs=inputs)
     if a.json:
         api.check_output_file(a.json, inputs=inputs)
-    model, tok = api.load_model(path, packed=False)
-    result = api.quantize(
-        model, tok, a.method, config=cfg, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
-        seed=a.seed, fisher=a.sensitivity_file, engine=engine,
+    summary = api.quantize_checkpoint(
+        path, a.output, a.method, config=cfg, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
+        seed=a.seed, fisher=a.sensitivity_file, engine=engine, resume=a.resume, overwrite=a.overwrite,
     )
-    out = api.save_quantized(model, tok, result, a.output, overwrite=a.overwrite)
-    summary = result.summary()
-    summary["output"] = str(out)
-    print_summary(summary)
-    _write_json(a.json, summary)
+    if "output" in summary:  # rank 0 of a data-parallel run, or the only process
+        print_summary(summary)
+        print_stages(summary)
+        _write_json(a.json, summary)
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
@@ -195,8 +203,13 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         checked = api.check_zeroshot_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
     results: dict[str, Any] = {"model": a.model, "runs": []}
     for spec, path in zip(specs, paths):
-        model, tok = api.load_model(path)
         run: dict[str, Any] = {"model": spec}
+        if not a.tasks and api.is_full_precision_folder(path):
+            # Perplexity alone of a full-precision model: its weights stay on disk, one block in memory.
+            run.update(api.evaluate_perplexity_streamed(path, a.ppl, seqlen=a.seqlen, windows=a.windows))
+            results["runs"].append(run)
+            continue
+        model, tok = api.load_model(path)
         if a.ppl:
             run.update(api.evaluate_perplexity(model, tok, a.ppl, seqlen=a.seqlen, windows=a.windows))
         if a.tasks:
@@ -226,8 +239,8 @@ def _cmd_sensitivity(a: argparse.Namespace) -> None:
     fisher = api.compute_sensitivity(model, tok, a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
                                      seed=a.seed, grad_checkpointing=a.gradient_checkpointing)
     meta = {"model": a.model, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed}
-    api.save_sensitivity(out, fisher, meta, overwrite=a.overwrite)
-    print(f"wrote Fisher sensitivity of {len(fisher)} linears to {a.output}")
+    if api.save_sensitivity(out, fisher, meta, overwrite=a.overwrite):
+        print(f"wrote Fisher sensitivity of {len(fisher)} linears to {a.output}")
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:

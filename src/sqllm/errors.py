@@ -45,3 +45,7 @@ class UnsafeOutput(SqllmError):
 
 class NumericalError(SqllmError):
     """A computation that cannot proceed on these numbers (e.g. a Hessian not positive definite)."""
+
+
+class WriteFailed(SqllmError):
+    """An output that could not be written (disk full, no permission); nothing half-written is left."""

@@ -30,10 +30,13 @@ class ArchSpec:
     sequential: linears inside a block (names relative to the block) in groups that see each other's
                 quantized outputs in true-sequential order: attention inputs, attention output,
                 MLP inputs, MLP output
+    final:      modules applied, in order, between the last block and the head (absent ones skipped);
+                the streamed Fisher pass runs them on the last block's output
     """
 
     blocks: str
     sequential: tuple[tuple[str, ...], ...]
+    final: tuple[str, ...] = ()
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -48,6 +51,7 @@ _LLAMA_LIKE = ArchSpec(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    final=("model.norm",),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -63,6 +67,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             ("fc1",),
             ("fc2",),
         ),
+        final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     ),
 }
 

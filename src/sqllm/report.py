@@ -35,6 +35,17 @@ def print_summary(summary: dict[str, Any]) -> None:
     print_table(["part", "bits/weight"], rows)
 
 
+def print_stages(summary: dict[str, Any]) -> None:
+    """Wall time per stage and peak memory of a run (``summary["stages"]``, ``peak_rss_mib``)."""
+    stages = summary.get("stages") or {}
+    rows = [[k, f"{v:.1f}"] for k, v in stages.items()] + [["total", f"{summary.get('seconds', 0.0):.1f}"]]
+    print_table(["stage", "seconds"], rows)
+    line = f"peak memory: {summary.get('peak_rss_mib', 0.0) / 1024:.2f} GiB resident"
+    if "peak_cuda_mib" in summary:
+        line += f", {summary['peak_cuda_mib'] / 1024:.2f} GiB on the GPU"
+    print(line)
+
+
 def git_commit(path: str | None = None) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=path, check=True)

@@ -1,17 +1,30 @@
 """Diagonal Fisher information of a causal LM's linear weights (SqueezeLLM §3.2, Eq. 3-4).
 
 ``F = sum over calibration windows of grad(W)**2``, the gradient of the window's causal-LM loss (labels
-= inputs). It is a model-level pass (every window runs the whole model forward and backward), so it
-lives beside the block loop rather than in it; its result feeds the SqueezeLLM solver per linear.
+= inputs). It is a model-level pass, so it lives beside the block loop rather than in it; its result
+feeds the SqueezeLLM solver per linear. Two exact ways to run it:
+
+* :func:`compute_fisher`: every window runs the whole (loaded) model forward and backward.
+* :func:`streamed_fisher`: one block in memory at a time. A forward sweep over the blocks keeps each
+  block's inputs (:class:`~sqllm.engine.stream.ActivationCache`, on disk past a budget); the head and
+  loss give the gradient at the last hidden state of each window; a reverse sweep recomputes each block
+  from its saved input with gradients on, backpropagates each window's incoming gradient, squares that
+  window's weight gradients into the block's float32 accumulators and hands the input gradient to the
+  block below. Each block is computed twice (no-grad, then with grad): the least a streamed backward
+  can do without keeping a block's internal activations.
+
+Both can run forward and backward under autocast (``amp=torch.bfloat16``: AMX on recent x86 CPUs,
+tensor cores on GPUs) while the squares and sums stay float32.
 Saved as safetensors, so a long gradient pass is run once and reused (``sqllm sensitivity``).
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -20,6 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import CorruptCheckpoint, InvalidConfig
+from . import distributed as dist
+from .stream import ActivationCache, ModelParts, block_output, first_block_inputs, head_loss
 
 FISHER_FORMAT = "sqllm-fisher"
 FISHER_VERSION = 1
@@ -87,12 +102,24 @@ def _gradient_mode(model: nn.Module, checkpointing: bool) -> Iterator[None]:
         model.train(was_training)
 
 
+def _check_windows(windows: Tensor) -> None:
+    if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
+        raise InvalidConfig(f"Fisher windows must be a non-empty [n, L] int64 tensor, got {windows.dtype} "
+                            f"{tuple(windows.shape)}")
+
+
+def _autocast(device: torch.device, amp: torch.dtype | None):
+    """Autocast to ``amp`` on ``device`` (a no-op context when ``amp`` is None)."""
+    return torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+
 def compute_fisher(
     model: nn.Module,
     linear_names: list[str],
     windows: Tensor,
     *,
     grad_checkpointing: bool = False,
+    amp: torch.dtype | None = None,
     progress: bool = True,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher ``{name: [out, in] float32}`` of the named linears' weights, on CPU.
@@ -102,17 +129,16 @@ def compute_fisher(
     Only the named weights require grad during the pass (the model's ``requires_grad`` flags, training
     mode and gradient checkpointing state are restored afterwards). Each gradient is squared into its
     float32 accumulator as soon as it is complete and then dropped, so at most one gradient per weight
-    is alive; no optimizer is involved.
+    is alive; no optimizer is involved. ``amp``: run forward and backward under autocast to that dtype.
     """
-    if windows.dim() != 2 or windows.dtype != torch.long or windows.shape[0] == 0:
-        raise InvalidConfig(f"Fisher windows must be a non-empty [n, L] int64 tensor, got {windows.dtype} "
-                            f"{tuple(windows.shape)}")
+    _check_windows(windows)
     weights = _target_weights(model, linear_names)
     # One accumulator per distinct Parameter: tied weights share theirs (and their single gradient).
     acc = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in weights.values()}
     params = list({id(p): p for p in weights.values()}.values())
 
     def square_into_accumulator(p: Tensor) -> None:
+        assert p.grad is not None  # the hook runs once the gradient is accumulated
         acc[id(p)].add_(p.grad.float().square())
         p.grad = None
 
@@ -122,11 +148,145 @@ def compute_fisher(
         try:
             for window in tqdm(windows, desc="Fisher", unit="window", disable=not progress):
                 ids = window.unsqueeze(0).to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                with _autocast(torch.device(device), amp):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss.backward()
         finally:
             for h in hooks:
                 h.remove()
+    for t in acc.values():
+        dist.all_reduce_(t)
     return {name: acc[id(p)].cpu() for name, p in weights.items()}
+
+
+def _run_blocks_forward(
+    parts: ModelParts, hidden: Tensor, kwargs: dict[str, Any], cache: ActivationCache, amp: torch.dtype | None,
+    batch_size: int, stop: int, progress: bool,
+) -> Tensor:
+    """Forward sweep over blocks ``0 .. stop-1``: put each block's input ``[n, L, d]`` into ``cache`` and
+    return the output of block ``stop - 1``."""
+    for b in tqdm(range(stop), desc="Fisher forward", unit="block", disable=not progress):
+        cache.put(b, hidden)
+        block = parts.block(b)
+        with parts.loaded(parts.names_under((parts.block_name(b),))), torch.no_grad(), _autocast(parts.device, amp):
+            hidden = torch.cat([block_output(block(h, **kwargs)).float() for h in hidden.split(batch_size)])
+    return hidden
+
+
+def _head_gradients(parts: ModelParts, hidden: Tensor, windows: Tensor, amp: torch.dtype | None) -> Tensor:
+    """Gradient of each window's loss at the last block's output: ``[n, L, d]`` float32."""
+    grads = []
+    with parts.loaded(parts.head_names()), torch.enable_grad():
+        for w in range(hidden.shape[0]):
+            h = hidden[w : w + 1].detach().requires_grad_(True)
+            with _autocast(parts.device, amp):
+                loss = head_loss(parts, h, windows[w : w + 1].to(parts.device))
+            grads.append(torch.autograd.grad(loss, h)[0].float())
+    return torch.cat(grads)
+
+
+def _backward_block(
+    block: nn.Module, x: Tensor, g: Tensor, kwargs: dict[str, Any], weights: dict[str, nn.Parameter],
+    amp: torch.dtype | None, need_input_grad: bool,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """One block of the reverse sweep: recompute each window ``x[w] [1, L, d]`` with grad, backpropagate
+    ``g[w]``, and square that window's weight gradients into float32 accumulators.
+
+    Returns ``({name: [out, in] float32}, input gradient [n, L, d] float32 or None)``.
+    """
+    acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
+    by_param = {id(p): acc[name] for name, p in weights.items()}
+
+    def square_into_accumulator(p: Tensor) -> None:
+        assert p.grad is not None  # the hook runs once the gradient is accumulated
+        by_param[id(p)].add_(p.grad.float().square())
+        p.grad = None
+
+    params = list(weights.values())
+    input_grads = []
+    with _only_these_require_grad(block, params), torch.enable_grad():
+        hooks = [p.register_post_accumulate_grad_hook(square_into_accumulator) for p in params]
+        try:
+            for w in range(x.shape[0]):
+                xw = x[w : w + 1].detach().requires_grad_(need_input_grad)
+                with _autocast(x.device, amp):
+                    out = block_output(block(xw, **kwargs))
+                wanted = params + ([xw] if need_input_grad else [])
+                torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=wanted)
+                if need_input_grad:
+                    assert xw.grad is not None
+                    input_grads.append(xw.grad.float())
+        finally:
+            for h in hooks:
+                h.remove()
+    return acc, (torch.cat(input_grads) if need_input_grad else None)
+
+
+def streamed_fisher(
+    parts: ModelParts,
+    windows: Tensor,
+    *,
+    amp: torch.dtype | None = None,
+    cache: ActivationCache | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    resume: tuple[int, Tensor] | None = None,
+    clock: Callable[[str], Any] | None = None,
+) -> Iterator[tuple[int, dict[str, Tensor], Tensor | None]]:
+    """Exact diagonal Fisher of every targeted linear, one block at a time (see the module docstring).
+
+    windows: [n, L] token ids (this rank's share under data parallelism; the block sums are all-reduced)
+    cache:   where the forward sweep keeps block inputs (default: all in memory)
+    resume:  ``(k, g)``: blocks above ``k`` are done and ``g [n, L, d]`` is the gradient at block ``k``'s
+             output; the forward sweep stops at block ``k`` and the head is skipped
+    clock:   ``clock(stage)`` gives a context that times the stage ("fisher forward", ...)
+    Yields ``(b, {full linear name: [out, in] float32 on parts.device}, gradient at block b's input or
+    None for block 0)`` from the top block down, while block ``b``'s weights are still loaded, so a
+    consumer can quantize the block at once.
+    """
+    _check_windows(windows)
+    timed = clock or (lambda stage: nullcontext())
+    cache = cache if cache is not None else ActivationCache(None, 0)
+    top = resume[0] if resume is not None else parts.n_blocks - 1
+    with timed("fisher forward"):
+        hidden, kwargs = first_block_inputs(parts, windows, batch_size)
+        hidden = _run_blocks_forward(parts, hidden.float(), kwargs, cache, amp, batch_size,
+                                     top if resume is not None else parts.n_blocks, progress)
+    if resume is not None:
+        cache.put(top, hidden)
+        g: Tensor | None = resume[1].to(parts.device)
+    else:
+        with timed("fisher head"):
+            g = _head_gradients(parts, hidden, windows, amp)
+    del hidden
+    with tqdm(total=(top + 1) * windows.shape[0], desc="Fisher backward", unit="window",
+              disable=not progress) as bar:
+        for b in range(top, -1, -1):
+            prefix = parts.block_name(b)
+            with timed("fisher backward"):
+                x = cache.get(b, parts.device)
+                parts.load(parts.names_under((prefix,)))
+            try:
+                assert g is not None  # only block 0 passes no gradient on
+                with timed("fisher backward"):
+                    block = parts.block(b)
+                    weights = {f"{prefix}.{lin}": block.get_submodule(lin).weight for lin in parts.arch.linears}
+                    fisher, g_in = _backward_block(block, x, g, kwargs, weights, amp, need_input_grad=b > 0)
+                    for t in fisher.values():
+                        dist.all_reduce_(t)
+                bar.update(windows.shape[0])
+                yield b, fisher, g_in
+            finally:
+                parts.release(parts.names_under((prefix,)))
+            del x, fisher
+            g = g_in
+            cache.drop(b)
+
+
+def streamed_fisher_dict(parts: ModelParts, windows: Tensor, **options: Any) -> dict[str, Tensor]:
+    """:func:`streamed_fisher` gathered into ``{full linear name: [out, in] float32 on CPU}``, in block order."""
+    blocks = {b: {k: v.cpu() for k, v in f.items()} for b, f, _ in streamed_fisher(parts, windows, **options)}
+    return {k: v for b in sorted(blocks) for k, v in blocks[b].items()}
 
 
 def save_fisher(path: str | Path, fisher: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -143,6 +303,15 @@ def load_fisher(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> di
     (with both shapes), and CorruptCheckpoint when the file cannot be read as a Fisher file or holds
     negative or non-finite values.
     """
+    return fisher_reader(path, expected)(list(expected))
+
+
+def fisher_reader(
+    path: str | Path, expected: Mapping[str, tuple[int, ...]]
+) -> Callable[[list[str]], dict[str, Tensor]]:
+    """Check a Fisher file's header against ``expected`` (name -> shape) now, as :func:`load_fisher`
+    does, and return ``read(names) -> {name: [out, in] float32}`` that loads only the named tensors (a
+    7B model's Fisher is 27 GB in float32; the block loop reads one block's worth at a time)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidConfig(f"Fisher file {str(path)!r} does not exist; compute one with `sqllm sensitivity`")
@@ -150,18 +319,24 @@ def load_fisher(path: str | Path, expected: Mapping[str, tuple[int, ...]]) -> di
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-            if header.get("format") != FISHER_FORMAT:
-                raise CorruptCheckpoint(f"{str(path)!r} is not a Fisher file (format {header.get('format')!r})")
-            _check_names_and_shapes(path, shapes, expected)
-            fisher = {name: f.get_tensor(name).float() for name in expected}
-    except (InvalidConfig, CorruptCheckpoint):
-        raise
     except Exception as e:  # safetensors raises its own error types, or OSError, on damaged files
         raise CorruptCheckpoint(f"cannot read Fisher file {str(path)!r}: {e}") from None
-    for name, t in fisher.items():
-        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-            raise CorruptCheckpoint(f"Fisher tensor {name!r} in {str(path)!r} has negative or non-finite values")
-    return fisher
+    if header.get("format") != FISHER_FORMAT:
+        raise CorruptCheckpoint(f"{str(path)!r} is not a Fisher file (format {header.get('format')!r})")
+    _check_names_and_shapes(path, shapes, expected)
+
+    def read(names: list[str]) -> dict[str, Tensor]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                fisher = {name: f.get_tensor(name).float() for name in names}
+        except Exception as e:
+            raise CorruptCheckpoint(f"cannot read Fisher file {str(path)!r}: {e}") from None
+        for name, t in fisher.items():
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise CorruptCheckpoint(f"Fisher tensor {name!r} in {str(path)!r} has negative or non-finite values")
+        return fisher
+
+    return read
 
 
 def _check_names_and_shapes(

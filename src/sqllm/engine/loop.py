@@ -1,20 +1,32 @@
 """The block loop: quantize a model one decoder block at a time, as GPTQ does.
 
-1. Run the embeddings on the calibration windows and capture the inputs of the first block (and the
-   keyword arguments the architecture passes it: masks, position embeddings).
-2. For each block: move it to the work device; for each sequential group of linears, hook their inputs
-   to collect the statistics the method needs, run the block, call the solver per linear and write the
-   dequantized weight back; then run the block once more so that its *quantized* outputs become the next
-   block's inputs; move it back.
+The model comes as :class:`~sqllm.engine.stream.ModelParts`: a loaded model, or a checkpoint whose
+weights rest on disk and come in one block at a time. Two orders:
 
-Peak memory is one block plus the activations of the calibration windows.
+* Forward (methods with layer statistics or a block stage, and Fisher methods given a Fisher table):
+  1. run the embeddings on the calibration windows and capture the first block's inputs (and the
+     keyword arguments the architecture passes it: masks, position embeddings);
+  2. for each block: load it; for each sequential group of linears, hook their inputs to collect the
+     statistics the method needs, run the block, call the solver per linear and write the dequantized
+     weight back; run the method's block stage; run the block once more so that its *quantized*
+     outputs become the next block's inputs; hand the block's codes to the sink; release the block.
+* Reverse, for Fisher methods without a Fisher table: the streamed Fisher pass
+  (:func:`~sqllm.engine.fisher.streamed_fisher`) yields each block's Fisher while the block is still
+  loaded, from the last block to the first, and the block is solved at once. The Fisher never exists
+  for the whole model, and each block is read from disk twice (forward sweep, reverse sweep).
+
+After each block the :class:`~sqllm.engine.resume.WorkState`, if given, records what is needed to go
+on after a kill (the next block's inputs or the gradient flowing into it). Peak memory is one block in
+the compute dtype, its statistics, and the calibration activations.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +35,9 @@ from tqdm.auto import tqdm
 from ..codes import QuantizedMatrix
 from ..errors import InvalidConfig
 from ..methods import LayerStats, MethodSpec, StageOptions, StatContext
-from ..models import ArchSpec, get_blocks
+from ..models import ArchSpec
+from . import distributed as dist
+from .stream import ActivationCache, InMemoryParts, ModelParts, block_output, first_block_inputs
 
 # ``stage(block, index, block_inputs, fp_outputs, block_results) -> block_results``: block-level work
 # (training, refinement) after a block's linears are solved; see MethodSpec.block_stage.
@@ -31,10 +45,8 @@ BlockStage = Callable[
     [nn.Module, int, "BlockInputs", Tensor, dict[str, QuantizedMatrix]],
     dict[str, QuantizedMatrix],
 ]
-
-
-class _StopForward(Exception):
-    pass
+# ``sink(index, block_results, block)``: receives each finished block's codes while the block is loaded
+BlockSink = Callable[[int, dict[str, QuantizedMatrix], nn.Module], None]
 
 
 @dataclass
@@ -46,42 +58,15 @@ class BlockInputs:
 
 
 def capture_first_block_inputs(model: nn.Module, arch: ArchSpec, windows: Tensor, batch_size: int) -> BlockInputs:
-    """Run the model up to its first block on ``windows: [n, L]`` and keep what the block receives."""
-    first = get_blocks(model, arch)[0]
-    hidden: list[Tensor] = []
-    shared: dict[str, Any] = {}
-
-    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden.append(args[0] if args else kwargs["hidden_states"])
-        if not shared:
-            shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(first.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in windows.split(batch_size):
-                try:
-                    model(batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    shared["use_cache"] = False
-    shared.pop("past_key_values", None)
-    shared.pop("past_key_value", None)
-    return BlockInputs(torch.cat(hidden), shared)
+    """Run a loaded model up to its first block on ``windows: [n, L]`` and keep what the block receives."""
+    device = next(model.parameters()).device
+    return BlockInputs(*first_block_inputs(InMemoryParts(model, device=device), windows, batch_size))
 
 
 def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int) -> Tensor:
     """Outputs ``[n, L, d]`` of one block on every window."""
-    outs = []
     with torch.no_grad():
-        for h in inputs.hidden.split(batch_size):
-            out = block(h, **inputs.kwargs)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs)
+        return torch.cat([block_output(block(h, **inputs.kwargs)) for h in inputs.hidden.split(batch_size)])
 
 
 @dataclass(frozen=True)
@@ -91,6 +76,8 @@ class EngineOptions:
     batch_size:      calibration windows per block forward
     input_rows:      rows of calibration inputs kept per linear for methods that sample inputs
     device:          where each block is moved while it is calibrated
+    fisher_amp:      autocast dtype of the Fisher pass's forward and backward (None: float32)
+    activation_budget: bytes of block inputs the streamed Fisher keeps in memory; the rest go to disk
 
     Whether a block's linears are solved group by group (true-sequential) is the method's own option
     (``cfg.true_sequential`` where the config has it).
@@ -101,6 +88,29 @@ class EngineOptions:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    fisher_amp: torch.dtype | None = None
+    activation_budget: int = 2 * 1024**3
+
+
+class StageClock:
+    """Wall seconds per named stage, summed over the run (``with clock("solve"): ...``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> _Timed:
+        return _Timed(self, stage)
+
+
+class _Timed:
+    def __init__(self, clock: StageClock, stage: str):
+        self.clock, self.stage = clock, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.clock.seconds[self.stage] = self.clock.seconds.get(self.stage, 0.0) + time.perf_counter() - self.start
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -112,7 +122,8 @@ class EngineOptions:
 def _collect(
     block: nn.Module, names: tuple[str, ...], method: MethodSpec, inputs: BlockInputs, opts: EngineOptions
 ) -> dict[str, LayerStats]:
-    """Run the block once with hooks on ``names`` and return each linear's statistics."""
+    """Run the block once with hooks on ``names`` and return each linear's statistics, summed over the
+    data-parallel ranks when there are several (each rank runs its own windows)."""
     n_windows = inputs.hidden.shape[0]
     per_batch = math.ceil(opts.input_rows / math.ceil(n_windows / opts.batch_size))
     accs: dict[str, list[Any]] = {}
@@ -134,7 +145,177 @@ def _collect(
     finally:
         for h in handles:
             h.remove()
+    for n in names:
+        for _, acc in accs[n]:
+            dist.reduce_accumulator(acc)
     return {n: LayerStats(name=n, **{kind: acc.result() for kind, acc in accs[n]}) for n in names}
+
+
+def _solve_group(
+    parts: ModelParts, b: int, group: tuple[str, ...], stats: dict[str, LayerStats], method: MethodSpec, cfg: Any,
+    fisher: Mapping[str, Tensor] | None, bar: tqdm, share: bool,
+) -> dict[str, QuantizedMatrix]:
+    """Solve each linear of ``group`` in block ``b`` and write its dequantized weight back.
+
+    Rank 0 solves; with ``share`` the other data-parallel ranks receive the dequantized weights (their
+    next block inputs must be computed with the same weights). Other ranks return no codes."""
+    block = parts.block(b)
+    results: dict[str, QuantizedMatrix] = {}
+    for name in group:
+        full = f"{parts.block_name(b)}.{name}"
+        layer = block.get_submodule(name)
+        if dist.is_main():
+            st = stats[name]
+            st.name = full
+            if fisher is not None:
+                st.fisher = fisher[full].to(layer.weight.device)
+            qm = method.solve(layer.weight.data.float(), st, cfg)
+            layer.weight.data = qm.dequantize().to(layer.weight.dtype).to(layer.weight.device)
+            results[full] = qm
+        if share:
+            dist.broadcast_(layer.weight.data)
+        bar.update(1)
+        bar.set_postfix_str(f"block {b} {name}")
+    return results
+
+
+def _forward_order(
+    parts: ModelParts, method: MethodSpec, cfg: Any, windows: Tensor | None, fisher: FisherTable | None,
+    opts: EngineOptions, sink: BlockSink, work: Any, clock: StageClock,
+) -> None:
+    """Blocks from first to last, each calibrated on the quantized outputs of the ones before."""
+    stage_opts = StageOptions(seed=opts.seed, progress=opts.progress)
+    stage = method.block_stage(cfg, stage_opts) if method.block_stage else None
+    groups = parts.arch.sequential if getattr(cfg, "true_sequential", True) else (parts.arch.linears,)
+    start, inputs = 0, None
+    if method.needs_windows:
+        assert windows is not None
+        resumed = work.resume_forward(parts.device) if work is not None else None
+        with clock("capture"):
+            hidden, kwargs = first_block_inputs(parts, windows[:1] if resumed else windows, opts.batch_size)
+        start, hidden = resumed if resumed else (0, hidden)
+        inputs = BlockInputs(hidden, kwargs)
+    elif work is not None:
+        start = work.next_block_forward()
+    with tqdm(total=(parts.n_blocks - start) * len(parts.arch.linears), desc=f"{method.name} blocks",
+              disable=not opts.progress) as bar:
+        for b in range(start, parts.n_blocks):
+            names = parts.names_under((parts.block_name(b),))
+            with clock("load"):
+                parts.load(names)
+            try:
+                _forward_block(parts, b, method, cfg, groups, inputs, fisher, stage, opts, sink, clock, bar)
+            finally:
+                parts.release(names)
+            if work is not None:
+                work.block_done(b, inputs.hidden if inputs is not None else None, direction="forward")
+
+
+def _forward_block(
+    parts: ModelParts, b: int, method: MethodSpec, cfg: Any, groups: tuple[tuple[str, ...], ...],
+    inputs: BlockInputs | None, fisher: FisherTable | None, stage: BlockStage | None, opts: EngineOptions,
+    sink: BlockSink, clock: StageClock, bar: tqdm,
+) -> None:
+    """Calibrate, solve, refine and propagate the loaded block ``b``; ``inputs.hidden`` becomes its
+    quantized outputs."""
+    block = parts.block(b)
+    fp_out = run_block(block, inputs, opts.batch_size) if stage is not None and inputs is not None else None
+    block_fisher = fisher.block(b) if fisher is not None else None
+    results: dict[str, QuantizedMatrix] = {}
+    for group in groups:
+        with clock("statistics"):
+            stats = (_collect(block, group, method, inputs, opts) if method.layer_stats and inputs is not None
+                     else {n: LayerStats(name=n) for n in group})
+        with clock("solve"):
+            results.update(_solve_group(parts, b, group, stats, method, cfg, block_fisher, bar,
+                                        share=inputs is not None))
+    if stage is not None:
+        assert inputs is not None and fp_out is not None  # a block stage makes the method need windows
+        with clock("block stage"):
+            results = stage(block, b, inputs, fp_out, results)
+    if inputs is not None:
+        with clock("propagate"):
+            inputs.hidden = run_block(block, inputs, opts.batch_size)
+    if dist.is_main():
+        with clock("write"):
+            sink(b, results, block)
+
+
+def _reverse_fisher_order(
+    parts: ModelParts, method: MethodSpec, cfg: Any, windows: Tensor, opts: EngineOptions, sink: BlockSink,
+    work: Any, clock: StageClock,
+) -> None:
+    """Fisher methods: each block is solved as soon as the streamed Fisher pass has its Fisher."""
+    from .fisher import streamed_fisher
+
+    resume = work.resume_reverse(parts.device) if work is not None else None
+    cache = ActivationCache(work.activation_dir if work is not None else None, opts.activation_budget)
+    sweep = streamed_fisher(parts, windows, amp=opts.fisher_amp, cache=cache, batch_size=opts.batch_size,
+                            progress=opts.progress, resume=resume, clock=clock)
+    top = resume[0] if resume is not None else parts.n_blocks - 1
+    with tqdm(total=(top + 1) * len(parts.arch.linears), desc=f"{method.name} blocks",
+              disable=not opts.progress) as bar:
+        for b, block_fisher, grad_in in sweep:
+            with clock("solve"):
+                stats = {n: LayerStats(name=n) for n in parts.arch.linears}
+                results = _solve_group(parts, b, parts.arch.linears, stats, method, cfg, block_fisher, bar,
+                                       share=False)
+            if dist.is_main():
+                with clock("write"):
+                    sink(b, results, parts.block(b))
+            if work is not None:
+                work.block_done(b, grad_in, direction="reverse")
+
+
+class FisherTable:
+    """Per-block view of a Fisher table: a dict ``{full linear name: [out, in]}`` or a lazy reader
+    (``block(b)`` returns the block's entries)."""
+
+    def __init__(self, parts: ModelParts, source: Mapping[str, Tensor] | Callable[[list[str]], dict[str, Tensor]]):
+        self.parts = parts
+        self.source = source
+
+    def block(self, b: int) -> dict[str, Tensor]:
+        names = [f"{self.parts.block_name(b)}.{n}" for n in self.parts.arch.linears]
+        if callable(self.source):
+            return self.source(names)
+        return {n: self.source[n] for n in names}
+
+
+def quantize_parts(
+    parts: ModelParts,
+    method: MethodSpec,
+    cfg: Any,
+    *,
+    sink: BlockSink,
+    windows: Tensor | None = None,
+    fisher: Mapping[str, Tensor] | Callable[[list[str]], dict[str, Tensor]] | None = None,
+    opts: EngineOptions = EngineOptions(),
+    work: Any = None,
+    clock: StageClock | None = None,
+) -> StageClock:
+    """Quantize every targeted linear of ``parts``, handing each finished block's codes to ``sink``.
+
+    windows: ``[n, L]`` calibration tokens (this rank's share under data parallelism); needed when the
+             method collects layer statistics, has a block stage, or computes its Fisher
+    fisher:  for Fisher methods, a table ``{full linear name: [out, in]}`` or a reader ``names -> table``;
+             None computes it with the streamed Fisher pass, solving each block as its Fisher is done
+    work:    a :class:`~sqllm.engine.resume.WorkState` to record progress in and resume from
+    Returns the clock with the seconds spent per stage.
+    """
+    clock = clock or StageClock()
+    if work is not None and len(work.done) == parts.n_blocks:  # killed after the last block: nothing left
+        return clock
+    if method.needs_windows and windows is None:
+        raise ValueError(f"method {method.name!r} needs calibration windows")
+    if method.fisher and fisher is None:
+        if windows is None:
+            raise ValueError(f"method {method.name!r} needs calibration windows or a Fisher table")
+        _reverse_fisher_order(parts, method, cfg, windows, opts, sink, work, clock)
+    else:
+        table = FisherTable(parts, fisher) if method.fisher and fisher is not None else None
+        _forward_order(parts, method, cfg, windows, table, opts, sink, work, clock)
+    return clock
 
 
 def quantize_blocks(
@@ -147,8 +328,8 @@ def quantize_blocks(
     fisher: dict[str, Tensor] | None = None,
     opts: EngineOptions = EngineOptions(),
 ) -> dict[str, QuantizedMatrix]:
-    """Quantize every targeted linear of ``model`` in place (weights become their dequantized values)
-    and return the codes by full module name.
+    """Quantize every targeted linear of a loaded ``model`` in place (weights become their dequantized
+    values) and return the codes by full module name.
 
     windows:    ``[n, L]`` calibration tokens; needed when the method collects layer statistics or has
                 a block stage
@@ -158,48 +339,21 @@ def quantize_blocks(
     propagated, with the block's full-precision outputs; it may refine the block's weights and codes
     (SliM-LLM+ trains its clipping there).
     """
-    blocks = get_blocks(model, arch)
-    prefix = arch.blocks
-    needs_acts = method.needs_windows
-    if needs_acts and windows is None:
-        raise ValueError(f"method {method.name!r} needs calibration windows")
     if method.fisher and fisher is None:
         raise ValueError(f"method {method.name!r} needs Fisher information")
-    stage = method.block_stage(cfg, StageOptions(seed=opts.seed, progress=opts.progress)) if method.block_stage else None
-
-    inputs = capture_first_block_inputs(model, arch, windows, opts.batch_size) if needs_acts else None
-    groups = arch.sequential if getattr(cfg, "true_sequential", True) else (arch.linears,)
     results: dict[str, QuantizedMatrix] = {}
-    bar = tqdm(total=len(blocks) * len(arch.linears), desc=f"{method.name} blocks", disable=not opts.progress)
-    for b, block in enumerate(blocks):
-        home = next(block.parameters()).device
-        block.to(opts.device)
-        if inputs is not None:
-            inputs.hidden = inputs.hidden.to(opts.device)
-        fp_out = run_block(block, inputs, opts.batch_size) if stage is not None else None
-        block_results: dict[str, QuantizedMatrix] = {}
-        for group in groups:
-            if method.layer_stats:
-                stats = _collect(block, group, method, inputs, opts)
-            else:
-                stats = {n: LayerStats(name=n) for n in group}
-            for name in group:
-                full = f"{prefix}.{b}.{name}"
-                layer = block.get_submodule(name)
-                st = stats[name]
-                st.name = full
-                if fisher is not None:
-                    st.fisher = fisher[full]
-                qm = method.solve(layer.weight.data.float(), st, cfg)
-                layer.weight.data = qm.dequantize().to(layer.weight.dtype).to(layer.weight.device)
-                block_results[full] = qm
-                bar.update(1)
-                bar.set_postfix_str(f"block {b} {name}")
-        if stage is not None:
-            block_results = stage(block, b, inputs, fp_out, block_results)
+
+    def collect(b: int, block_results: dict[str, QuantizedMatrix], block: nn.Module) -> None:
         results.update(block_results)
-        if inputs is not None:
-            inputs.hidden = run_block(block, inputs, opts.batch_size)
-        block.to(home)
-    bar.close()
-    return results
+
+    quantize_parts(InMemoryParts(model, device=opts.device), method, cfg, sink=collect, windows=windows,
+                   fisher=fisher, opts=opts)
+    return dict(sorted(results.items(), key=lambda kv: _order(arch, kv[0])))
+
+
+def _order(arch: ArchSpec, name: str) -> tuple[int, int]:
+    """Sort key of a full linear name: block index, then position in the architecture's linears."""
+    rest = name.removeprefix(arch.blocks + ".")
+    b, _, rel = rest.partition(".")
+    return int(b), arch.linears.index(rel)
+

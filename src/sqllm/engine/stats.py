@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -15,8 +17,16 @@ class HessianAccumulator:
 
     def update(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.sum.device != x.device:  # the sum lives where the block runs (a GPU with --device cuda)
+            self.sum = self.sum.to(x.device)
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
+
+    def all_reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum ``sum`` and ``count`` over data-parallel ranks with ``reduce`` (an in-place sum)."""
+        reduce(self.sum)
+        count = torch.tensor([self.count], dtype=torch.float64)
+        self.count = int(reduce(count).item())
 
     def result(self) -> Tensor:
         return self.sum * (2.0 / max(self.count, 1))

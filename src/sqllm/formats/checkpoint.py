@@ -92,7 +92,7 @@ def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor
     return shards
 
 
-def _model_card(qconfig: dict[str, Any], base: str) -> str:
+def model_card(qconfig: dict[str, Any], base: str) -> str:
     bpw = qconfig.get("bits_per_weight", {}).get("total")
     return (
         f"# {base} ({qconfig['method']}, {qconfig.get('bits')}-bit)\n\n"
@@ -144,7 +144,7 @@ def write_packed(
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
     base = getattr(model.config, "_name_or_path", "") or model.config.model_type
-    (dest / "README.md").write_text(_model_card(qconfig, base))
+    (dest / "README.md").write_text(model_card(qconfig, base))
     return config["quantization_config"]
 
 
