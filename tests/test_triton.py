@@ -291,17 +291,18 @@ def packed_tiny_llama() -> torch.nn.Module:
 def test_packed_model_forward_matches_torch_path(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole packed model: logits with ``SQLLM_KERNELS=triton`` within 1e-3 (relative, Frobenius) of
     ``SQLLM_KERNELS=0``, and Triton computed every packed product."""
+    from sqllm.nn.kernels import torch_path, triton_path
+
     model = packed_tiny_llama()
     ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(tokens))
-    monkeypatch.setenv("SQLLM_KERNELS", "0")
-    with torch.no_grad():
+    with torch.no_grad(), torch_path():
         ref = model(ids).logits
     calls = []
     for name in ("lut_mm", "uniform_mm", "csr_mm"):
         real = getattr(tk, name)
         monkeypatch.setattr(tk, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     monkeypatch.setenv("SQLLM_KERNELS", "triton")
-    with torch.no_grad():
+    with torch.no_grad(), triton_path():
         got = model(ids).logits
     metas = [m.meta for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(calls) == sum(len(m.mixed_cols or [0]) + bool(m.nnz) for m in metas)

@@ -24,7 +24,7 @@ import os
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -77,9 +77,24 @@ def torch_path() -> Iterator[None]:
     """Within this block the ops run their pure-torch implementation on CPU, whether or not the kernels
     are loaded (tests and benchmarks compare the two). A temporary registration overrides the CPU
     implementation and is removed on exit; other devices are unaffected."""
-    torch_impls = {"lut_mm": ops.lut_mm_torch, "uniform_mm": ops.uniform_mm_torch, "csr_mm": ops.csr_mm_torch}
+    with _cpu_implementations(ops.lut_mm_torch, ops.uniform_mm_torch, ops.csr_mm_torch):
+        yield
+
+
+@contextlib.contextmanager
+def triton_path() -> Iterator[None]:
+    """Within this block CPU calls of the ops go through :mod:`.triton_ops` (Triton's interpreter under
+    ``SQLLM_KERNELS=triton``), whatever was loaded before: ``SQLLM_KERNELS`` itself is read when the
+    kernels first load, so tests and benchmarks that switch back and forth in one process use this."""
+    with _cpu_implementations(triton_ops.lut_mm, triton_ops.uniform_mm, triton_ops.csr_mm):
+        yield
+
+
+@contextlib.contextmanager
+def _cpu_implementations(lut_mm: Callable, uniform_mm: Callable, csr_mm: Callable) -> Iterator[None]:
+    """A temporary registration of the ops' CPU implementations, removed on exit."""
     with torch.library._scoped_library("sqllm", "IMPL") as lib, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid")  # replacing the kernels is the point
-        for name, fn in torch_impls.items():
+        for name, fn in (("lut_mm", lut_mm), ("uniform_mm", uniform_mm), ("csr_mm", csr_mm)):
             lib.impl(name, fn, "CPU")
         yield
