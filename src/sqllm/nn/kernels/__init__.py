@@ -18,9 +18,9 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 import torch
 
