@@ -5,8 +5,10 @@
 For every layer shape (out x in: 4096x4096, 11008x4096, 4096x11008), format (LUT 3/4-bit, LUT 3-bit with
 0.45% outliers, SliM-LLM-style mixed 1/2/3-bit g64 averaging 2 bits, uniform 4-bit g128) and thread
 count, in one process: decode (1 token) and prefill (256 tokens) through ``QuantLinear`` with bf16
-activations, next to ``F.linear`` with a bf16 weight. Timings are medians of interleaved rounds (each
-round times every variant once), so load from other processes hits all variants alike. Achieved
+activations, next to ``F.linear`` with a bf16 weight. Every round times every variant once, in a
+shuffled order, so load from other processes hits all variants alike; the table reports the minimum
+(the least disturbed call: on a shared machine, preemption only ever adds time) and the median, and at
+one thread also the calling thread's CPU time, which preemption does not inflate. Achieved
 bandwidth counts the packed tensors (codes, tables or scales, bit map, outliers) read once per call,
 and is compared with the machine's streaming read bandwidth at the same thread count (a 256 MiB
 float32 buffer summed with AVX2 by the kernels' own ``stream_sum``). Weights are random: speed does
@@ -18,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,24 +74,34 @@ def packed_bytes(module: QuantLinear) -> int:
     return sum(t.numel() * t.element_size() for t in module.packed_tensors().values())
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median wall seconds of each function, timed once per round across ``reps`` rounds (after a warm-up)."""
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], reps: int, seed: int = 0
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall seconds and this thread's CPU seconds of each function over ``reps`` rounds (after a
+    warm-up); every round times every function once, in a shuffled order, so that the scheduler's
+    periodic preemption on a shared machine cannot keep hitting the same function. At one thread the
+    CPU time is the kernel's own cost, whatever the machine's load (preemption adds wall time only)."""
     for f in fns.values():
         f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = random.Random(seed)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        for name, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
+            t, c = time.perf_counter(), time.thread_time()
+            fns[name]()
+            cpu[name].append(time.thread_time() - c)
+            wall[name].append(time.perf_counter() - t)
+    return wall, cpu
 
 
 def read_bandwidth(reps: int) -> float:
     """Streaming read bandwidth in GB/s at the current torch thread count."""
     buffer = torch.ones(64 * 2**20)  # 256 MiB, touched so every page is real memory
     k = cpu_kernels()
-    t = interleaved_medians({"read": lambda: k.stream_sum(buffer)}, reps)["read"]
+    t = min(interleaved_times({"read": lambda: k.stream_sum(buffer)}, reps)[0]["read"])
     return buffer.numel() * 4 / t / 1e9
 
 
@@ -102,20 +115,26 @@ def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch
         bandwidth = read_bandwidth(5)
         for tokens, label, rounds in ((1, "decode", reps), (PREFILL, f"prefill {PREFILL}", max(3, reps // 5))):
             x = torch.randn(tokens, n, generator=g).bfloat16()
-            fns: dict[str, Callable[[], object]] = {"bf16 F.linear": lambda: F.linear(x, w_bf16)}
-            fns |= {fmt: (lambda m=m: m(x)) for fmt, m in modules.items()}
+            fns: dict[str, Callable[[], object]] = {"bf16 F.linear": lambda x=x: F.linear(x, w_bf16)}
+            fns |= {fmt: (lambda m=m, x=x: m(x)) for fmt, m in modules.items()}
             with torch.inference_mode():
-                seconds = interleaved_medians(fns, rounds)
-            base = seconds["bf16 F.linear"]
-            for name, s in seconds.items():
+                times, cpu = interleaved_times(fns, rounds)
+            base = min(times["bf16 F.linear"])
+            for name, ts in times.items():
+                s = min(ts)
+                cpu_s = min(cpu[name]) if threads == 1 else None  # other threads' work is not this thread's
                 nbytes = 2 * out * n if name == "bf16 F.linear" else packed_bytes(modules[name])
                 rows.append({
                     "shape": f"{out}x{n}", "threads": threads, "phase": label, "tokens": tokens, "format": name,
                     "bits_per_weight": 16.0 if name == "bf16 F.linear" else modules[name].bits_per_weight(),
-                    "ms": s * 1e3, "speedup_vs_bf16": base / s, "weight_gb_s": nbytes / s / 1e9,
-                    "read_bandwidth_gb_s": bandwidth, "fraction_of_read_bandwidth": nbytes / s / 1e9 / bandwidth,
+                    "ms": s * 1e3, "median_ms": statistics.median(ts) * 1e3, "speedup_vs_bf16": base / s,
+                    "median_speedup_vs_bf16": statistics.median(times["bf16 F.linear"]) / statistics.median(ts),
+                    "cpu_ms": None if cpu_s is None else cpu_s * 1e3,
+                    "cpu_speedup_vs_bf16": None if cpu_s is None else min(cpu["bf16 F.linear"]) / cpu_s,
+                    "weight_gb_s": nbytes / s / 1e9, "read_bandwidth_gb_s": bandwidth,
+                    "fraction_of_read_bandwidth": nbytes / s / 1e9 / bandwidth,
                 })
-            print(f"{out}x{n} {threads}t {label}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items()),
+            print(f"{out}x{n} {threads}t {label}: " + ", ".join(f"{k} {min(v) * 1e3:.2f} ms" for k, v in times.items()),
                   flush=True)
     return rows
 
@@ -124,10 +143,13 @@ def write(rows: list[dict], doc: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")
     table = markdown_table(
-        ["layer (out x in)", "threads", "phase", "format", "bits/weight", "ms", "x bf16", "weights GB/s",
-         "of read bandwidth"],
+        ["layer (out x in)", "threads", "phase", "format", "bits/weight", "ms (min)", "x bf16 (min)",
+         "ms (median)", "x bf16 (median)", "CPU ms", "x bf16 (CPU)", "weights GB/s", "of read bandwidth"],
         [[r["shape"], r["threads"], r["phase"], r["format"], f"{r['bits_per_weight']:.2f}", f"{r['ms']:.2f}",
-          f"{r['speedup_vs_bf16']:.2f}", f"{r['weight_gb_s']:.1f}", f"{r['fraction_of_read_bandwidth']:.0%}"]
+          f"{r['speedup_vs_bf16']:.2f}", f"{r['median_ms']:.2f}", f"{r['median_speedup_vs_bf16']:.2f}",
+          "-" if r["cpu_ms"] is None else f"{r['cpu_ms']:.2f}",
+          "-" if r["cpu_speedup_vs_bf16"] is None else f"{r['cpu_speedup_vs_bf16']:.2f}",
+          f"{r['weight_gb_s']:.1f}", f"{r['fraction_of_read_bandwidth']:.0%}"]
          for r in rows],
     )
     m = doc["machine"]
@@ -160,8 +182,9 @@ if __name__ == "__main__":
     bandwidth = {str(t): next(r["read_bandwidth_gb_s"] for r in rows if r["threads"] == t) for t in args.threads}
     doc = {
         "protocol": (f"QuantLinear forward with bf16 activations vs F.linear with a bf16 weight; decode = 1 token "
-                     f"(median of {args.reps} interleaved rounds), prefill = {PREFILL} tokens (median of "
-                     f"{max(3, args.reps // 5)}); GB/s = packed bytes (bf16: 2 bytes/weight) per call / time."),
+                     f"({args.reps} rounds), prefill = {PREFILL} tokens ({max(3, args.reps // 5)} rounds); each round "
+                     f"times every variant once in a shuffled order; speedups and GB/s from the minimum time "
+                     f"(median columns alongside; CPU ms = the calling thread's CPU time, 1 thread only); GB/s = packed bytes (bf16: 2 bytes/weight) per call / time."),
         "kernels": "AVX2 (sqllm_cpu_avx2)" if kernels_enabled() else "none",
         "read_bandwidth_gb_s": bandwidth,
         "load_average": {"before": load_before, "after": os.getloadavg()},

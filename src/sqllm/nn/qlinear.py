@@ -14,8 +14,9 @@ weight unless :meth:`QuantLinear.cache_dense_weight` asks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

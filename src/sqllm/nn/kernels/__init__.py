@@ -22,9 +22,9 @@ import functools
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator
 
 import torch
 
