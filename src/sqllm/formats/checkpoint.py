@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -114,18 +114,23 @@ def read_quantization_config(path: Path) -> dict[str, Any]:
         config = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CorruptCheckpoint(f"{cfg_path}: unreadable config.json ({exc})") from None
-    qc = config.get("quantization_config") or {}
+    return check_quantization_config(config.get("quantization_config") or {}, str(cfg_path))
+
+
+def check_quantization_config(qc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``qc``, a ``quantization_config`` block, as a dict once its method, format version and layer
+    table are ones this sqllm reads; else CorruptCheckpoint naming ``where`` (the file it came from)."""
     if qc.get("quant_method") != "sqllm":
-        raise CorruptCheckpoint(f"{cfg_path}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'sqllm'")
+        raise CorruptCheckpoint(f"{where}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'sqllm'")
     version = qc.get("format_version")
     if version != FORMAT_VERSION:
         raise CorruptCheckpoint(
-            f"{cfg_path}: format_version {version!r} is not supported (this sqllm reads {FORMAT_VERSION}); "
+            f"{where}: format_version {version!r} is not supported (this sqllm reads {FORMAT_VERSION}); "
             f"upgrade sqllm or re-quantize"
         )
     if not isinstance(qc.get("layers"), dict):
-        raise CorruptCheckpoint(f"{cfg_path}: quantization_config has no 'layers' table")
-    return qc
+        raise CorruptCheckpoint(f"{where}: quantization_config has no 'layers' table")
+    return dict(qc)
 
 
 def read_tensors(path: Path) -> dict[str, Tensor]:
