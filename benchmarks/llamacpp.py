@@ -1,0 +1,333 @@
+"""llama.cpp side by side with sqllm on SmolLM2-135M: speed at 2 threads and perplexity, in one run.
+
+llama.cpp's own quantizer (through ``llama-cpp-python``, an optional benchmark dependency built from
+source: ``pip install --no-binary llama-cpp-python llama-cpp-python``) turns an F32 GGUF of the same
+weights sqllm starts from into Q4_0, Q4_K_M, Q3_K_M and IQ4_NL. The F32 GGUF is written here from the
+bundled Q4_1 GGUF by dequantizing every tensor with ``gguf`` (``f32_gguf``): the exact values of sqllm's
+fp32 model, so nobody re-quantizes Q4_1 blocks directly. Each format is measured next to sqllm packed
+checkpoints of similar bits/weight (made with the ``sqllm`` CLI under ``--ckpt-dir`` when missing):
+
+* prompt tokens/s (a 256-token prompt) and decode tokens/s (32 greedy tokens after an 8-token prompt),
+  batch 1, ``--threads`` threads, best of ``--repeats`` (the machine is shared);
+* perplexity with sqllm's protocol: the same token ids (SmolLM2's tokenizer, no BOS), non-overlapping
+  2048-token windows of WikiText-2 test, logits from llama.cpp over each whole window;
+* bits/weight of the quantized linears (the block matrices, as sqllm counts) and of the whole file.
+
+    python benchmarks/llamacpp.py [--threads 2] [--windows 40] [--repeats 3]   # results/llamacpp.{json,md}
+
+The helpers (``f32_gguf``, ``quantize_gguf``, ``gguf_bits``, ``gguf_perplexity``) also serve
+``benchmarks/peers.py``. sqllm rows run QuantLinear's default path: the compiled kernels where the CPU
+has them, else the pure-torch tiled path (the table says which), so rerun after a kernel change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
+
+from sqllm.models import cache_dir, resolve_alias
+from sqllm.report import git_commit, machine_info, markdown_table
+
+MODEL = "smollm2-135m"
+# the matrices sqllm quantizes, by their GGUF names (token_embd and output stay out of "linears")
+LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                   "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+# (label, llama.cpp file type, pure): the mixes a user picks with llama-quantize (issue 13)
+SPEED_FORMATS = [
+    ("Q4_0", "Q4_0", False),
+    ("Q4_K_M", "Q4_K_M", False),
+    ("Q3_K_M", "Q3_K_M", False),
+    ("IQ4_NL", "IQ4_NL", False),
+]
+# (label, sqllm CLI arguments): packed checkpoints of bits/weight near the llama.cpp formats
+CALIB = ["--calib", str(WIKI_VALID), "--nsamples", "32", "--calib-seqlen", "512"]
+SQLLM_CHECKPOINTS = [
+    ("sqllm GPTQ 4-bit g64", "gptq4-g64", ["--method", "gptq", "--bits", "4", "--group-size", "64", *CALIB]),
+    ("sqllm SqueezeLLM 4-bit", "squeezellm4", ["--method", "squeezellm", "--bits", "4", *CALIB]),
+    ("sqllm GPTQ 3-bit g64", "gptq3-g64", ["--method", "gptq", "--bits", "3", "--group-size", "64", *CALIB]),
+    ("sqllm SqueezeLLM 3-bit 0.45%", "squeezellm3-045",
+     ["--method", "squeezellm", "--bits", "3", "--sensitive", "0.05", "--outliers", "0.4", *CALIB]),
+]
+
+
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp cannot run here (None when ``llama_cpp`` imports)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"llama-cpp-python is not installed ({exc}); pip install --no-binary llama-cpp-python llama-cpp-python"
+    return None
+
+
+def gguf_dir() -> Path:
+    return cache_dir() / "gguf"
+
+
+def f32_gguf() -> Path:
+    """An F32 GGUF of SmolLM2 with every tensor of the bundled Q4_1 GGUF dequantized (same metadata).
+
+    These are exactly the fp32 weights sqllm loads, so llama.cpp's quantizers start where sqllm does."""
+    import gguf
+
+    out = gguf_dir() / f"{MODEL}-f32.gguf"
+    if out.is_file():
+        return out
+    src = gguf.GGUFReader(resolve_alias(MODEL))
+    arch = src.fields["general.architecture"].contents()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    for key, fld in src.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer sets these itself
+        if key == "general.file_type":
+            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+            continue
+        vtype = gguf.GGUFValueType(fld.types[0])
+        sub = gguf.GGUFValueType(fld.types[1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, fld.contents(), vtype, sub)
+    for t in src.tensors:
+        # dequantize gives numpy order [ne1, ne0]; the writer records ggml order itself
+        writer.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
+def quantize_gguf(ftype: str, *, pure: bool = False, token_embd: str | None = None,
+                  threads: int = 2) -> tuple[Path, float]:
+    """llama.cpp's quantizer on the F32 GGUF. Returns (path, seconds; 0 when the file was cached).
+
+    ftype:      a llama.cpp file type name without ``LLAMA_FTYPE_MOSTLY_`` (Q4_0, Q4_K_M, Q3_K_S, IQ4_NL, ...)
+    pure:       every quantized tensor gets the file type's base type (no per-tensor mix)
+    token_embd: ggml type name for the token embedding (e.g. Q8_0, the bundled model's own) or None for
+                llama.cpp's choice
+    """
+    import llama_cpp
+
+    name = f"{MODEL}-{ftype}{'-pure' if pure else ''}{'-emb' + token_embd if token_embd else ''}.gguf"
+    out = gguf_dir() / name
+    if out.is_file():
+        return out, 0.0
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.pure = pure
+    if token_embd is not None:
+        params.token_embedding_type = getattr(llama_cpp, f"GGML_TYPE_{token_embd}")
+    tmp = out.with_suffix(".tmp")
+    start = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(f32_gguf()).encode(), str(tmp).encode(), ctypes.byref(params))
+    seconds = time.perf_counter() - start
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype}) returned {rc}")
+    os.replace(tmp, out)
+    return out, seconds
+
+
+def gguf_bits(path: Path) -> dict[str, Any]:
+    """Bits/weight of the block linears and of every tensor in a GGUF, and the linears' tensor types."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    lin_bytes = lin_n = all_bytes = all_n = 0
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        all_bytes += int(t.n_bytes)
+        all_n += int(t.n_elements)
+        if t.name.endswith(LINEAR_SUFFIXES):
+            lin_bytes += int(t.n_bytes)
+            lin_n += int(t.n_elements)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        elif t.name == "token_embd.weight":
+            types["token_embd " + t.tensor_type.name] = 1
+    return {"linears": 8 * lin_bytes / lin_n, "file": 8 * all_bytes / all_n, "tensor_types": types,
+            "file_bytes": path.stat().st_size}
+
+
+def _llama(path: Path, threads: int, logits_all: bool) -> Any:
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=SEQLEN, n_batch=SEQLEN, n_ubatch=512,
+                           n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+
+def gguf_perplexity(path: Path, tokens: torch.Tensor, windows: int, threads: int = 2) -> dict[str, Any]:
+    """sqllm's perplexity protocol run by llama.cpp: ``tokens: [1, T]``, the first ``windows``
+    non-overlapping windows of 2048, mean next-token NLL per window from llama.cpp's logits."""
+    llm = _llama(path, threads, logits_all=True)
+    n = min(windows, tokens.shape[1] // SEQLEN)
+    nll = []
+    start = time.perf_counter()
+    for i in range(n):
+        window = tokens[0, i * SEQLEN:(i + 1) * SEQLEN]
+        llm.reset()
+        llm.eval(window.tolist())
+        logits = torch.from_numpy(np.asarray(llm.scores[: SEQLEN - 1], dtype=np.float32))
+        nll.append(float(F.cross_entropy(logits, window[1:], reduction="mean")))
+    del llm
+    return {"perplexity": float(np.exp(np.mean(nll))), "windows": n, "window_nll": nll,
+            "eval_seconds": time.perf_counter() - start}
+
+
+def gguf_speed(path: Path, threads: int, prompt: int, decode: int, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` prompt tokens/s (``prompt`` tokens) and decode tokens/s (``decode`` greedy
+    tokens after an 8-token prompt), batch 1, from llama.cpp's own evaluation loop."""
+    import llama_cpp
+
+    llm = _llama(path, threads, logits_all=False)
+    ids = torch.randint(0, llm.n_vocab(), (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    vocab = llm.n_vocab()
+    best = {"prompt_tok_s": 0.0, "decode_tok_s": 0.0}
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        best["prompt_tok_s"] = max(best["prompt_tok_s"], prompt / (time.perf_counter() - t))
+        llm.reset()
+        llm.eval(ids[:8])
+        t = time.perf_counter()
+        for _ in range(decode):
+            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            llm.eval([int(last.argmax())])
+        best["decode_tok_s"] = max(best["decode_tok_s"], decode / (time.perf_counter() - t))
+    del llm
+    return best
+
+
+# --- sqllm rows ------------------------------------------------------------------------------------------
+
+def sqllm_checkpoint(folder: Path, args: list[str]) -> tuple[Path, float | None]:
+    """The packed checkpoint at ``folder``, made with the CLI when missing. Returns (path, CLI seconds or None)."""
+    if (folder / "config.json").is_file():
+        return folder, None
+    cmd = [sys.executable, "-m", "sqllm.cli", "quantize", MODEL, *args, "--output", str(folder)]
+    print("+", shlex.join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return folder, time.perf_counter() - start
+
+
+def sqllm_perplexity(folder: Path, windows: int) -> dict[str, Any]:
+    """Perplexity of a packed checkpoint (its linears run on their cached dequantized weights, bit for bit
+    the packed values, so the number does not depend on the compute path)."""
+    from sqllm.api import evaluate_perplexity, load_quantized
+    from sqllm.nn import QuantLinear
+
+    model, tok = load_quantized(folder)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_dense_weight(torch.float32)
+    res = evaluate_perplexity(model, tok, str(WIKI_TEST), seqlen=SEQLEN, windows=windows, progress=False)
+    return {"perplexity": res["perplexity"], "windows": res["windows"], "window_nll": res["window_nll"]}
+
+
+def sqllm_speed(folder: Path, threads: int, prompt: int, decode: int, repeats: int) -> dict[str, Any]:
+    """Best-of-``repeats`` prefill and decode tokens/s of a checkpoint in a fresh process (sqllm's bench)."""
+    from sqllm.eval.bench import measure
+
+    runs = [measure(str(folder), prefill=prompt, decode=decode, threads=threads) for _ in range(repeats)]
+    return {"prompt_tok_s": max(r["prefill_tok_s"] for r in runs), "decode_tok_s": max(r["decode_tok_s"] for r in runs)}
+
+
+def sqllm_compute_path() -> str:
+    from sqllm.nn.kernels import kernels_enabled
+
+    return "compiled kernels" if kernels_enabled() else "pure-torch tiled path (no kernels for this CPU)"
+
+
+# --- the benchmark ---------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=40, help="WikiText-2 test windows of 2048 tokens for perplexity")
+    ap.add_argument("--repeats", type=int, default=3, help="speed runs per model; the best is reported")
+    ap.add_argument("--ckpt-dir", default="/work/ckpt", help="where sqllm checkpoints are found or made")
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--decode", type=int, default=32)
+    args = ap.parse_args()
+    missing = llama_cpp_missing()
+    if missing:
+        sys.exit(f"llamacpp.py: {missing}")
+    torch.set_num_threads(args.threads)
+    from sqllm.data import eval_tokens
+    from sqllm.models import load_model
+
+    _, tok = load_model(MODEL)
+    tokens = eval_tokens(tok, str(WIKI_TEST))
+    rows: list[dict[str, Any]] = []
+    f32 = f32_gguf()
+    for label, path, pure in [("llama.cpp F32 (start point)", "F32", False)] + SPEED_FORMATS:
+        gguf_path, qsec = (f32, 0.0) if path == "F32" else quantize_gguf(path, pure=pure, threads=args.threads)
+        row = {"label": f"llama.cpp {label}" if path != "F32" else label, "engine": "llama.cpp",
+               "path": str(gguf_path), "quant_seconds": qsec, **gguf_bits(gguf_path)}
+        row.update(gguf_speed(gguf_path, args.threads, args.prompt, args.decode, args.repeats))
+        row.update(gguf_perplexity(gguf_path, tokens, args.windows, args.threads))
+        rows.append(row)
+        print(f"{row['label']}: {row['linears']:.3f} b/w, ppl {row['perplexity']:.2f}, "
+              f"prompt {row['prompt_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s", flush=True)
+    ckpt = Path(args.ckpt_dir)
+    for label, name, cli_args in SQLLM_CHECKPOINTS:
+        folder, made = sqllm_checkpoint(ckpt / name, cli_args)
+        qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+        row = {"label": label, "engine": f"sqllm ({sqllm_compute_path()})", "path": str(folder),
+               "quant_seconds": made, "linears": qc["bits_per_weight"]["total"], "file": None,
+               "file_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+        row.update(sqllm_speed(folder, args.threads, args.prompt, args.decode, args.repeats))
+        row.update(sqllm_perplexity(folder, args.windows))
+        rows.append(row)
+        print(f"{row['label']}: {row['linears']:.3f} b/w, ppl {row['perplexity']:.2f}, "
+              f"prompt {row['prompt_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s", flush=True)
+    write(rows, args)
+
+
+def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    machine = {**machine_info(), "loadavg_end": os.getloadavg()}
+    import llama_cpp
+
+    doc = {"protocol": {"threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
+                        "repeats": args.repeats, "ppl": f"first {args.windows} windows of {SEQLEN} tokens of "
+                        f"{WIKI_TEST.name}, GPTQ protocol, no BOS, sqllm's token ids for both engines"},
+           "llama_cpp_python": llama_cpp.__version__, "machine": machine, "commit": git_commit(str(ROOT)),
+           "rows": rows}
+    (RESULTS / "llamacpp.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    table = markdown_table(
+        ["model", "engine", "bits/weight (linears)", "file MiB", f"WikiText-2 ppl ({args.windows} windows)",
+         f"prompt tok/s ({args.prompt})", "decode tok/s"],
+        [[r["label"], r["engine"], f"{r['linears']:.3f}", f"{r['file_bytes'] / 2**20:.0f}", f"{r['perplexity']:.2f}",
+          f"{r['prompt_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}"] for r in rows])
+    md = (f"# llama.cpp and sqllm on SmolLM2-135M, {args.threads} threads\n\n{table}\n\n"
+          f"Speed: batch 1, {args.threads} threads, prompt of {args.prompt} random tokens, {args.decode} greedy "
+          f"decode tokens after an 8-token prompt, best of {args.repeats}; llama.cpp through llama-cpp-python "
+          f"{llama_cpp.__version__} (built from source for this CPU), sqllm through transformers' generate "
+          f"(`sqllm.eval.bench.measure`). Perplexity: {doc['protocol']['ppl']}. llama.cpp formats are made by "
+          f"llama.cpp's quantizer from an F32 GGUF holding the dequantized weights of the bundled Q4_1 GGUF (the "
+          f"same fp32 weights sqllm quantizes); token embedding and output tensors follow each format's own "
+          f"mix (sqllm keeps them in full precision, so its files are larger at equal linear bits/weight). "
+          f"sqllm checkpoints: calibrated on 32 x 512 WikiText-2 validation tokens.\n\n"
+          f"Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['loadavg_end'][0]:.1f} at the "
+          f"end (shared machine: timings are indicative, compare rows of this table only). Commit {doc['commit']}.\n")
+    (RESULTS / "llamacpp.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
