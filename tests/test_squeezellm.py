@@ -123,13 +123,13 @@ def test_zero_fisher_rows_fall_back_to_unweighted():
     fisher[3] = 0.0
     cfg = SqueezeLLMConfig(3)
     qm = squeezellm_quantize(w, fisher, cfg)
-    lut, codes = weighted_kmeans(w[3:4], None, 8, seed=cfg.seed, snap=fp16_grid)
+    lut, codes = weighted_kmeans(w[3:4], None, 8, fp16=True)
     assert torch.equal(qm.dense.lut[3:4], lut) and torch.equal(qm.dense.codes[3:4], codes)
 
 
-def test_deterministic_and_seeded():
+def test_deterministic():
     w, fisher = _matrix()
-    cfg = SqueezeLLMConfig(3, sensitive_pct=0.5, outlier_pct=0.5, seed=3)
+    cfg = SqueezeLLMConfig(3, sensitive_pct=0.5, outlier_pct=0.5)
     a, b = squeezellm_quantize(w, fisher, cfg), squeezellm_quantize(w, fisher, cfg)
     assert torch.equal(a.dense.lut, b.dense.lut) and torch.equal(a.dense.codes, b.dense.codes)
     assert torch.equal(a.sparse.values, b.sparse.values) and a.info == b.info

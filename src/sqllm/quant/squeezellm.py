@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers, fp16_grid
+from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers
 from ..config import SqueezeLLMConfig
 from ..errors import InvalidConfig
 from .kmeans import nearest_codes, weighted_kmeans, weighted_kmeans_objective
@@ -149,9 +149,7 @@ def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig)
     extracted = sensitive | outliers
     weight = _kmeans_weight(w, fisher, extracted)
     # Codes are assigned to the fp16-rounded table, so a stored fp16 LUT reproduces this matrix exactly.
-    lut, codes = weighted_kmeans(
-        w, weight, 2**cfg.bits, seed=cfg.seed, snap=fp16_grid
-    )
+    lut, codes = weighted_kmeans(w, weight, 2**cfg.bits, fp16=True)
     lut, codes, zeroed = _exact_sparse(w, extracted, lut, codes)
     sparse = None
     if bool(extracted.any()):
