@@ -55,9 +55,19 @@ def test_packed_model_equals_in_memory_model(tmp_path, family, method, options, 
     model, result = _quantized(family, method, options, calib_file)
     out = save_quantized(model, _Tok(), result, tmp_path / "ckpt")
     loaded, _ = load_quantized(out)
+    # The matrices kept dense are stored in float16: the in-memory model with them rounded the same way
+    # is what the checkpoint holds.
+    assert result.dense16["dtype"] == "float16" and result.dense16["compute_dtype"] == "float32"
+    assert result.dense16["tensors"]
+    with torch.no_grad():
+        for name in result.dense16["tensors"]:
+            p = model.get_parameter(name)
+            p.copy_(p.half().float())
+            assert loaded.get_parameter(name).dtype == torch.float16
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, got = model(ids).logits, loaded(ids).logits
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     qlinears = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
     assert sorted(qlinears) == sorted(result.matrices)
@@ -70,6 +80,9 @@ def test_transformers_loads_packed_checkpoint(tmp_path, calib_file):
 
     model, result = _quantized("llama", "rtn", dict(bits=4, group_size=32), calib_file)
     out = save_quantized(model, _Tok(), result, tmp_path / "ckpt")
+    with torch.no_grad():  # what the checkpoint stores (see test_packed_model_equals_in_memory_model)
+        for name in result.dense16["tensors"]:
+            model.get_parameter(name).copy_(model.get_parameter(name).half().float())
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert any(isinstance(m, QuantLinear) for m in hf.modules())
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
@@ -129,3 +142,18 @@ def test_cli_reports_corrupt_checkpoint(checkpoint, capsys):
     assert main(["eval", str(checkpoint), "--ppl", "wikitext2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("sqllm: error:") and "index" in err[-1]
+
+
+def test_dense16_dtype_takes_float16_only_where_every_value_fits():
+    from sqllm.formats.checkpoint import dense16_dtype, store_dense_in_16_bits
+
+    small, big = torch.randn(4, 4), torch.randn(4, 4) * 1e5
+    assert dense16_dtype({"a": small}) == torch.float16
+    assert dense16_dtype({"a": small, "b": big}) == torch.bfloat16
+    assert dense16_dtype({"a": small.bfloat16()}) == torch.bfloat16  # a 16-bit source keeps its dtype
+    assert dense16_dtype({"a": torch.tensor([[float("nan")]])}) == torch.bfloat16
+    state = {"e": small.clone(), "n": torch.ones(4)}
+    record = store_dense_in_16_bits(state, ["e"])
+    assert record == {"dtype": "float16", "tensors": ["e"], "compute_dtype": "float32"}
+    assert state["e"].dtype == torch.float16 and state["n"].dtype == torch.float32
+    assert torch.equal(state["e"], small.half())

@@ -30,7 +30,7 @@ def _recording_identity(seen: dict):
         seen[stats.name] = stats
         return QuantizedMatrix(dense=_Exact(w))
 
-    return MethodSpec("identity", RTNConfig, frozenset({HESSIAN, INPUTS}), solve, "test identity")
+    return MethodSpec("identity", RTNConfig, solve, "test identity", layer_stats=(HESSIAN, INPUTS))
 
 
 def _windows(n=4, L=16, vocab=256, seed=0):
@@ -80,7 +80,7 @@ def test_second_block_sees_quantized_outputs():
         seen[stats.name] = stats
         return rtn.solve(w, stats, cfg)
 
-    spec = MethodSpec("rtn-rec", RTNConfig, frozenset({HESSIAN}), solve, "")
+    spec = MethodSpec("rtn-rec", RTNConfig, solve, "", layer_stats=(HESSIAN,))
     quantize_blocks(model, arch, spec, RTNConfig(2), windows=windows, opts=EngineOptions(progress=False))
     inputs = capture_first_block_inputs(model, arch, windows, 8)
     with torch.no_grad():

@@ -7,7 +7,9 @@ import torch
 from tqdm import tqdm
 
 from sqllm.codes import LUTCodes, QuantizedMatrix, UniformCodes, expand_groups, fp16_grid
-from sqllm.config import SliMConfig
+from dataclasses import replace
+
+from sqllm.config import SliMConfig, SliMPlusConfig
 from sqllm.engine.loop import BlockInputs, EngineOptions, capture_first_block_inputs, quantize_blocks, run_block
 from sqllm.errors import InvalidConfig
 from sqllm.methods import MethodSpec, get_method
@@ -19,9 +21,8 @@ from sqllm.quant.lwc import (
     export_codes,
     fake_quantize,
     init_clip,
-    make_lwc_block_hook,
-    train_clipping,
 )
+from sqllm.engine.refine import lwc_block_stage, train_clipping
 from sqllm.quant.uniform import quantize_groups_minmax
 
 from conftest import tiny_model
@@ -68,7 +69,7 @@ def _standin_method() -> MethodSpec:
     def solve(w, stats, cfg):
         return QuantizedMatrix(dense=standin_codes(w, cfg.group_size), rounded=w.float())
 
-    return MethodSpec("slim-standin", SliMConfig, frozenset(), solve, "mixed min-max + binarized groups")
+    return MethodSpec("slim-standin", SliMConfig, solve, "mixed min-max + binarized groups")
 
 
 def _one_block_llama() -> torch.nn.Module:
@@ -164,8 +165,9 @@ def test_exported_codes_pack_and_unpack_bit_for_bit():
 def _block_setup(method: str | MethodSpec, cfg: SliMConfig, hook=None):
     model = _one_block_llama()
     spec = get_method(method) if isinstance(method, str) else method
+    spec = replace(spec, block_stage=None if hook is None else (lambda c, o: hook))
     res = quantize_blocks(model, arch_spec(model), spec, cfg, windows=_windows(),
-                          opts=EngineOptions(batch_size=4, progress=False), block_hook=hook)
+                          opts=EngineOptions(batch_size=4, progress=False))
     return model, res
 
 
@@ -179,9 +181,9 @@ def _block_mse(model: torch.nn.Module) -> float:
 
 
 def test_zero_epochs_equals_slim_exactly():
-    cfg = SliMConfig(bits=2, group_size=GROUP, lwc=True, lwc_epochs=0)
+    cfg = SliMPlusConfig(bits=2, group_size=GROUP, lwc_epochs=0)
     plain_model, plain = _block_setup("slim", cfg)
-    lwc_model, lwc = _block_setup("slim", cfg, make_lwc_block_hook(cfg, progress=False))
+    lwc_model, lwc = _block_setup("slim", cfg, lwc_block_stage(cfg, progress=False))
     assert list(plain) == list(lwc)
     for name in plain:
         a, b = plain[name].dense, lwc[name].dense
@@ -205,9 +207,9 @@ def _check_chosen(model: torch.nn.Module, res: dict[str, QuantizedMatrix], slim:
 
 
 def test_training_lowers_block_mse_on_real_slim():
-    cfg = SliMConfig(bits=2, group_size=GROUP, lwc=True, lwc_epochs=6, lwc_samples=4, lwc_lr=5e-2)
+    cfg = SliMPlusConfig(bits=2, group_size=GROUP, lwc_epochs=6, lwc_samples=4, lwc_lr=5e-2)
     _, slim = _block_setup("slim", cfg)
-    model, res = _block_setup("slim", cfg, make_lwc_block_hook(cfg, progress=False))
+    model, res = _block_setup("slim", cfg, lwc_block_stage(cfg, progress=False))
     info = _check_chosen(model, res, slim)
     assert info["lwc_loss_after"] < info["lwc_loss_before"]
     assert info["lwc_loss_before"] == pytest.approx(info["lwc_loss_slim"], rel=1e-5)  # starts at SliM
@@ -219,7 +221,7 @@ def test_slim_rounded_values_round_to_slims_codes():
     """``QuantizedMatrix.rounded`` is what the GPTQ sweep rounded: its nearest codes are SliM's codes."""
     from sqllm.quant.gptq import nearest_codes
 
-    cfg = SliMConfig(bits=2, group_size=GROUP, lwc=True)
+    cfg = SliMPlusConfig(bits=2, group_size=GROUP)
     _, res = _block_setup("slim", cfg)
     for qm in res.values():
         d = qm.dense
@@ -234,10 +236,10 @@ def test_slim_rounded_values_round_to_slims_codes():
 
 
 def test_training_on_mixed_bits_with_binarized_groups_is_kept_when_better():
-    cfg = SliMConfig(bits=2, group_size=GROUP, lwc=True, lwc_epochs=6, lwc_samples=4, lwc_lr=5e-2)
+    cfg = SliMPlusConfig(bits=2, group_size=GROUP, lwc_epochs=6, lwc_samples=4, lwc_lr=5e-2)
     standin = _standin_method()
     _, slim = _block_setup(standin, cfg)
-    model, res = _block_setup(standin, cfg, make_lwc_block_hook(cfg, progress=False))
+    model, res = _block_setup(standin, cfg, lwc_block_stage(cfg, progress=False))
     info = _check_chosen(model, res, slim)
     # Training starts at the stand-in's plain min-max grids, which block-wise training improves on.
     assert info["lwc_chosen"] == "lwc"
@@ -274,14 +276,15 @@ def test_clipping_parameters_stay_in_range_under_aggressive_training():
 
 
 def test_hook_rejects_lookup_table_codes():
-    hook = make_lwc_block_hook(SliMConfig(bits=2, lwc=True), progress=False)
+    hook = lwc_block_stage(SliMPlusConfig(bits=2), progress=False)
     lut = QuantizedMatrix(dense=LUTCodes(torch.zeros(2, 4, dtype=torch.uint8), torch.zeros(2, 4), 2))
     with pytest.raises(InvalidConfig, match="model.layers.0.mlp.up_proj.*LUTCodes"):
         hook(torch.nn.Module(), 0, BlockInputs(torch.zeros(1, 1, 4)), torch.zeros(1, 1, 4),
              {"model.layers.0.mlp.up_proj": lut})
 
 
-@pytest.mark.parametrize("field, value", [("lwc_lr", 0.0), ("lwc_samples", 0)])
-def test_hook_rejects_bad_training_settings_up_front(field, value):
+@pytest.mark.parametrize("field, value", [("lwc_lr", 0.0), ("lwc_lr", float("nan")), ("lwc_lr", -1.0),
+                                          ("lwc_samples", 0), ("lwc_epochs", -1)])
+def test_config_rejects_bad_training_settings(field, value):
     with pytest.raises(InvalidConfig, match=f"{field}={value}"):
-        make_lwc_block_hook(SliMConfig(bits=2, lwc=True, **{field: value}))
+        SliMPlusConfig(bits=2, **{field: value})

@@ -3,8 +3,12 @@
     model, tok = load_model("smollm2-135m")
     result = quantize(model, tok, "squeezellm", bits=3, calib="wiki.valid.tokens", sensitive_pct=0.05)
     save_quantized(model, tok, result, "out/smollm2-sq3")
-    model, tok = load_quantized("out/smollm2-sq3")
+    model, tok = load_model("out/smollm2-sq3")
     print(evaluate_perplexity(model, tok, "wiki.test.raw", windows=4)["perplexity"])
+
+Each check a command needs before its long part (a config, an output path, calibration text, task
+names) is a function here that the verb itself also calls, so the CLI can run it first without
+repeating it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +31,13 @@ from .config import CONFIG_VERSION, config_to_dict
 from .data import calibration_windows, eval_tokens
 from .engine.loop import EngineOptions, quantize_blocks
 from .errors import InvalidConfig, OutputExists
-from .methods import FISHER, HESSIAN, INPUTS, get_method
-from .models import arch_spec, linear_names, load_model
+from .formats.checkpoint import is_packed_checkpoint
+from .methods import METHODS, MethodSpec, get_method
+from .models import arch_spec, linear_names, resolve_model_path
 
 __all__ = [
+    "METHODS",
+    "EngineOptions",
     "QuantizationResult",
     "load_model",
     "make_config",
@@ -38,8 +45,23 @@ __all__ = [
     "save_quantized",
     "load_quantized",
     "evaluate_perplexity",
+    "evaluate_zeroshot",
+    "compute_sensitivity",
+    "save_sensitivity",
+    "bench",
     "generate",
 ]
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a model folder, ``.gguf`` file, alias or hub id, in eval mode; a packed
+    sqllm checkpoint folder loads with QuantLinear modules (``dtype`` applies to full-precision models)."""
+    from . import models
+
+    path = resolve_model_path(spec)
+    if is_packed_checkpoint(path):
+        return load_quantized(path, device=device)
+    return models.load_model(path, dtype=dtype, device=device)
 
 
 @dataclass
@@ -51,6 +73,7 @@ class QuantizationResult:
     matrices: dict[str, QuantizedMatrix]
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    dense16: dict[str, Any] | None = None  # what save_quantized stored in 16 bits (set when saved)
 
     def summary(self) -> dict[str, Any]:
         """Bits per weight over the quantized linears (by part and in total) and method-specific counts."""
@@ -72,6 +95,8 @@ class QuantizationResult:
         }
         if n_weights:
             s["bits_per_weight"]["total"] = sum(parts.values()) / n_weights
+        if self.dense16 is not None:
+            s["dense16"] = self.dense16
         sparse = [qm.sparse.nnz for qm in self.matrices.values() if qm.sparse is not None]
         if sparse:
             s["sparse_values"] = sum(sparse)
@@ -87,17 +112,15 @@ def make_config(method: str, **options: Any) -> Any:
     unknown = sorted(set(given) - known)
     if unknown:
         raise InvalidConfig(f"method {method!r} does not take {unknown}; its options are {sorted(known)}")
-    if method == "slim+":
-        given["lwc"] = True
     if "bits" not in given:
         raise InvalidConfig(f"method {method!r} needs bits")
     return spec.config_cls(**given)
 
 
 def check_calibration_given(method: str, calib: str | None, fisher: Any = None) -> None:
-    """Methods that learn from data need a calibration source (SqueezeLLM can use a Fisher file instead)."""
-    needs = get_method(method).needs
-    if calib is None and (needs & {HESSIAN, INPUTS} or (FISHER in needs and fisher is None)):
+    """Methods that learn from data need a calibration source (a Fisher file can stand in for the Fisher)."""
+    spec = get_method(method)
+    if calib is None and (spec.needs_windows or (spec.fisher and fisher is None)):
         raise InvalidConfig(f"method {method!r} needs calibration text: pass --calib SOURCE")
 
 
@@ -121,11 +144,23 @@ def check_config_against_model(cfg: Any, model: nn.Module) -> None:
         )
 
 
+def _resolve_config(spec: MethodSpec, config: Any, options: dict[str, Any]) -> Any:
+    if config is None:
+        return make_config(spec.name, **options)
+    if not isinstance(config, spec.config_cls):
+        raise InvalidConfig(f"method {spec.name!r} takes a {spec.config_cls.__name__}, "
+                            f"got a {type(config).__name__}")
+    if any(v is not None for v in options.values()):
+        raise InvalidConfig(f"pass either config= or options {sorted(options)}, not both")
+    return config
+
+
 def quantize(
     model: nn.Module,
     tokenizer: Any,
     method: str,
     *,
+    config: Any = None,
     calib: str | None = None,
     nsamples: int = 128,
     calib_seqlen: int = 2048,
@@ -141,28 +176,28 @@ def quantize(
               but RTN
     fisher:   for SqueezeLLM, precomputed Fisher information (a dict or a safetensors file from
               ``sqllm sensitivity``); computed on the calibration windows when omitted
+    config:   the method's config, already built with :func:`make_config` (instead of ``options``)
     options:  the method's config fields (``bits``, ``group_size``, ``sensitive_pct``, ...)
     """
     spec = get_method(method)
-    cfg = make_config(method, **options)
+    cfg = _resolve_config(spec, config, options)
     arch = arch_spec(model)
     check_config_against_model(cfg, model)
     engine = engine or EngineOptions(seed=seed, progress=progress)
-    if hasattr(cfg, "true_sequential"):
-        engine = EngineOptions(**{**engine.__dict__, "true_sequential": cfg.true_sequential})
     names = linear_names(model, arch)
 
     start = time.perf_counter()
     windows = None
     calibration: dict[str, Any] = {}
-    needs_windows = bool(spec.needs & {HESSIAN, INPUTS}) or (FISHER in spec.needs and not isinstance(fisher, (dict, str)))
+    needs_windows = spec.needs_windows or (spec.fisher and not isinstance(fisher, (dict, str)))
     check_calibration_given(method, calib, fisher)
     if needs_windows:
+        assert calib is not None
         windows = calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed)
         calibration = {"source": str(calib), "nsamples": nsamples, "seqlen": calib_seqlen, "seed": seed}
 
     fisher_dict = None
-    if FISHER in spec.needs:
+    if spec.fisher:
         from .engine.fisher import compute_fisher, load_fisher
 
         if isinstance(fisher, str):
@@ -174,15 +209,8 @@ def quantize(
         else:
             fisher_dict = compute_fisher(model, names, windows, progress=progress)
 
-    block_hook = None
-    if getattr(cfg, "lwc", False):
-        from .quant.lwc import make_lwc_block_hook
-
-        block_hook = make_lwc_block_hook(cfg, seed=seed, progress=progress)
-
     matrices = quantize_blocks(
-        model, arch, spec, cfg, windows=windows if spec.needs & {HESSIAN, INPUTS} or block_hook else None,
-        fisher=fisher_dict, opts=engine, block_hook=block_hook,
+        model, arch, spec, cfg, windows=windows if spec.needs_windows else None, fisher=fisher_dict, opts=engine,
     )
     return QuantizationResult(method, cfg, matrices, calibration, time.perf_counter() - start)
 
@@ -207,11 +235,17 @@ def quantization_config(result: QuantizationResult) -> dict[str, Any]:
     }
 
 
-def _prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
-    """Check the output folder and make a temporary sibling to write into (renamed into place at the end)."""
+def check_output(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """The output folder as a Path, refused up front when it exists and ``overwrite`` is False."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExists(f"output folder {str(out)!r} exists; pass --overwrite to replace it")
+    return out
+
+
+def _prepare_output(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    """Check the output folder and make a temporary sibling to write into (renamed into place at the end)."""
+    out = check_output(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the renamed checkpoint should read like any model folder
@@ -237,7 +271,8 @@ def save_quantized(
 
     out, tmp = _prepare_output(out_dir, overwrite)
     try:
-        write_packed(model, tokenizer, result.matrices, quantization_config(result), tmp)
+        written = write_packed(model, tokenizer, result.matrices, quantization_config(result), tmp)
+        result.dense16 = written["dense16"]
         (tmp / "sqllm_summary.json").write_text(json.dumps(result.summary(), indent=2))
         _commit_output(tmp, out)
     except BaseException:
@@ -248,7 +283,7 @@ def save_quantized(
 
 def load_quantized(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, Any]:
     """Load a packed sqllm checkpoint as a transformers model with QuantLinear modules."""
-    from .formats.checkpoint import load_packed
+    from .nn.loader import load_packed
 
     return load_packed(str(path), device=device)
 
@@ -263,6 +298,50 @@ def evaluate_perplexity(
     res = perplexity(model, eval_tokens(tokenizer, source), seqlen=seqlen, windows=windows, progress=progress)
     res["source"] = str(source)
     return res
+
+
+def check_zeroshot_tasks(tasks: Sequence[str], *, include_path: str | None = None,
+                         limit: int | None = None) -> tuple[list[str], Any]:
+    """Checked task names and an lm-eval TaskManager that knows them; raises before any model is loaded."""
+    from .eval.zeroshot import check_tasks
+
+    return check_tasks(tasks, include_path=include_path, limit=limit)
+
+
+def evaluate_zeroshot(
+    model: nn.Module, tokenizer: Any, tasks: Sequence[str], *, include_path: str | None = None,
+    limit: int | None = None, checked: tuple[list[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Zero-shot accuracy through lm-evaluation-harness (``checked``: from :func:`check_zeroshot_tasks`)."""
+    from .eval.zeroshot import run_zeroshot
+
+    return run_zeroshot(model, tokenizer, tasks, include_path=include_path, limit=limit, checked=checked)
+
+
+def compute_sensitivity(
+    model: nn.Module, tokenizer: Any, calib: str, *, nsamples: int = 100, calib_seqlen: int = 512, seed: int = 0,
+    grad_checkpointing: bool = False, progress: bool = True,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher ``{linear name: [out, in] float32}`` of every targeted linear (SqueezeLLM §3.2)."""
+    from .engine.fisher import compute_fisher
+
+    windows = calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed)
+    return compute_fisher(model, linear_names(model), windows, grad_checkpointing=grad_checkpointing,
+                          progress=progress)
+
+
+def save_sensitivity(path: str | os.PathLike, fisher: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write a Fisher file that ``quantize(..., fisher=path)`` and ``--sensitivity-file`` read back."""
+    from .engine.fisher import save_fisher
+
+    save_fisher(path, fisher, meta)
+
+
+def bench(path: str, *, baseline: str | None = None, prefill: int = 512, decode: int = 32) -> dict[str, Any]:
+    """Size, bits per weight, peak memory and prefill/decode speed of ``path`` (and of ``baseline``)."""
+    from .eval.bench import bench_checkpoint
+
+    return bench_checkpoint(load_model, path, baseline=baseline, prefill=prefill, decode=decode)
 
 
 def generate(

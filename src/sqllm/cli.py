@@ -8,19 +8,64 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from types import UnionType
+from typing import Any, Literal, NoReturn, Sequence, Union, get_args, get_origin, get_type_hints
 
-from .errors import SqllmError
-from .methods import METHODS
+from . import api
+from .errors import InvalidConfig, SqllmError
+
+
+def _group_size(text: str) -> int | None:
+    """``--group-size``: a positive column count, or ``channel`` for one group per output channel."""
+    if text == "channel":
+        return None
+    try:
+        return int(text)  # the config range-checks it, naming the allowed values
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a column count nor 'channel'") from None
+
+
+def _option_spec(name: str, hint: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a config field of type ``hint``."""
+    if name == "group_size":
+        return {"type": _group_size, "metavar": "G|channel"}
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": list(args)}
+    if origin is tuple:
+        return {"type": args[0], "nargs": len(args), "metavar": ("LO", "HI") if len(args) == 2 else None}
+    if origin in (Union, UnionType):  # ``X | None``: the X
+        hint = next(a for a in args if a is not type(None))
+    return {"type": hint, "metavar": name.upper()}
+
+
+def method_options() -> dict[str, dict[str, Any]]:
+    """Every CLI-visible config field of every registered method: field name -> its argparse flag and
+    keyword arguments, and the methods that take it. A field shared by several methods is one flag."""
+    options: dict[str, dict[str, Any]] = {}
+    for method, spec in api.METHODS.items():
+        hints = get_type_hints(spec.config_cls)
+        for f in fields(spec.config_cls):
+            if not f.metadata.get("cli", False):
+                continue
+            opt = options.setdefault(f.name, {
+                "flag": f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
+                "kwargs": {**_option_spec(f.name, hints[f.name]), "help": f.metadata["help"]},
+                "methods": [],
+            })
+            opt["methods"].append(method)
+    return options
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model and write a packed checkpoint")
     p.add_argument("model", help="model folder, .gguf file, hub id or alias (smollm2-135m)")
-    p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("--bits", type=int, required=True)
-    p.add_argument("--group-size", type=int, help="columns per group (-1 or omitted: per output channel)")
+    p.add_argument("--method", required=True, choices=list(api.METHODS),
+                   help="; ".join(f"{m}: {s.summary}" for m, s in api.METHODS.items()))
     p.add_argument("--output", required=True, help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g = p.add_argument_group("calibration")
@@ -29,20 +74,13 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
-    s = p.add_argument_group("squeezellm")
-    s.add_argument("--sensitive", type=float, help="percent of most Fisher-sensitive weights kept exact")
-    s.add_argument("--outliers", type=float, help="percent of largest-magnitude weights kept exact")
-    s.add_argument("--outlier-range", type=float, help="outlier threshold factor r of the IQR rule")
-    s.add_argument("--sensitivity-file", help="Fisher file from `sqllm sensitivity` (skips the gradient pass)")
-    q = p.add_argument_group("gptq / slim")
-    q.add_argument("--percdamp", type=float)
-    q.add_argument("--act-order", action="store_true", default=None)
-    q.add_argument("--static-groups", action="store_true", default=None)
-    q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false", default=None)
-    q.add_argument("--salience", choices=["cholesky", "inverse"])
-    q.add_argument("--lwc-epochs", type=int, help="slim+: clipping training epochs per block")
-    q.add_argument("--lwc-lr", type=float, help="slim+: clipping learning rate")
-    q.add_argument("--lwc-samples", type=int, help="slim+: calibration windows used for clipping training")
+    g.add_argument("--sensitivity-file", help="Fisher file from `sqllm sensitivity` (skips the gradient pass)")
+    m = p.add_argument_group("method options (each applies to the methods named in brackets)")
+    for name, opt in method_options().items():
+        kwargs = dict(opt["kwargs"])
+        kwargs["help"] = f"{kwargs['help']} [{', '.join(opt['methods'])}]"
+        required = name == "bits"
+        m.add_argument(opt["flag"], dest=f"opt_{name}", default=None, required=required, **kwargs)
     p.add_argument("--json", help="write the quantization summary here")
 
 
@@ -88,8 +126,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write results here")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InvalidConfig(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sqllm", description="Squeeze LLMs to 2-4 bits per weight (SqueezeLLM, SliM-LLM, GPTQ, RTN) and run them."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,31 +150,18 @@ def _write_json(path: str | None, obj: Any) -> None:
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
-    from . import api
-    from .engine.loop import EngineOptions
     from .report import print_summary
 
-    # Fail on a bad config or an existing output before the slow load.
-    options = dict(
-        bits=a.bits, group_size=a.group_size, sensitive_pct=a.sensitive, outlier_pct=a.outliers,
-        outlier_range=a.outlier_range, percdamp=a.percdamp, act_order=a.act_order,
-        static_groups=a.static_groups, true_sequential=a.true_sequential, salience=a.salience,
-        lwc_epochs=a.lwc_epochs, lwc_lr=a.lwc_lr, lwc_samples=a.lwc_samples,
-    )
-    if options["group_size"] == -1:
-        options["group_size"] = None
-    options = {k: v for k, v in options.items() if v is not None}
-    api.make_config(a.method, **options)
+    options = {k.removeprefix("opt_"): tuple(v) if isinstance(v, list) else v
+               for k, v in vars(a).items() if k.startswith("opt_") and v is not None}
+    # Everything that can be refused is refused before the slow load.
+    cfg = api.make_config(a.method, **options)
     api.check_calibration_given(a.method, a.calib, a.sensitivity_file)
-    if Path(a.output).exists() and not a.overwrite:
-        from .errors import OutputExists
-
-        raise OutputExists(f"output folder {a.output!r} exists; pass --overwrite to replace it")
+    api.check_output(a.output, a.overwrite)
     model, tok = api.load_model(a.model)
-    engine = EngineOptions(batch_size=a.batch_size, seed=a.seed)
     result = api.quantize(
-        model, tok, a.method, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen, seed=a.seed,
-        fisher=a.sensitivity_file, engine=engine, **options,
+        model, tok, a.method, config=cfg, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
+        seed=a.seed, fisher=a.sensitivity_file, engine=api.EngineOptions(batch_size=a.batch_size, seed=a.seed),
     )
     out = api.save_quantized(model, tok, result, a.output, overwrite=a.overwrite)
     summary = result.summary()
@@ -139,17 +171,13 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
-    from . import api
-    from .errors import InvalidConfig
-    from .report import print_table
+    from .report import print_table, print_zeroshot
 
     if not a.ppl and not a.tasks:
         raise InvalidConfig("nothing to evaluate: pass --ppl SOURCE and/or --tasks T1,T2")
     checked = None
     if a.tasks:  # unknown tasks fail in seconds, not after loading the models
-        from .eval.zeroshot import check_tasks
-
-        checked = check_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
+        checked = api.check_zeroshot_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
     specs = [a.model] + ([a.baseline] if a.baseline else [])
     results: dict[str, Any] = {"model": a.model, "runs": []}
     for spec in specs:
@@ -158,10 +186,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
         if a.ppl:
             run.update(api.evaluate_perplexity(model, tok, a.ppl, seqlen=a.seqlen, windows=a.windows))
         if a.tasks:
-            from .eval.zeroshot import run_zeroshot
-
-            run["zeroshot"] = run_zeroshot(model, tok, a.tasks.split(","), include_path=a.include_path,
-                                           limit=a.limit, checked=checked)
+            run["zeroshot"] = api.evaluate_zeroshot(model, tok, a.tasks.split(","), include_path=a.include_path,
+                                                    limit=a.limit, checked=checked)
         results["runs"].append(run)
         del model
     if a.ppl:
@@ -170,8 +196,6 @@ def _cmd_eval(a: argparse.Namespace) -> None:
             [[r["model"], a.ppl, r["windows"], r["seqlen"], f"{r['perplexity']:.3f}"] for r in results["runs"]],
         )
     if a.tasks:
-        from .eval.zeroshot import print_zeroshot
-
         for r in results["runs"]:
             print_zeroshot(r["model"], r["zeroshot"])
     results.update({k: v for k, v in results["runs"][0].items() if k != "model"})
@@ -179,21 +203,15 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_sensitivity(a: argparse.Namespace) -> None:
-    from .data import calibration_windows
-    from .engine.fisher import compute_fisher, save_fisher
-    from .models import linear_names, load_model
-
-    model, tok = load_model(a.model)
-    windows = calibration_windows(tok, a.calib, a.nsamples, a.calib_seqlen, a.seed)
-    fisher = compute_fisher(model, linear_names(model), windows, grad_checkpointing=a.gradient_checkpointing)
+    model, tok = api.load_model(a.model)
+    fisher = api.compute_sensitivity(model, tok, a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
+                                     seed=a.seed, grad_checkpointing=a.gradient_checkpointing)
     meta = {"model": a.model, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed}
-    save_fisher(a.output, fisher, meta)
+    api.save_sensitivity(a.output, fisher, meta)
     print(f"wrote Fisher sensitivity of {len(fisher)} linears to {a.output}")
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
-    from . import api
-
     model, tok = api.load_model(a.model)
     for piece in api.generate(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               seed=a.seed):
@@ -202,9 +220,9 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:
-    from .eval.bench import bench_checkpoint, print_bench
+    from .report import print_bench
 
-    res = bench_checkpoint(a.model, baseline=a.baseline, prefill=a.prefill, decode=a.decode)
+    res = api.bench(a.model, baseline=a.baseline, prefill=a.prefill, decode=a.decode)
     print_bench(res)
     _write_json(a.json, res)
 
@@ -227,9 +245,9 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_transformers()
     try:
+        args = build_parser().parse_args(argv)
+        _quiet_transformers()
         COMMANDS[args.command](args)
     except SqllmError as exc:
         print(f"sqllm: error: {exc}", file=sys.stderr)

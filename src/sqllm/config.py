@@ -6,8 +6,9 @@ serializes to a plain dict with :func:`config_to_dict` for ``quantization_config
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 from .errors import InvalidConfig
 
@@ -15,6 +16,7 @@ CONFIG_VERSION = 1
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, fix: str = "") -> None:
+    # ``not (lo <= v <= hi)`` also refuses NaN, which compares false with everything.
     if not (lo <= value <= hi):
         raise InvalidConfig(f"{name}={value} is outside [{lo}, {hi}]{'; ' + fix if fix else ''}")
 
@@ -22,22 +24,35 @@ def _check_range(name: str, value: float, lo: float, hi: float, fix: str = "") -
 def _check_group_size(group_size: int | None) -> None:
     if group_size is not None and group_size < 1:
         raise InvalidConfig(
-            f"group_size={group_size} must be >= 1 (or omitted / -1 for one group per output channel)"
+            f"group_size={group_size} must be >= 1, or None (--group-size channel) for one group per output channel"
         )
 
 
-def normalize_group_size(group_size: int | None) -> int | None:
-    """Map the command-line spellings of 'per output channel' (None, -1, 0 is rejected) to None."""
-    return None if group_size is None or group_size == -1 else group_size
+def option(default: Any, help: str, *, flag: str | None = None, cli: bool = True) -> Any:
+    """A config field that the CLI exposes as ``--field-name`` (or ``flag``) with ``help``.
+
+    The CLI builds every method's flags from these fields (names, types, choices of ``Literal`` types),
+    so a new method needs no CLI edit. ``cli=False`` keeps a field out of the command line.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "cli": cli})
+
+
+def required(help: str, *, flag: str | None = None) -> Any:
+    """A config field without a default (the CLI makes its flag required)."""
+    return field(metadata={"help": help, "flag": flag, "cli": True})
+
+
+BITS_HELP = "bits per weight (the average, for mixed-precision methods)"
+GROUP_HELP = "columns per group of input channels; 'channel' for one group per output channel"
 
 
 @dataclass(frozen=True)
 class RTNConfig:
     """Round-to-nearest: min-max asymmetric uniform quantization per channel or per group."""
 
-    bits: int
-    group_size: int | None = None
-    sym: bool = False
+    bits: int = required(BITS_HELP)
+    group_size: int | None = option(None, GROUP_HELP)
+    sym: bool = option(False, "symmetric grids (zero point in the middle)")
 
     def __post_init__(self) -> None:
         _check_range("bits", self.bits, 2, 8)
@@ -48,14 +63,15 @@ class RTNConfig:
 class GPTQConfig:
     """GPTQ (Frantar et al. 2022): Hessian-guided column-by-column rounding with error feedback."""
 
-    bits: int
-    group_size: int | None = None
-    sym: bool = False
-    percdamp: float = 0.01
-    blocksize: int = 128
-    act_order: bool = False
-    static_groups: bool = False
-    true_sequential: bool = True
+    bits: int = required(BITS_HELP)
+    group_size: int | None = option(None, GROUP_HELP)
+    sym: bool = option(False, "symmetric grids (zero point in the middle)")
+    percdamp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal")
+    blocksize: int = option(128, "columns per GPTQ update block")
+    act_order: bool = option(False, "quantize columns in order of decreasing Hessian diagonal")
+    static_groups: bool = option(False, "fix every group's grid before the sweep (needed with act-order)")
+    true_sequential: bool = option(True, "quantize a block's linears group by group, each seeing the "
+                                         "quantized outputs of the ones before")
 
     def __post_init__(self) -> None:
         _check_range("bits", self.bits, 2, 8)
@@ -81,19 +97,19 @@ class SqueezeLLMConfig:
     outlier_range: alternatively the paper's threshold ``T = max(|Q1 - r*IQR|, |Q3 + r*IQR|)`` with r given.
     """
 
-    bits: int
-    sensitive_pct: float = 0.0
-    outlier_pct: float = 0.0
-    outlier_range: float | None = None
-    seed: int = 0
+    bits: int = required(BITS_HELP)
+    sensitive_pct: float = option(0.0, "percent of most Fisher-sensitive weights kept exact", flag="--sensitive")
+    outlier_pct: float = option(0.0, "percent of largest-magnitude weights kept exact", flag="--outliers")
+    outlier_range: float | None = option(None, "outlier threshold factor r of the IQR rule")
+    seed: int = option(0, "k-means seed", cli=False)
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4):
             raise InvalidConfig(f"bits={self.bits} is not supported by squeezellm; choose 2, 3 or 4")
         _check_range("sensitive_pct", self.sensitive_pct, 0.0, 10.0, "pass a percentage, e.g. 0.05")
         _check_range("outlier_pct", self.outlier_pct, 0.0, 10.0, "pass a percentage, e.g. 0.4")
-        if self.outlier_range is not None and self.outlier_range <= 0:
-            raise InvalidConfig(f"outlier_range={self.outlier_range} must be > 0")
+        if self.outlier_range is not None and not (0 < self.outlier_range < math.inf):
+            raise InvalidConfig(f"outlier_range={self.outlier_range} must be a finite number > 0, e.g. 1.5")
         if self.outlier_range is not None and self.outlier_pct > 0:
             raise InvalidConfig("give either outlier_pct or outlier_range, not both")
 
@@ -112,27 +128,26 @@ class SliMConfig:
                        ``sqc_salient_frac`` most salient weights of the group (all rows) weigh
                        ``sqc_salient_weight`` and the rest 1; default: top 10% weigh 2. (The reference
                        code weighs |error|^2.4 and marks salient weights by z-score > 2.)
-    lwc_*:             SliM-LLM+ learnable weight clipping (only used when ``lwc`` is True).
     """
 
-    bits: int
-    group_size: int = 64
-    percdamp: float = 0.01
-    blocksize: int = 128
-    salience: str = "cholesky"
-    sqc_grid: int = 101
-    sqc_range: tuple[float, float] = (0.9, 1.1)
-    sqc_salient_frac: float = 0.1
-    sqc_salient_weight: float = 2.0
-    true_sequential: bool = True
-    lwc: bool = False
-    lwc_epochs: int = 10
-    lwc_lr: float = 5e-2  # OmniQuant trains at 1e-2 for far more steps; 10 epochs need more (SmolLM2: half the loss)
-    lwc_samples: int = 32
+    bits: int = required(BITS_HELP)
+    group_size: int = option(64, GROUP_HELP)
+    percdamp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal")
+    blocksize: int = option(128, "columns per GPTQ update block")
+    salience: Literal["cholesky", "inverse"] = option(
+        "cholesky", "salience denominator: Cholesky factor of H^-1 (reference code) or H^-1 itself (paper)")
+    sqc_grid: int = option(101, "SQC: range multipliers searched per group")
+    sqc_range: tuple[float, float] = option((0.9, 1.1), "SQC: lowest and highest range multiplier")
+    sqc_salient_frac: float = option(0.1, "SQC: fraction of each group's weights counted as salient")
+    sqc_salient_weight: float = option(2.0, "SQC: weight of the salient weights' error")
+    true_sequential: bool = option(True, "quantize a block's linears group by group, each seeing the "
+                                         "quantized outputs of the ones before")
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3):
-            raise InvalidConfig(f"bits={self.bits} is not supported by slim; choose 2 or 3")
+            raise InvalidConfig(f"bits={self.bits} is not supported by {self.method_name}; choose 2 or 3")
+        if self.group_size is None:
+            raise InvalidConfig(f"{self.method_name} allocates bits per group; pass --group-size G (e.g. 64)")
         _check_group_size(self.group_size)
         _check_range("percdamp", self.percdamp, 0.0, 1.0)
         if self.blocksize < 1:
@@ -142,13 +157,38 @@ class SliMConfig:
         if self.sqc_grid < 1:
             raise InvalidConfig(f"sqc_grid={self.sqc_grid} must be >= 1")
         lo, hi = self.sqc_range
-        if not (0 < lo <= 1 <= hi):
+        if not (0 < lo <= 1 <= hi < math.inf):
             raise InvalidConfig(f"sqc_range={self.sqc_range} must satisfy 0 < lo <= 1 <= hi")
         _check_range("sqc_salient_frac", self.sqc_salient_frac, 0.0, 1.0)
-        if self.sqc_salient_weight < 1:
-            raise InvalidConfig(f"sqc_salient_weight={self.sqc_salient_weight} must be >= 1")
+        _check_range("sqc_salient_weight", self.sqc_salient_weight, 1.0, math.inf)
+
+    @property
+    def method_name(self) -> str:
+        return "slim"
+
+
+@dataclass(frozen=True)
+class SliMPlusConfig(SliMConfig):
+    """SliM-LLM+: SliM-LLM followed by OmniQuant-style learnable weight clipping trained block by block
+    (the block stage in ``engine/refine.py``)."""
+
+    # OmniQuant trains at 1e-2 for far more steps; 10 epochs need more (SmolLM2: half the loss).
+    lwc_epochs: int = option(10, "clipping training epochs per block")
+    lwc_lr: float = option(5e-2, "clipping learning rate")
+    lwc_samples: int = option(32, "calibration windows used for clipping training")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.lwc_epochs < 0:
             raise InvalidConfig(f"lwc_epochs={self.lwc_epochs} must be >= 0")
+        if not (0 < self.lwc_lr < math.inf):
+            raise InvalidConfig(f"lwc_lr={self.lwc_lr} must be a finite number > 0; pass e.g. --lwc-lr 0.05")
+        if self.lwc_samples < 1:
+            raise InvalidConfig(f"lwc_samples={self.lwc_samples} must be >= 1; pass e.g. --lwc-samples 32")
+
+    @property
+    def method_name(self) -> str:
+        return "slim+"
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -2,9 +2,9 @@
 packed sqllm checkpoint.
 
 The quantizer swaps every quantized ``nn.Linear`` named in ``quantization_config.layers`` for a
-QuantLinear built from its layer meta before the weights are loaded; transformers then fills the
-packed tensors by name. :func:`sqllm.api.load_quantized` does the same without transformers' loader and
-with stricter checks.
+QuantLinear with the one swap loop of :mod:`sqllm.nn.loader` before the weights are loaded; transformers
+then fills the packed tensors by name. :func:`sqllm.api.load_quantized` does the same without
+transformers' loader and with stricter checks.
 """
 
 from __future__ import annotations
@@ -38,12 +38,17 @@ class SqllmHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
-        from .nn import quant_linear_from_meta, replace_linear
+        from .nn.loader import swap_quant_linears
 
-        for name, meta_dict in self.quantization_config.layers.items():
-            linear = model.get_submodule(name)
-            bias_dtype = linear.weight.dtype if linear.bias is not None else None
-            replace_linear(model, name, quant_linear_from_meta(meta_dict, bias_dtype, device="meta", where=name))
+        swap_quant_linears(model, self.quantization_config.layers)
+
+    def update_dtype(self, dtype: Any) -> Any:
+        """Compute in the dtype the model was quantized in; the 16-bit stored embeddings and head are
+        widened to it on load (``sqllm.api.load_quantized`` keeps them 16-bit instead)."""
+        import torch
+
+        stored = (getattr(self.quantization_config, "dense16", None) or {}).get("compute_dtype")
+        return getattr(torch, stored) if stored else dtype
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         return model

@@ -1,30 +1,86 @@
-"""The one registry of quantization methods: name -> config class, solver, statistics it needs.
+"""The one registry of quantization methods: the single place a method is declared.
 
-The CLI's ``--method`` choices and every "supported methods are ..." message come from here.
-A solver is a pure function ``solve(w [out, in], stats, cfg) -> QuantizedMatrix``; the engine
-collects the statistics a method asks for and never does per-matrix math itself.
+A :class:`MethodSpec` names the method's config class (whose fields are its options, and the CLI's
+flags), its pure solver, the statistics the engine must collect for it, and an optional block stage.
+Everything else (the CLI's ``--method`` choices and flags, the "supported methods are ..." messages, the
+engine's accumulators, whether calibration text is needed) is derived from here.
+
+A solver is a pure function ``solve(w [out, in], stats, cfg) -> QuantizedMatrix`` from ``quant/``;
+a block stage runs in the engine after a block's linears are solved (block-level training).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from torch import Tensor
 
 from .codes import QuantizedMatrix
-from .config import GPTQConfig, RTNConfig, SliMConfig, SqueezeLLMConfig
+from .config import GPTQConfig, RTNConfig, SliMConfig, SliMPlusConfig, SqueezeLLMConfig
 from .errors import InvalidConfig
 
-# Statistics the engine can collect per linear layer.
-HESSIAN = "hessian"  # H = 2/n * sum_t x_t x_t^T over calibration tokens, [in, in] float32
-INPUTS = "inputs"  # a seeded sample of calibration input rows, [n_tok, in] float32
-FISHER = "fisher"  # diagonal Fisher: sum over windows of grad(W)**2, [out, in] float32 (model-level pass)
+if TYPE_CHECKING:
+    from .engine.loop import BlockStage
+
+
+class Accumulator(Protocol):
+    """Fed with a linear's inputs one batch at a time (``x: [..., in]``), then asked for its result."""
+
+    def update(self, x: Tensor) -> None: ...
+
+    def result(self) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class StatContext:
+    """What an accumulator factory may use besides the layer's input width.
+
+    input_rows: rows of calibration inputs a sampler keeps;  per_batch: rows it takes from each batch
+    seed: the seed of this linear's sampling (the run's seed plus the linear's index in its group)
+    """
+
+    input_rows: int
+    per_batch: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class LayerStatistic:
+    """A statistic of one linear's calibration inputs, accumulated by the block loop's hooks.
+
+    name: the :class:`LayerStats` field the result fills;  make: ``(in_features, ctx) -> Accumulator``
+    """
+
+    name: str
+    make: Callable[[int, StatContext], Accumulator]
+
+
+def _hessian(n_in: int, ctx: StatContext) -> Accumulator:
+    from .engine.stats import HessianAccumulator
+
+    return HessianAccumulator(n_in)
+
+
+def _inputs(n_in: int, ctx: StatContext) -> Accumulator:
+    from .engine.stats import InputSampler
+
+    return InputSampler(ctx.input_rows, ctx.per_batch, seed=ctx.seed)
+
+
+# H = 2/n * sum_t x_t x_t^T over calibration tokens, [in, in] float32 (GPTQ's layer Hessian)
+HESSIAN = LayerStatistic("hessian", _hessian)
+# a seeded sample of calibration input rows, [n_tok, in] float32
+INPUTS = LayerStatistic("inputs", _inputs)
 
 
 @dataclass
 class LayerStats:
-    """What the engine hands a solver for one linear layer (fields it did not collect are None)."""
+    """What the engine hands a solver for one linear layer (fields it did not collect are None).
+
+    fisher: the diagonal Fisher ``sum over windows of grad(W)**2``, ``[out, in]`` float32, from the
+    model-level gradient pass (SqueezeLLM §3.2)
+    """
 
     name: str
     hessian: Tensor | None = None
@@ -33,12 +89,42 @@ class LayerStats:
 
 
 @dataclass(frozen=True)
+class StageOptions:
+    """What a block stage factory gets besides the config."""
+
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
 class MethodSpec:
+    """One quantization method.
+
+    config_cls:  frozen dataclass of its options (``config.py``); its fields are the CLI flags
+    solve:       ``(w [out, in] float32, LayerStats, cfg) -> QuantizedMatrix``, pure
+    layer_stats: statistics of each linear's inputs the block loop collects before solving it
+    fisher:      whether it needs the model-level diagonal Fisher
+    block_stage: ``(cfg, StageOptions) -> BlockStage`` run after a block's linears are solved, with the
+                 block's full-precision outputs (block-level training); None for none
+    """
+
     name: str
     config_cls: type
-    needs: frozenset[str]
     solve: Callable[[Tensor, LayerStats, Any], QuantizedMatrix]
     summary: str
+    layer_stats: tuple[LayerStatistic, ...] = ()
+    fisher: bool = False
+    block_stage: Callable[[Any, StageOptions], BlockStage] | None = field(default=None)
+
+    @property
+    def needs_windows(self) -> bool:
+        """Whether the block loop must run the calibration windows through the blocks."""
+        return bool(self.layer_stats) or self.block_stage is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method learns from calibration text (a Fisher file can stand in for Fisher-only ones)."""
+        return self.needs_windows or self.fisher
 
 
 def _rtn(w: Tensor, stats: LayerStats, cfg: RTNConfig) -> QuantizedMatrix:
@@ -50,6 +136,7 @@ def _rtn(w: Tensor, stats: LayerStats, cfg: RTNConfig) -> QuantizedMatrix:
 def _gptq(w: Tensor, stats: LayerStats, cfg: GPTQConfig) -> QuantizedMatrix:
     from .quant.gptq import gptq_quantize
 
+    assert stats.hessian is not None
     return gptq_quantize(w, stats.hessian, cfg, name=stats.name)
 
 
@@ -62,28 +149,34 @@ def _squeezellm(w: Tensor, stats: LayerStats, cfg: SqueezeLLMConfig) -> Quantize
 def _slim(w: Tensor, stats: LayerStats, cfg: SliMConfig) -> QuantizedMatrix:
     from .quant.slim import slim_quantize
 
-    return slim_quantize(w, stats.hessian, stats.inputs, cfg, name=stats.name)
+    assert stats.hessian is not None and stats.inputs is not None
+    # SliM-LLM+'s clipping re-rounds the values SliM's error-compensated sweep rounded.
+    return slim_quantize(w, stats.hessian, stats.inputs, cfg, name=stats.name,
+                         keep_rounded=isinstance(cfg, SliMPlusConfig))
+
+
+def _lwc_stage(cfg: SliMPlusConfig, opts: StageOptions) -> BlockStage:
+    from .engine.refine import lwc_block_stage
+
+    return lwc_block_stage(cfg, seed=opts.seed, progress=opts.progress)
 
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec("rtn", RTNConfig, frozenset(), _rtn, "round-to-nearest min-max, per channel or group"),
-        MethodSpec("gptq", GPTQConfig, frozenset({HESSIAN}), _gptq, "GPTQ, Hessian error feedback"),
-        MethodSpec(
-            "squeezellm", SqueezeLLMConfig, frozenset({FISHER}), _squeezellm,
-            "Fisher-weighted k-means LUTs + dense-and-sparse",
-        ),
-        MethodSpec("slim", SliMConfig, frozenset({HESSIAN, INPUTS}), _slim, "SliM-LLM mixed-precision groups"),
-        MethodSpec(
-            "slim+", SliMConfig, frozenset({HESSIAN, INPUTS}), _slim,
-            "SliM-LLM + learnable weight clipping",
-        ),
+        MethodSpec("rtn", RTNConfig, _rtn, "round-to-nearest min-max, per channel or group"),
+        MethodSpec("gptq", GPTQConfig, _gptq, "GPTQ, Hessian error feedback", layer_stats=(HESSIAN,)),
+        MethodSpec("squeezellm", SqueezeLLMConfig, _squeezellm, "Fisher-weighted k-means LUTs + dense-and-sparse",
+                   fisher=True),
+        MethodSpec("slim", SliMConfig, _slim, "SliM-LLM mixed-precision groups", layer_stats=(HESSIAN, INPUTS)),
+        MethodSpec("slim+", SliMPlusConfig, _slim, "SliM-LLM + learnable weight clipping",
+                   layer_stats=(HESSIAN, INPUTS), block_stage=_lwc_stage),
     )
 }
 
 
 def get_method(name: str) -> MethodSpec:
+    """The registered method ``name``, or InvalidConfig listing the supported ones."""
     try:
         return METHODS[name]
     except KeyError:

@@ -170,27 +170,12 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
-def is_packed_checkpoint(path: str) -> bool:
-    """True when ``path`` is a folder written by sqllm's packed format."""
-    import json
-
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "sqllm"
-
-
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` from a folder, ``.gguf`` file, alias or hub id; eval mode, no KV cache
-    during calibration. Packed sqllm checkpoints are loaded through :func:`sqllm.formats.checkpoint`."""
+    """Load a full-precision ``(model, tokenizer)`` from a folder, ``.gguf`` file, alias or hub id, in
+    eval mode. Packed sqllm checkpoints are the runtime's (:func:`sqllm.nn.loader.load_packed`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
-    if is_packed_checkpoint(path):
-        from .formats.checkpoint import load_packed
-
-        return load_packed(path, device=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)

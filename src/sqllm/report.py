@@ -27,6 +27,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     rows = [[k, f"{v:.4f}"] for k, v in bpw.items()]
     print(f"{summary['method']}: {summary['linears']} linears, {summary['weights']:,} weights, "
           f"{summary['seconds']:.1f} s" + (f" -> {summary['output']}" if "output" in summary else ""))
+    dense16 = summary.get("dense16") or {}
+    if dense16.get("tensors"):
+        print(f"kept dense in {dense16['dtype']}: {', '.join(dense16['tensors'])}")
     if "sparse_values" in summary:
         print(f"sparse: {summary['sparse_values']:,} values ({summary['sparse_pct']:.3f}%)")
     print_table(["part", "bits/weight"], rows)
@@ -61,3 +64,30 @@ def machine_info() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def print_bench(res: dict[str, Any]) -> None:
+    """One row per measured model of ``sqllm bench``: size, memory and speed."""
+    rows = []
+    for r in res["rows"]:
+        bpw = r.get("bits_per_weight", {}).get("total")
+        rows.append([
+            r["model"], r.get("method", r["dtype"]), f"{bpw:.3f}" if bpw else "-",
+            f"{r['disk_bytes'] / 2**20:.1f}" if r.get("disk_bytes") else "-",
+            f"{r['peak_rss_mb']:.0f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+        ])
+    print_table(["model", "kind", "bits/weight", "disk MiB", "peak RSS MiB", "prefill tok/s", "decode tok/s"], rows)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def print_zeroshot(model_label: str, results: dict[str, Any]) -> None:
+    """One markdown row per task: accuracy and normalized accuracy with their standard errors."""
+    rows = [
+        [model_label, task, _fmt(m.get("acc")), _fmt(m.get("acc_stderr")), _fmt(m.get("acc_norm")),
+         _fmt(m.get("acc_norm_stderr")), m.get("samples", "-")]
+        for task, m in results["tasks"].items()
+    ]
+    print_table(["model", "task", "acc", "acc stderr", "acc_norm", "acc_norm stderr", "samples"], rows)

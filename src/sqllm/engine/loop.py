@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..codes import QuantizedMatrix
-from ..methods import FISHER, HESSIAN, INPUTS, LayerStats, MethodSpec
+from ..methods import LayerStats, MethodSpec, StageOptions, StatContext
 from ..models import ArchSpec, get_blocks
-from .stats import HessianAccumulator, InputSampler
 
-BlockHook = Callable[
+# ``stage(block, index, block_inputs, fp_outputs, block_results) -> block_results``: block-level work
+# (training, refinement) after a block's linears are solved; see MethodSpec.block_stage.
+BlockStage = Callable[
     [nn.Module, int, "BlockInputs", Tensor, dict[str, QuantizedMatrix]],
     dict[str, QuantizedMatrix],
 ]
@@ -87,34 +88,31 @@ class EngineOptions:
     """How the engine runs, independent of the method.
 
     batch_size:      calibration windows per block forward
-    input_rows:      rows of calibration inputs kept per linear for methods that need INPUTS
-    true_sequential: quantize each block's linears group by group, each group seeing the quantized
-                     outputs of the previous ones (more block forwards, slightly better accuracy)
+    input_rows:      rows of calibration inputs kept per linear for methods that sample inputs
     device:          where each block is moved while it is calibrated
+
+    Whether a block's linears are solved group by group (true-sequential) is the method's own option
+    (``cfg.true_sequential`` where the config has it).
     """
 
     batch_size: int = 8
     input_rows: int = 4096
-    true_sequential: bool = True
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
 
 
 def _collect(
-    block: nn.Module, names: tuple[str, ...], needs: frozenset[str], inputs: BlockInputs, opts: EngineOptions
+    block: nn.Module, names: tuple[str, ...], method: MethodSpec, inputs: BlockInputs, opts: EngineOptions
 ) -> dict[str, LayerStats]:
     """Run the block once with hooks on ``names`` and return each linear's statistics."""
-    accs: dict[str, list[Any]] = {}
     n_windows = inputs.hidden.shape[0]
     per_batch = math.ceil(opts.input_rows / math.ceil(n_windows / opts.batch_size))
+    accs: dict[str, list[Any]] = {}
     for i, name in enumerate(names):
         n_in = block.get_submodule(name).in_features
-        accs[name] = []
-        if HESSIAN in needs:
-            accs[name].append((HESSIAN, HessianAccumulator(n_in)))
-        if INPUTS in needs:
-            accs[name].append((INPUTS, InputSampler(opts.input_rows, per_batch, seed=opts.seed + i)))
+        ctx = StatContext(input_rows=opts.input_rows, per_batch=per_batch, seed=opts.seed + i)
+        accs[name] = [(stat.name, stat.make(n_in, ctx)) for stat in method.layer_stats]
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -141,28 +139,29 @@ def quantize_blocks(
     windows: Tensor | None = None,
     fisher: dict[str, Tensor] | None = None,
     opts: EngineOptions = EngineOptions(),
-    block_hook: BlockHook | None = None,
 ) -> dict[str, QuantizedMatrix]:
     """Quantize every targeted linear of ``model`` in place (weights become their dequantized values)
     and return the codes by full module name.
 
-    windows:    ``[n, L]`` calibration tokens; needed when the method uses per-layer activations
+    windows:    ``[n, L]`` calibration tokens; needed when the method collects layer statistics or has
+                a block stage
     fisher:     full linear name -> ``[out, in]`` Fisher diagonal, for methods that need it
-    block_hook: called as ``hook(block, index, block_inputs, fp_outputs, block_results) -> block_results``
-                after a block is quantized and before its outputs are propagated, with the block's
-                full-precision outputs; it may refine the block's weights and codes (SliM-LLM+ trains its
-                clipping there)
+
+    The method's block stage, if any, is called after a block is quantized and before its outputs are
+    propagated, with the block's full-precision outputs; it may refine the block's weights and codes
+    (SliM-LLM+ trains its clipping there).
     """
     blocks = get_blocks(model, arch)
     prefix = arch.blocks
-    needs_acts = bool(method.needs & {HESSIAN, INPUTS}) or block_hook is not None
+    needs_acts = method.needs_windows
     if needs_acts and windows is None:
         raise ValueError(f"method {method.name!r} needs calibration windows")
-    if FISHER in method.needs and fisher is None:
+    if method.fisher and fisher is None:
         raise ValueError(f"method {method.name!r} needs Fisher information")
+    stage = method.block_stage(cfg, StageOptions(seed=opts.seed, progress=opts.progress)) if method.block_stage else None
 
     inputs = capture_first_block_inputs(model, arch, windows, opts.batch_size) if needs_acts else None
-    groups = arch.sequential if opts.true_sequential else (arch.linears,)
+    groups = arch.sequential if getattr(cfg, "true_sequential", True) else (arch.linears,)
     results: dict[str, QuantizedMatrix] = {}
     bar = tqdm(total=len(blocks) * len(arch.linears), desc=f"{method.name} blocks", disable=not opts.progress)
     for b, block in enumerate(blocks):
@@ -170,11 +169,11 @@ def quantize_blocks(
         block.to(opts.device)
         if inputs is not None:
             inputs.hidden = inputs.hidden.to(opts.device)
-        fp_out = run_block(block, inputs, opts.batch_size) if block_hook is not None else None
+        fp_out = run_block(block, inputs, opts.batch_size) if stage is not None else None
         block_results: dict[str, QuantizedMatrix] = {}
         for group in groups:
-            if needs_acts and method.needs & {HESSIAN, INPUTS}:
-                stats = _collect(block, group, method.needs, inputs, opts)
+            if method.layer_stats:
+                stats = _collect(block, group, method, inputs, opts)
             else:
                 stats = {n: LayerStats(name=n) for n in group}
             for name in group:
@@ -182,15 +181,15 @@ def quantize_blocks(
                 layer = block.get_submodule(name)
                 st = stats[name]
                 st.name = full
-                if FISHER in method.needs:
+                if fisher is not None:
                     st.fisher = fisher[full]
                 qm = method.solve(layer.weight.data.float(), st, cfg)
                 layer.weight.data = qm.dequantize().to(layer.weight.dtype).to(layer.weight.device)
                 block_results[full] = qm
                 bar.update(1)
                 bar.set_postfix_str(f"block {b} {name}")
-        if block_hook is not None:
-            block_results = block_hook(block, b, inputs, fp_out, block_results)
+        if stage is not None:
+            block_results = stage(block, b, inputs, fp_out, block_results)
         results.update(block_results)
         if inputs is not None:
             inputs.hidden = run_block(block, inputs, opts.batch_size)

@@ -11,11 +11,11 @@ import resource
 import time
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..report import machine_info, print_table
+from ..report import machine_info
 
 
 def disk_bytes(path: str) -> int | None:
@@ -43,17 +43,19 @@ def _module_bytes(model: torch.nn.Module) -> dict[str, int]:
     return {"quantized_linear_bytes": q, "model_bytes": total}
 
 
-def _measure(spec: str, dtype: str, prefill: int, decode: int, threads: int, queue: Any) -> None:
-    """Runs in a subprocess: load ``spec``, time a prefill and a greedy decode, report peak RSS."""
+Loader = Callable[..., tuple[torch.nn.Module, Any]]
+
+
+def _measure(load: Loader, spec: str, dtype: str, prefill: int, decode: int, threads: int, queue: Any) -> None:
+    """Runs in a subprocess: load ``spec`` with ``load(spec, dtype=...)``, time a prefill and a greedy
+    decode, report peak RSS."""
     try:
         torch.set_num_threads(threads)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        from ..models import load_model
-
         t0 = time.perf_counter()
-        model, _ = load_model(spec, dtype=getattr(torch, dtype))
+        model, _ = load(spec, dtype=getattr(torch, dtype))
         load_s = time.perf_counter() - t0
         vocab = model.config.vocab_size
         ids = torch.randint(0, vocab, (1, prefill), generator=torch.Generator().manual_seed(0))
@@ -79,14 +81,15 @@ def _measure(spec: str, dtype: str, prefill: int, decode: int, threads: int, que
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def measure(spec: str, *, dtype: str = "float32", prefill: int = 512, decode: int = 32,
+def measure(load: Loader, spec: str, *, dtype: str = "float32", prefill: int = 512, decode: int = 32,
             threads: int | None = None) -> dict[str, Any]:
-    """Measure one model in a fresh process (spawned, so the parent's memory does not count)."""
+    """Measure one model, loaded by the picklable ``load`` (e.g. :func:`sqllm.api.load_model`), in a fresh
+    process (spawned, so the parent's memory does not count)."""
     from ..errors import SqllmError
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(spec, dtype, prefill, decode, threads or torch.get_num_threads(), queue))
+    proc = ctx.Process(target=_measure, args=(load, spec, dtype, prefill, decode, threads or torch.get_num_threads(), queue))
     proc.start()
     while True:  # a child that dies without reporting (killed, crashed) must not hang the parent
         try:
@@ -101,13 +104,13 @@ def measure(spec: str, *, dtype: str = "float32", prefill: int = 512, decode: in
     return res
 
 
-def bench_checkpoint(path: str, *, baseline: str | None = None, prefill: int = 512, decode: int = 32,
-                     dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, Any]:
+def bench_checkpoint(load: Loader, path: str, *, baseline: str | None = None, prefill: int = 512,
+                     decode: int = 32, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, Any]:
     """Size, bits per weight and speed of ``path``, next to ``baseline`` in each of ``dtypes``."""
-    from ..models import is_packed_checkpoint
+    from ..formats.checkpoint import is_packed_checkpoint
 
     rows = []
-    qrow = measure(path, prefill=prefill, decode=decode)
+    qrow = measure(load, path, prefill=prefill, decode=decode)
     qrow["disk_bytes"] = disk_bytes(path)
     if is_packed_checkpoint(path):
         qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
@@ -120,7 +123,7 @@ def bench_checkpoint(path: str, *, baseline: str | None = None, prefill: int = 5
 
         base_path = resolve_model_path(baseline)
         for dt in dtypes:
-            r = measure(base_path, dtype=dt, prefill=prefill, decode=decode)
+            r = measure(load, base_path, dtype=dt, prefill=prefill, decode=decode)
             r["disk_bytes"] = disk_bytes(base_path)
             rows.append(r)
     return {"machine": machine_info(), "rows": rows}
@@ -135,15 +138,3 @@ def packed_linear_bytes(path: str) -> int:
     tensors = read_tensors(Path(path))
     return sum(t.numel() * t.element_size() for k, t in tensors.items()
                if k.startswith(prefixes) and not k.endswith(".bias"))
-
-
-def print_bench(res: dict[str, Any]) -> None:
-    rows = []
-    for r in res["rows"]:
-        bpw = r.get("bits_per_weight", {}).get("total")
-        rows.append([
-            r["model"], r.get("method", r["dtype"]), f"{bpw:.3f}" if bpw else "-",
-            f"{r['disk_bytes'] / 2**20:.1f}" if r.get("disk_bytes") else "-",
-            f"{r['peak_rss_mb']:.0f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
-        ])
-    print_table(["model", "kind", "bits/weight", "disk MiB", "peak RSS MiB", "prefill tok/s", "decode tok/s"], rows)

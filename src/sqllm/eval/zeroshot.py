@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import DataUnavailable, InvalidConfig
-from ..report import print_table
 
 # The numbers reported per task, when the task defines them (lm-eval keys them as "metric,filter").
 METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
@@ -152,17 +151,3 @@ def run_zeroshot(
         for task in names:
             per_task.update(task_metrics(_evaluate_task(lm_eval, lm, task, manager, limit)))
     return {"tasks": per_task, "limit": limit, "num_fewshot": 0, "lm_eval_version": version("lm_eval")}
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def print_zeroshot(model_label: str, results: dict[str, Any]) -> None:
-    """One markdown row per task: accuracy and normalized accuracy with their standard errors."""
-    rows = [
-        [model_label, task, _fmt(m.get("acc")), _fmt(m.get("acc_stderr")), _fmt(m.get("acc_norm")),
-         _fmt(m.get("acc_norm_stderr")), m.get("samples", "-")]
-        for task, m in results["tasks"].items()
-    ]
-    print_table(["model", "task", "acc", "acc stderr", "acc_norm", "acc_norm stderr", "samples"], rows)

@@ -7,9 +7,9 @@ Folder contents:
 * ``model-0000k-of-0000n.safetensors`` shards and ``model.safetensors.index.json``
 * tokenizer files, ``generation_config.json`` and a short model card (``README.md``)
 
-Loading builds the model skeleton without allocating weights, swaps the quantized linears for
-QuantLinear modules built from their metas, checks every tensor against the layout table, and assigns
-the stored tensors. Any missing, truncated or mis-shaped tensor is a :class:`CorruptCheckpoint` naming it.
+This module writes the folder and reads back its checked ``quantization_config`` and tensors; building a
+model from them is the runtime's job (:func:`sqllm.nn.loader.load_packed`). Any missing, truncated or
+mis-shaped tensor is a :class:`CorruptCheckpoint` naming it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,40 @@ def _unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def dense16_dtype(tensors: dict[str, Tensor]) -> torch.dtype:
+    """The 16-bit dtype that stores every one of ``tensors`` (float tensors of a full-precision model):
+    their own dtype when they are all already 16-bit, else float16 when every value is finite and within
+    its range (float16 keeps 3 more mantissa bits than bfloat16), else bfloat16."""
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) == 1 and (d := next(iter(dtypes))) in (torch.float16, torch.bfloat16):
+        return d
+    fits = all(bool(torch.isfinite(t).all()) and float(t.abs().max()) <= FP16_MAX
+               for t in tensors.values() if t.numel())
+    return torch.float16 if fits else torch.bfloat16
+
+
+def store_dense_in_16_bits(state: dict[str, Tensor], names: list[str]) -> dict[str, Any]:
+    """Cast ``state[name]`` (the matrices kept dense: embeddings, an untied head) to one 16-bit dtype, in
+    place; returns what ``quantization_config["dense16"]`` records. These matrices outweigh the packed
+    linears of a small model (SmolLM2's tied 49152 x 576 head is 113 MB in float32) and bound its
+    decode speed, so they are stored like the source's 16-bit checkpoints are."""
+    chosen = {n: state[n] for n in names if state[n].is_floating_point() and state[n].dtype.itemsize > 2}
+    if not chosen:
+        return {"dtype": None, "tensors": [], "compute_dtype": None}
+    compute = {t.dtype for t in chosen.values()}.pop()
+    dtype = dense16_dtype(chosen)
+    for n, t in chosen.items():
+        state[n] = t.to(dtype)
+    return {"dtype": _name(dtype), "tensors": sorted(chosen), "compute_dtype": _name(compute)}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _shards(tensors: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -73,13 +107,17 @@ def _model_card(qconfig: dict[str, Any], base: str) -> str:
 def write_packed(
     model: nn.Module, tokenizer: Any, matrices: dict[str, QuantizedMatrix], qconfig: dict[str, Any], dest: Path,
     *, shard_bytes: int = SHARD_BYTES,
-) -> None:
+) -> dict[str, Any]:
     """Write ``model`` with each linear of ``matrices`` stored packed into the (empty) folder ``dest``.
 
-    Outlier values are stored in the model's dtype; embeddings, norms and ``lm_head`` as they are.
+    Outlier values are stored in the model's dtype, norms and biases as they are, and the other matrices
+    (embeddings, ``lm_head``) in 16 bits (:func:`store_dense_in_16_bits`). Returns the
+    ``quantization_config`` written.
     """
     dest = Path(dest)
     state = _unique_state_dict(model)
+    dense16 = store_dense_in_16_bits(state, [n for n, t in state.items() if t.dim() == 2 and n.removesuffix(".weight")
+                                             not in matrices])
     layers: dict[str, dict[str, Any]] = {}
     for name, qm in matrices.items():
         dtype = model.get_submodule(name).weight.dtype
@@ -97,7 +135,7 @@ def write_packed(
     (dest / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
     config = model.config.to_dict()
-    config["quantization_config"] = {**qconfig, "layers": layers}
+    config["quantization_config"] = {**qconfig, "dense16": dense16, "layers": layers}
     (dest / "config.json").write_text(json.dumps(config, indent=2, default=str))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(dest)
@@ -105,6 +143,17 @@ def write_packed(
         tokenizer.save_pretrained(dest)
     base = getattr(model.config, "_name_or_path", "") or model.config.model_type
     (dest / "README.md").write_text(_model_card(qconfig, base))
+    return config["quantization_config"]
+
+
+def is_packed_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a folder whose ``config.json`` says ``quant_method: "sqllm"``."""
+    cfg = Path(path) / "config.json"
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "sqllm"
 
 
 def read_quantization_config(path: Path) -> dict[str, Any]:
@@ -151,50 +200,3 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     if missing:
         raise CorruptCheckpoint(f"tensor {missing[0]!r} is listed in {INDEX_NAME} but missing from its shard")
     return tensors
-
-
-def _skeleton(path: Path) -> nn.Module:
-    """The model with parameters on the meta device (no memory, no init) and real buffers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """Load a packed checkpoint folder as ``(model, tokenizer)`` with QuantLinear modules."""
-    from transformers import AutoTokenizer
-
-    from ..nn import QuantLinear, replace_linear
-
-    path = Path(path)
-    qc = read_quantization_config(path)
-    tensors = read_tensors(path)
-    model = _skeleton(path)
-    for name, meta_dict in qc["layers"].items():
-        meta = LayerMeta.from_dict(meta_dict, where=name)
-        validate_tensors(tensors, f"{name}.", meta)
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise CorruptCheckpoint(f"quantized layer {name!r} does not exist in this model's architecture") from None
-        bias_dtype = linear.weight.dtype if linear.bias is not None else None
-        replace_linear(model, name, QuantLinear(meta, bias_dtype, device="meta"))
-    result = model.load_state_dict(tensors, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in result.missing_keys if k not in tied and k.split(".")[-1] not in tied]
-    if missing:
-        raise CorruptCheckpoint(f"tensor {missing[0]!r} is missing from the checkpoint at {path}")
-    if result.unexpected_keys:
-        raise CorruptCheckpoint(f"tensor {result.unexpected_keys[0]!r} in the checkpoint has no place in the model")
-    model.tie_weights()
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise CorruptCheckpoint(f"tensor {leftover[0]!r} is missing from the checkpoint at {path}")
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-    return model, tokenizer

@@ -191,13 +191,15 @@ def kl_search(w: Tensor, inputs: Tensor, salience: Tensor, group_size: int, bits
 
 
 def slim_quantize(
-    w: Tensor, hessian: Tensor, inputs: Tensor, cfg: SliMConfig, *, name: str = ""
+    w: Tensor, hessian: Tensor, inputs: Tensor, cfg: SliMConfig, *, name: str = "", keep_rounded: bool = False
 ) -> QuantizedMatrix:
     """SliM-LLM on one weight ``w: [out, in]`` given ``hessian: [in, in]`` and calibration ``inputs:
     [n_tok, in]``; ``cfg.bits`` (2 or 3) is the exact average bits per code.
 
     info: ``p`` (groups moved down and up), ``group_bits`` (bit map, list), ``kl`` (per candidate p),
     ``damp`` (damping fraction used), ``hessian_error`` (``tr(dW H dW^T)`` of the returned weight).
+    keep_rounded: also return the values the sweep rounded (``QuantizedMatrix.rounded``), which
+    SliM-LLM+'s clipping training starts from.
     """
     check_hessian_shape(w, hessian)
     if inputs is None or inputs.dim() != 2 or inputs.shape[1] != w.shape[1]:
@@ -228,5 +230,4 @@ def slim_quantize(
         "damp": damp,
         "hessian_error": hessian_error(w0, q, h0),
     }
-    # SliM-LLM+ re-rounds the error-compensated weights on learned grids (quant/lwc.py).
-    return QuantizedMatrix(dense=dense, info=info, rounded=rounded if cfg.lwc else None)
+    return QuantizedMatrix(dense=dense, info=info, rounded=rounded if keep_rounded else None)
