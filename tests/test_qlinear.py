@@ -13,7 +13,7 @@ from sqllm.codes import QuantizedMatrix
 from sqllm.errors import CorruptCheckpoint
 from sqllm.formats import matrix_meta, pack_matrix
 from sqllm.nn import QuantLinear, quant_linear_from_meta, replace_linear
-from test_layouts import lut_matrix, uniform_matrix
+from test_layouts import lut_matrix, lut_rows_matrix, uniform_matrix
 
 KINDS = {
     "lut3": lambda: lut_matrix(0, 37, 100, 3),
@@ -24,6 +24,7 @@ KINDS = {
     "uniform3 g20 (groups split blocks)": lambda: uniform_matrix(5, 37, 100, 20, [3]),
     "mixed 1-4 g16 partial": lambda: uniform_matrix(6, 37, 100, 16, [1, 2, 3, 4]),
     "mixed 2,6 g12": lambda: uniform_matrix(7, 37, 100, 12, [2, 6], nnz=10),
+    "lut rows 2-4+sparse": lambda: lut_rows_matrix(8, 37, 100, [2, 3, 4], nnz=10),
 }
 
 
@@ -56,6 +57,7 @@ KERNEL_KINDS = {  # shapes whose rows end mid-word and mid-16-code chunk; every 
     "uniform3 per-channel": lambda: uniform_matrix(14, 37, 96, 96, [3]),
     "mixed 1-4 g16 partial": lambda: uniform_matrix(15, 37, 100, 16, [1, 2, 3, 4]),
     "mixed 1-3 g64 partial": lambda: uniform_matrix(16, 40, 600, 64, [1, 2, 3]),
+    "lut rows 2-4+sparse": lambda: lut_rows_matrix(17, 37, 577, [2, 3, 4], nnz=20),
 }
 
 

@@ -80,6 +80,7 @@ class QuantLinear(nn.Module):
         self.path = "auto"
         self.dense_cache: Tensor | None = None
         self._kernel_parts: list[tuple[str, int, Tensor | None, Tensor | None]] | None = None
+        self._row_parts: list[tuple[Tensor, QuantLinear]] | None = None  # mixed-width LUT rows
 
     @classmethod
     def from_matrix(
@@ -97,6 +98,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         m = self.meta
         mixed = f", mixed={dict(m.mixed_cols)}" if m.mixed_cols else ""
+        mixed += f", mixed_rows={dict(m.mixed_rows)}" if m.mixed_rows else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, kind={m.kind}, bits={m.bits}, "
             f"group_size={m.group_size}{mixed}, nnz={m.nnz}, bias={self.bias is not None}, path={self.path}"
@@ -125,6 +127,7 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.dense_cache = None  # a snapshot of the old buffers
         self._kernel_parts = None
+        self._row_parts = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,6 +137,8 @@ class QuantLinear(nn.Module):
             y = x2 @ self.dense_cache.to(x.dtype).T
         elif self.path == "reference":
             y = x2 @ self.dequantize_weight().to(x.dtype).T
+        elif self.meta.mixed_rows is not None and self.path in ("auto", "kernel", "tiled"):
+            y = self._mixed_rows(x2)
         elif self.path in ("auto", "kernel", "tiled"):
             why_not = "path='tiled'" if self.path == "tiled" else self.kernel_unsupported(x2)
             if why_not is None:
@@ -298,6 +303,38 @@ class QuantLinear(nn.Module):
             return _Part(buffer, bits, n, pad_to, ext[planar_columns(bits, n, pad_to).to(cols.device)], groups)
         planar = planar_columns(bits, n).to(cols.device)
         return _Part(buffer, bits, n, 0, ext[planar], groups, planar.clamp(max=n - 1) // G)
+
+
+    # Mixed-width LUT rows (``meta.mixed_rows``): the rows of each width are stored as a plain LUT matrix,
+    # so each runs through an ordinary LUT QuantLinear (kernel or tiled path, as ``self.path`` says) and
+    # its outputs land in its rows; the outliers are added once for the whole matrix.
+
+    def _mixed_rows(self, x2: Tensor) -> Tensor:
+        """``[m, in]`` -> ``[m, out]`` in ``x2.dtype``, width by width."""
+        y = x2.new_empty(x2.shape[0], self.out_features)
+        for rows, part in self._width_parts():
+            part.path = self.path
+            y[:, rows] = part(x2)
+        return self._add_outliers(y.T, x2).T if self.meta.nnz else y
+
+    def _width_parts(self) -> list[tuple[Tensor, QuantLinear]]:
+        """``(rows, LUT QuantLinear over those rows)`` per width, sharing this module's buffers; rebuilt
+        after a load or a move (``_apply``)."""
+        if self._row_parts is None:
+            assert self.meta.mixed_rows is not None
+            row_bits = self.row_bits.long()
+            parts = []
+            for b, n_rows in self.meta.mixed_rows:
+                part = QuantLinear(LayerMeta(kind="lut", shape=(n_rows, self.in_features), bits=b), device="meta")
+                part.load_state_dict({"qweight": getattr(self, f"qweight_r{b}"), "lut": getattr(self, f"lut_r{b}")},
+                                     assign=True)
+                parts.append((torch.nonzero(row_bits == b).flatten(), part))
+            self._row_parts = parts
+        return self._row_parts
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        self._row_parts = None  # the parts hold the old buffers
+        return super()._apply(fn, recurse)
 
 
 def _dequantize_rows(part: _Part, operands: tuple[Tensor, Tensor, Tensor | None], start: int, stop: int) -> Tensor:

@@ -34,8 +34,7 @@ import torch
 from torch import Tensor
 
 from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers, fp16_grid
-from ..config import SqueezeLLMConfig
-from ..errors import InvalidConfig
+from ..config import SqueezeLLMPlusConfig
 from .gptq import hessian_inverse_factor
 from .kmeans import nearest_codes
 from .squeezellm import _exact_sparse, squeezellm_quantize
@@ -143,17 +142,21 @@ def _sorted_table(lut: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
     return lut, rank.gather(1, codes.long()).to(torch.uint8)
 
 
+def corr_inverse_factor(metric: OutputMetric) -> Tensor:
+    """Upper Cholesky factor ``[in, in]`` of ``C^-1`` (``C`` is damped already)."""
+    return hessian_inverse_factor(metric.corr, 0.0, "squeezellm+")[0]
+
+
 def refine_tables(
-    w: Tensor, lut: Tensor, codes: Tensor, extracted: Tensor, metric: OutputMetric, iters: int
+    w: Tensor, lut: Tensor, codes: Tensor, extracted: Tensor, metric: OutputMetric, iters: int, u: Tensor
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """Alternate :func:`sweep_codes` and :func:`solve_tables` ``iters`` times from ``(lut, codes)``.
 
     w: [out, in] float32; lut: [out, K] fp16-representable, sorted; codes: [out, in] uint8;
-    extracted: [out, in] bool. Every row keeps a step's result only where it lowers its objective.
-    Returns (lut, codes, info) with ``info``: ``objective_start`` / ``objective`` (sums over rows) and
-    the rows each step improved.
+    extracted: [out, in] bool; u: :func:`corr_inverse_factor`. Every row keeps a step's result only
+    where it lowers its objective. Returns (lut, codes, info) with ``info``: ``objective_start`` /
+    ``objective`` (sums over rows) and the rows each step improved.
     """
-    u = hessian_inverse_factor(metric.corr, 0.0, "squeezellm+")[0]
     best = row_objective(w, _dequantize(lut, codes, w, extracted), metric)
     info = {"objective_start": float(best.sum()), "rows_codes_improved": 0, "rows_tables_improved": 0}
     for _ in range(iters):
@@ -180,65 +183,66 @@ def _take_better(
     return lut, codes, torch.where(take, obj, best), int(take.sum())
 
 
-@dataclass(frozen=True)
-class SqueezeLLMPlusConfig:
-    """SqueezeLLM+ (temporary home until the method registry lands in config.py)."""
-
-    bits: int
-    sensitive_pct: float = 0.0
-    outlier_pct: float = 0.0
-    outlier_range: float | None = None
-    iters: int = 4
-    percdamp: float = 0.01
-    fisher_damp: float = 0.01
-
-    def base(self) -> SqueezeLLMConfig:
-        return SqueezeLLMConfig(self.bits, self.sensitive_pct, self.outlier_pct, self.outlier_range)
-
-
 def squeezellm_plus_quantize(w: Tensor, fisher: Tensor, hessian: Tensor, cfg: SqueezeLLMPlusConfig) -> QuantizedMatrix:
-    """SqueezeLLM on ``w: [out, in]`` with ``fisher: [out, in]``, then :func:`refine_tables` against the
-    layer's Fisher-weighted output error (``hessian: [in, in] = 2/n X^T X``).
+    """SqueezeLLM on ``w: [out, in]`` with ``fisher: [out, in]`` (mixed-precision tables too), then
+    :func:`refine_tables` against the layer's Fisher-weighted output error (``hessian: [in, in] =
+    2/n X^T X``), the rows of each table width together.
 
     Returns the same kind of result as :func:`~sqllm.quant.squeezellm.squeezellm_quantize` (LUT codes
     plus exact sparse outliers); ``info`` adds the refinement's numbers.
     """
-    if hessian is None or hessian.shape != (w.shape[1], w.shape[1]):
-        raise InvalidConfig(f"squeezellm+ needs the [in, in] input Hessian of a {tuple(w.shape)} weight")
-    start = squeezellm_quantize(w, fisher, cfg.base())
+    if hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match weight {tuple(w.shape)}")
+    start = squeezellm_quantize(w, fisher, cfg)
     w = w.float()
     extracted = torch.zeros_like(w, dtype=torch.bool)
     if start.sparse is not None:
         extracted[start.sparse.rows, start.sparse.cols] = True
     metric = output_metric(fisher, hessian.float(), cfg.percdamp, cfg.fisher_damp)
+    u = corr_inverse_factor(metric)
     dense = start.dense
-    lut, codes, info = refine_tables(w, dense.lut, dense.codes, extracted, metric, cfg.iters)
+    assert isinstance(dense, LUTCodes)
+    lut, codes = dense.lut.clone(), dense.codes.clone()
+    widths = dense.widths()
+    info: dict[str, float] = {}
+    for b in torch.unique(widths).tolist():
+        rows = torch.nonzero(widths == b).flatten()
+        part = OutputMetric(scale=metric.scale[rows], corr=metric.corr)
+        lut_b, codes[rows], info_b = refine_tables(
+            w[rows], lut[rows, : 2**b], codes[rows], extracted[rows], part, cfg.iters, u
+        )
+        lut[rows, : 2**b] = lut_b
+        info = {k: info.get(k, 0) + v for k, v in info_b.items()}
     lut, codes, zeroed = _exact_sparse(w, extracted, lut, codes)
     sparse = None
     if start.sparse is not None:
         rows, cols = start.sparse.rows, start.sparse.cols
         values = w[rows, cols] - lut[rows, codes[rows, cols].long()]
-        sparse = SparseOutliers(rows=rows, cols=cols, values=values, shape=tuple(w.shape))
-    result = QuantizedMatrix(dense=LUTCodes(codes=codes, lut=lut, bits=cfg.bits), sparse=sparse)
+        sparse = SparseOutliers(rows=rows, cols=cols, values=values, shape=start.sparse.shape)
+    result = QuantizedMatrix(dense=LUTCodes(codes=codes, lut=lut, bits=dense.bits, row_bits=dense.row_bits),
+                             sparse=sparse, info={**start.info, **info, "zeroed_lut_rows": int(zeroed.sum())})
+    end = row_objective(w, result.dequantize(), metric)
     if bool(zeroed.any()):
-        # Parking an extracted value exactly can force a table entry to 0: keep such a row's
-        # refinement only where it still beats the start.
-        end = row_objective(w, result.dequantize(), metric)
-        worse = end > row_objective(w, start.dequantize(), metric)
+        # Parking an extracted value exactly can force a table entry to 0 and re-round its row: such a
+        # row keeps its refinement only where that still beats its start.
+        begin = row_objective(w, start.dequantize(), metric)
+        worse = end > begin
         if bool(worse.any()):
-            return _revert_rows(start, result, worse, {**start.info, **info})
-    result.info = {**start.info, **info, "zeroed_lut_rows": int(zeroed.sum())}
+            result = _revert_rows(start, result, worse)
+            end = torch.where(worse, begin, end)
+    result.info["objective"] = float(end.sum())
     return result
 
 
-def _revert_rows(start: QuantizedMatrix, result: QuantizedMatrix, rows: Tensor, info: dict) -> QuantizedMatrix:
+def _revert_rows(start: QuantizedMatrix, result: QuantizedMatrix, rows: Tensor) -> QuantizedMatrix:
     """``result`` with ``rows`` ([out] bool) taken from ``start`` (dense codes, tables and sparse values)."""
+    assert isinstance(start.dense, LUTCodes) and isinstance(result.dense, LUTCodes)
     lut = torch.where(rows[:, None], start.dense.lut, result.dense.lut)
     codes = torch.where(rows[:, None], start.dense.codes, result.dense.codes)
     sparse = None
-    if result.sparse is not None:
+    if result.sparse is not None and start.sparse is not None:
         from_start = rows[result.sparse.rows]
         values = torch.where(from_start, start.sparse.values, result.sparse.values)
         sparse = SparseOutliers(result.sparse.rows, result.sparse.cols, values, result.sparse.shape)
-    return QuantizedMatrix(dense=LUTCodes(codes=codes, lut=lut, bits=start.dense.bits), sparse=sparse,
-                           info={**info, "rows_reverted": int(rows.sum())})
+    dense = LUTCodes(codes=codes, lut=lut, bits=start.dense.bits, row_bits=start.dense.row_bits)
+    return QuantizedMatrix(dense=dense, sparse=sparse, info={**result.info, "rows_reverted": int(rows.sum())})
