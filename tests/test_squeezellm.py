@@ -249,3 +249,26 @@ def test_mixed_tables_pack_and_run():
 def test_mixed_needs_a_budget_above_two_bits():
     with pytest.raises(InvalidConfig, match="below what 2-bit rows reach"):
         SqueezeLLMConfig(2, mixed=True)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--method", "gptq", "--bits", "3", "--mixed"], "does not take ['mixed']"),
+        (["--method", "squeezellm+", "--bits", "2", "--mixed"], "below what 2-bit rows reach"),
+    ],
+)
+def test_cli_refuses_mixed_where_it_cannot_apply(capsys, tmp_path, argv, needle):
+    from sqllm.cli import main
+
+    code = main(["quantize", "no-model-needed", "--output", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and "\n" not in err
+
+
+def test_mixed_budget_is_checked_against_every_linear_up_front():
+    cfg = SqueezeLLMConfig(3, mixed=True)
+    cfg.check_input_widths({"model.layers.0.mlp.down_proj": 1536, "model.layers.0.self_attn.q_proj": 576})
+    with pytest.raises(InvalidConfig, match=r"below what 2-bit rows reach.*q_proj \(in=64\)"):
+        cfg.check_input_widths({"model.layers.0.self_attn.q_proj": 64})  # 2 + 72/64 bits per weight > 3
+    SqueezeLLMConfig(3).check_input_widths({"model.layers.0.self_attn.q_proj": 64})  # uniform: no budget

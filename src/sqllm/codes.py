@@ -33,6 +33,12 @@ def num_groups(n_in: int, group_size: int) -> int:
     return math.ceil(n_in / group_size)
 
 
+def lut_row_bits(n_in: int, width: int) -> int:
+    """Bits one row of ``n_in`` weights stores in mixed-precision LUT form at ``width``: its codes, its
+    float16 table of ``2**width`` entries and its byte in the width map."""
+    return n_in * width + 16 * 2**width + 8
+
+
 def expand_groups(t: Tensor, group_size: int, n_in: int) -> Tensor:
     """Broadcast per-group values ``t: [out, n_groups]`` (or ``[n_groups]``) to per-column ``[..., n_in]``."""
     return t.repeat_interleave(group_size, dim=-1)[..., :n_in]

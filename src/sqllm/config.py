@@ -7,9 +7,11 @@ serializes to a plain dict with :func:`config_to_dict` for ``quantization_config
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .codes import lut_row_bits
 from .errors import InvalidConfig
 
 CONFIG_VERSION = 1
@@ -118,6 +120,18 @@ class SqueezeLLMConfig:
             raise InvalidConfig(f"outlier_range={self.outlier_range} must be a finite number > 0, e.g. 1.5")
         if self.outlier_range is not None and self.outlier_pct > 0:
             raise InvalidConfig("give either outlier_pct or outlier_range, not both")
+
+    def check_input_widths(self, in_features: Mapping[str, int]) -> None:
+        """With ``mixed``, every linear's 2-bit rows (tables included) must fit the budget."""
+        if not self.mixed:
+            return
+        short = sorted({f"{name.rsplit('.', 1)[-1]} (in={n})" for name, n in in_features.items()
+                        if lut_row_bits(n, 2) > self.bits * n})
+        if short:
+            raise InvalidConfig(
+                f"--mixed with --bits {self.bits} is below what 2-bit rows reach, tables included, for "
+                f"{', '.join(short)}; raise --bits or drop --mixed"
+            )
 
 
 @dataclass(frozen=True)

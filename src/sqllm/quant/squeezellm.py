@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers
+from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers, lut_row_bits
 from ..config import SqueezeLLMConfig
 from ..errors import InvalidConfig
 from .kmeans import nearest_codes, weighted_kmeans, weighted_kmeans_objective
@@ -108,9 +108,8 @@ WIDTHS = (2, 3, 4)  # table widths a mixed-precision row may get
 
 
 def row_cost_bits(n_in: int) -> Tensor:
-    """``[len(WIDTHS)]`` bits one row of ``n_in`` weights costs at each width: codes, a float16 table
-    and its 8-bit entry in the width map."""
-    return torch.tensor([n_in * b + 16 * 2**b + 8 for b in WIDTHS], dtype=torch.float64)
+    """``[len(WIDTHS)]`` bits one row of ``n_in`` weights costs at each width (:func:`lut_row_bits`)."""
+    return torch.tensor([lut_row_bits(n_in, b) for b in WIDTHS], dtype=torch.float64)
 
 
 def allocate_row_bits(errors: Tensor, n_in: int, budget: float) -> Tensor:
