@@ -18,6 +18,8 @@ METHODS = [
     ("gptq", dict(bits=4, group_size=32)),
     ("slim", dict(bits=2, group_size=16)),
     ("squeezellm", dict(bits=3, sensitive_pct=0.5, outlier_pct=1.0)),
+    ("squeezellm+", dict(bits=3, outlier_pct=1.0, iters=1)),
+    ("squeezellm+", dict(bits=4, mixed=True, iters=1)),  # mixed-width LUT rows (2-bit rows of 64 inputs cost 3.1)
 ]
 
 
@@ -49,7 +51,7 @@ def _quantized(family, method, options, calib_file):
     return model, result
 
 
-@pytest.mark.parametrize("method, options", METHODS, ids=[m for m, _ in METHODS])
+@pytest.mark.parametrize("method, options", METHODS, ids=[m + "-mixed" * o.get("mixed", False) for m, o in METHODS])
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_packed_model_equals_in_memory_model(tmp_path, family, method, options, calib_file):
     model, result = _quantized(family, method, options, calib_file)

@@ -33,6 +33,20 @@ def lut_matrix(
     return QuantizedMatrix(LUTCodes(codes, lut, bits), sparse)
 
 
+def lut_rows_matrix(seed: int, out: int, n: int, widths: list[int], nnz: int = 0) -> QuantizedMatrix:
+    """Mixed-width LUT rows: each row's width drawn from ``widths`` (the first two rows get the first two
+    widths), its codes below ``2**width`` and its table padded with +inf past them."""
+    g = torch.Generator().manual_seed(seed)
+    row_bits = torch.tensor(widths)[torch.randint(0, len(widths), (out,), generator=g)]
+    row_bits[: min(2, out)] = torch.tensor(widths[: min(2, out)])
+    codes = (torch.rand(out, n, generator=g) * 2.0 ** row_bits[:, None]).floor().to(torch.uint8)
+    bits = int(row_bits.max())
+    lut = fp16_grid(torch.randn(out, 1 << bits, generator=g))
+    lut[torch.arange(1 << bits) >= (1 << row_bits)[:, None]] = float("inf")
+    sparse = outliers(g, out, n, nnz, torch.float16) if nnz else None
+    return QuantizedMatrix(LUTCodes(codes, lut, bits, row_bits.long()), sparse)
+
+
 def uniform_matrix(seed: int, out: int, n: int, group_size: int, widths: list[int], nnz: int = 0) -> QuantizedMatrix:
     """Random uniform codes; each group's width drawn from ``widths`` (the first two forced in if mixed)."""
     g = torch.Generator().manual_seed(seed)
@@ -91,6 +105,15 @@ def test_mixed_bit_maps_round_trip_bit_exact(out, n, seed, widths, group_size) -
     assert torch.equal(back.dense.group_bits, qm.dense.group_bits)
 
 
+@settings(max_examples=60, deadline=None)
+@given(**dims, widths=st.lists(st.integers(1, 8), min_size=2, max_size=4, unique=True), nnz=st.integers(0, 5))
+def test_mixed_lut_rows_round_trip_bit_exact(out, n, seed, widths, nnz) -> None:
+    qm = lut_rows_matrix(seed, max(out, 2), n, sorted(widths), min(nnz, n))
+    back = round_trip(qm, torch.float16)
+    assert_bit_exact(qm, back)
+    assert torch.equal(back.dense.row_bits, qm.dense.row_bits) and torch.equal(back.dense.lut, qm.dense.lut)
+
+
 def test_partial_last_group_and_per_channel() -> None:
     for qm in (uniform_matrix(0, 6, 576, 128, [3]), uniform_matrix(1, 6, 576, 576, [4]),
                uniform_matrix(2, 6, 100, 32, [1, 2, 3, 4]), uniform_matrix(3, 6, 100, 100, [2], nnz=7)):
@@ -127,7 +150,7 @@ def test_meta_is_json_and_describes_the_layer() -> None:
 def test_storage_bits_count_the_packed_tensors() -> None:
     # 64 columns: no word padding at any width, so the packed size equals the codes' own accounting.
     lut, mixed = lut_matrix(0, 8, 64, 4, nnz=6, value_dtype=torch.float16), uniform_matrix(1, 8, 64, 16, [2, 4], nnz=3)
-    for qm in (lut, mixed):
+    for qm in (lut, mixed, lut_rows_matrix(2, 8, 64, [2, 3, 4], nnz=4)):
         tensors = pack_matrix(qm, PREFIX, torch.float16)
         parts = storage_bits(tensors, PREFIX, matrix_meta(qm, torch.float16))
         assert parts.pop("total") == sum(8 * t.numel() * t.element_size() for t in tensors.values())

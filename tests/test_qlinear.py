@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from test_layouts import lut_matrix, uniform_matrix
+from test_layouts import lut_matrix, lut_rows_matrix, uniform_matrix
 from torch import nn
 
 from sqllm.codes import QuantizedMatrix, UniformCodes
@@ -25,6 +25,7 @@ KINDS = {
     "uniform3 g20 (groups split blocks)": lambda: uniform_matrix(5, 37, 100, 20, [3]),
     "mixed 1-4 g16 partial": lambda: uniform_matrix(6, 37, 100, 16, [1, 2, 3, 4]),
     "mixed 2,6 g12": lambda: uniform_matrix(7, 37, 100, 12, [2, 6], nnz=10),
+    "lut rows 2-4+sparse": lambda: lut_rows_matrix(8, 37, 100, [2, 3, 4], nnz=10),
 }
 
 
@@ -60,6 +61,7 @@ MODULE_KINDS = {  # layers the kernels take whole: mixed widths, outliers in eve
     "mixed 1-4 g16 partial": lambda: uniform_matrix(15, 37, 100, 16, [1, 2, 3, 4]),
     "mixed 1-3 g64 partial": lambda: uniform_matrix(16, 40, 600, 64, [1, 2, 3]),
     "mixed 2,8 g128": lambda: uniform_matrix(17, 20, 700, 128, [2, 8], nnz=9),
+    "lut rows 2-4+sparse": lambda: lut_rows_matrix(17, 37, 577, [2, 3, 4], nnz=20),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +12,9 @@ from sqllm.codes import fp16_grid
 from sqllm.config import SqueezeLLMConfig
 from sqllm.errors import InvalidConfig
 from sqllm.methods import LayerStats, get_method
+from sqllm.nn import QuantLinear
 from sqllm.quant.kmeans import weighted_kmeans
-from sqllm.quant.squeezellm import iqr_threshold, squeezellm_quantize
+from sqllm.quant.squeezellm import WIDTHS, allocate_row_bits, iqr_threshold, row_cost_bits, squeezellm_quantize
 
 
 def _matrix(out: int = 48, n_in: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,13 +126,13 @@ def test_zero_fisher_rows_fall_back_to_unweighted():
     fisher[3] = 0.0
     cfg = SqueezeLLMConfig(3)
     qm = squeezellm_quantize(w, fisher, cfg)
-    lut, codes = weighted_kmeans(w[3:4], None, 8, seed=cfg.seed, snap=fp16_grid)
+    lut, codes = weighted_kmeans(w[3:4], None, 8, fp16=True)
     assert torch.equal(qm.dense.lut[3:4], lut) and torch.equal(qm.dense.codes[3:4], codes)
 
 
-def test_deterministic_and_seeded():
+def test_deterministic():
     w, fisher = _matrix()
-    cfg = SqueezeLLMConfig(3, sensitive_pct=0.5, outlier_pct=0.5, seed=3)
+    cfg = SqueezeLLMConfig(3, sensitive_pct=0.5, outlier_pct=0.5)
     a, b = squeezellm_quantize(w, fisher, cfg), squeezellm_quantize(w, fisher, cfg)
     assert torch.equal(a.dense.lut, b.dense.lut) and torch.equal(a.dense.codes, b.dense.codes)
     assert torch.equal(a.sparse.values, b.sparse.values) and a.info == b.info
@@ -171,3 +174,101 @@ def test_bad_inputs():
     w[0, 0] = float("nan")
     with pytest.raises(InvalidConfig, match="NaN"):
         squeezellm_quantize(w, fisher, SqueezeLLMConfig(3))
+
+
+# Mixed-precision tables.
+
+
+def _brute_force_allocation(errors: torch.Tensor, n_in: int, budget: float) -> float:
+    """Least total error over every assignment of widths to the rows within the budget."""
+    cost = row_cost_bits(n_in)
+    best = float("inf")
+    for choice in itertools.product(range(len(WIDTHS)), repeat=errors.shape[0]):
+        idx = torch.tensor(choice)
+        if float(cost[idx].sum()) <= budget * errors.shape[0] * n_in:
+            best = min(best, float(errors.double().gather(1, idx[:, None]).sum()))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_is_within_one_upgrade_of_the_best(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_in, out = 64, 6
+    # Errors falling with width, not always convexly (a row may gain more from its second upgrade).
+    drops = torch.rand(out, 3, generator=gen) * torch.rand(out, 1, generator=gen) * 10
+    errors = drops.flip(1).cumsum(1).flip(1)
+    cost = row_cost_bits(n_in)
+    for budget in torch.linspace(float(cost[0]) / n_in, float(cost[-1]) / n_in, 7).tolist():
+        widths = allocate_row_bits(errors, n_in, budget)
+        idx = torch.searchsorted(torch.tensor(WIDTHS), widths)
+        assert float(cost[idx].sum()) <= budget * out * n_in  # the budget holds
+        ours = float(errors.double().gather(1, idx[:, None]).sum())
+        largest_step = float((errors[:, :-1] - errors[:, 1:]).sum(1).max())
+        assert ours <= _brute_force_allocation(errors, n_in, budget) + largest_step
+
+
+def test_allocation_gives_wide_tables_to_the_rows_that_lose_most():
+    errors = torch.tensor([[100.0, 30.0, 10.0], [1.0, 0.3, 0.1], [1.0, 0.3, 0.1], [50.0, 15.0, 5.0]])
+    widths = allocate_row_bits(errors, 256, 3.0)
+    assert widths[0] >= widths[3] >= widths[1] and widths[1] == widths[2]
+    assert allocate_row_bits(errors, 256, 5.04).tolist() == [4, 4, 4, 4]  # 4-bit rows cost 4 + 264/256
+
+
+def test_allocation_refuses_a_budget_below_two_bit_rows():
+    with pytest.raises(InvalidConfig, match="below what 2-bit rows reach"):
+        allocate_row_bits(torch.ones(4, 3), 64, 2.5)  # 2-bit rows cost 2 + (64 + 8) / 64 bits per weight
+
+
+@pytest.mark.parametrize("sensitive_pct, outlier_pct", [(0.0, 0.0), (0.5, 1.0)])
+def test_mixed_tables_meet_the_budget_and_beat_uniform_error(sensitive_pct, outlier_pct):
+    w, fisher = _matrix(out=64, n_in=256, seed=3)
+    fisher = fisher * torch.rand(64, 1, generator=torch.Generator().manual_seed(1)) ** 4  # rows differ in weight
+    cfg = SqueezeLLMConfig(3, sensitive_pct=sensitive_pct, outlier_pct=outlier_pct, mixed=True)
+    qm = squeezellm_quantize(w, fisher, cfg)
+    dense = qm.dense
+    assert set(dense.row_bits.tolist()) <= set(WIDTHS) and dense.is_mixed
+    assert sum(dense.storage_bits().values()) <= 3.0 * w.numel()
+    assert bool((dense.codes.long() < (1 << dense.row_bits)[:, None]).all())  # codes fit their row's width
+    assert torch.equal(qm.dequantize()[_extracted(qm)], w[_extracted(qm)])
+    uniform = squeezellm_quantize(w, fisher, SqueezeLLMConfig(3, sensitive_pct=sensitive_pct, outlier_pct=outlier_pct))
+    err = lambda q: float((fisher * (q.dequantize() - w) ** 2).sum())
+    assert err(qm) < err(uniform)  # with fewer bits: uniform 3-bit tables cost 3 + 128/256 bits per weight
+
+
+def test_mixed_tables_pack_and_run():
+    w, fisher = _matrix(out=40, n_in=96, seed=4)
+    fisher = fisher * torch.rand(40, 1, generator=torch.Generator().manual_seed(2)) ** 4
+    qm = squeezellm_quantize(w, fisher, SqueezeLLMConfig(4, outlier_pct=1.0, mixed=True))
+    module = QuantLinear.from_matrix(qm)
+    assert torch.equal(module.dequantize_weight(), qm.dequantize())
+    assert module.bits_per_weight() == pytest.approx(qm.bits_per_weight(), abs=32 * 41 / w.numel())
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(module(x), x @ qm.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_needs_a_budget_above_two_bits():
+    with pytest.raises(InvalidConfig, match="below what 2-bit rows reach"):
+        SqueezeLLMConfig(2, mixed=True)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--method", "gptq", "--bits", "3", "--mixed"], "does not take ['mixed']"),
+        (["--method", "squeezellm+", "--bits", "2", "--mixed"], "below what 2-bit rows reach"),
+    ],
+)
+def test_cli_refuses_mixed_where_it_cannot_apply(capsys, tmp_path, argv, needle):
+    from sqllm.cli import main
+
+    code = main(["quantize", "no-model-needed", "--output", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and "\n" not in err
+
+
+def test_mixed_budget_is_checked_against_every_linear_up_front():
+    cfg = SqueezeLLMConfig(3, mixed=True)
+    cfg.check_input_widths({"model.layers.0.mlp.down_proj": 1536, "model.layers.0.self_attn.q_proj": 576})
+    with pytest.raises(InvalidConfig, match=r"below what 2-bit rows reach.*q_proj \(in=64\)"):
+        cfg.check_input_widths({"model.layers.0.self_attn.q_proj": 64})  # 2 + 72/64 bits per weight > 3
+    SqueezeLLMConfig(3).check_input_widths({"model.layers.0.self_attn.q_proj": 64})  # uniform: no budget

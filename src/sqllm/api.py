@@ -204,11 +204,15 @@ def check_calibration_given(method: str, calib: str | None, fisher: Any = None) 
 
 
 def check_config_against_model(cfg: Any, model: nn.Module) -> None:
-    """Reject settings that do not fit the model's linears, naming every offender at once."""
+    """Reject settings that do not fit the model's linears, naming every offender at once (and whatever
+    a config's own ``check_input_widths(name -> in_features)`` refuses)."""
+    arch = arch_spec(model)
+    check_widths = getattr(cfg, "check_input_widths", None)
+    if check_widths is not None:
+        check_widths({name: model.get_submodule(name).in_features for name in linear_names(model, arch)})
     group_size = getattr(cfg, "group_size", None)
     if group_size is None:
         return
-    arch = arch_spec(model)
     offenders = sorted(
         {
             f"{name.rsplit('.', 1)[-1]} (in={model.get_submodule(name).in_features})"

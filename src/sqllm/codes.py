@@ -33,6 +33,12 @@ def num_groups(n_in: int, group_size: int) -> int:
     return math.ceil(n_in / group_size)
 
 
+def lut_row_bits(n_in: int, width: int) -> int:
+    """Bits one row of ``n_in`` weights stores in mixed-precision LUT form at ``width``: its codes, its
+    float16 table of ``2**width`` entries and its byte in the width map."""
+    return n_in * width + 16 * 2**width + 8
+
+
 def expand_groups(t: Tensor, group_size: int, n_in: int) -> Tensor:
     """Broadcast per-group values ``t: [out, n_groups]`` (or ``[n_groups]``) to per-column ``[..., n_in]``."""
     return t.repeat_interleave(group_size, dim=-1)[..., :n_in]
@@ -86,24 +92,45 @@ class UniformCodes:
 class LUTCodes:
     """Non-uniform codes with one lookup table per output channel: ``w[i, j] ~= lut[i, codes[i, j]]``.
 
-    codes: [out, in] uint8 in ``[0, 2**bits - 1]``
-    lut:   [out, 2**bits] float32 (fp16-representable)
+    codes:    [out, in] uint8 in ``[0, 2**row_width(i) - 1]``
+    lut:      [out, 2**bits] float32 (fp16-representable); a row narrower than ``bits`` uses its first
+              ``2**row_bits[i]`` entries and holds ``+inf`` in the rest (never indexed, never stored, and
+              never nearest to any value)
+    bits:     the width of every row, or the widest one when ``row_bits`` is given
+    row_bits: [out] int64, each row's width (mixed-precision tables); None when all rows have ``bits``
     """
 
     codes: Tensor
     lut: Tensor
     bits: int
+    row_bits: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.row_bits is not None and bool((self.row_bits != self.bits).any())
+
+    def widths(self) -> Tensor:
+        """[out] int64 width of every row."""
+        if self.row_bits is None:
+            return torch.full((self.codes.shape[0],), self.bits, dtype=torch.int64, device=self.codes.device)
+        return self.row_bits
 
     def dequantize(self) -> Tensor:
         """Reference dequantization: ``[out, in]`` float32."""
         return torch.gather(self.lut, 1, self.codes.long())
 
     def storage_bits(self) -> dict[str, int]:
-        return {"codes": self.bits * self.codes.numel(), "lut": 16 * self.lut.numel()}
+        """Bits by part: codes at each row's width, fp16 tables of ``2**width`` entries, and one byte per
+        row for the width map when mixed."""
+        widths = self.widths()
+        parts = {"codes": int(widths.sum()) * self.codes.shape[1], "lut": 16 * int((1 << widths).sum())}
+        if self.is_mixed:
+            parts["bit_map"] = 8 * self.codes.shape[0]
+        return parts
 
 
 @dataclass

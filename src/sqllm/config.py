@@ -7,9 +7,11 @@ serializes to a plain dict with :func:`config_to_dict` for ``quantization_config
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .codes import lut_row_bits
 from .errors import InvalidConfig
 
 CONFIG_VERSION = 1
@@ -101,17 +103,54 @@ class SqueezeLLMConfig:
     sensitive_pct: float = option(0.0, "percent of most Fisher-sensitive weights kept exact", flag="--sensitive")
     outlier_pct: float = option(0.0, "percent of largest-magnitude weights kept exact", flag="--outliers")
     outlier_range: float | None = option(None, "outlier threshold factor r of the IQR rule")
-    seed: int = option(0, "k-means seed", cli=False)
+    mixed: bool = option(False, "mixed-precision tables: each row gets 2, 3 or 4 bits by Fisher-weighted error, "
+                                "averaging at most --bits bits per weight, tables included")
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4):
             raise InvalidConfig(f"bits={self.bits} is not supported by squeezellm; choose 2, 3 or 4")
+        if self.mixed and self.bits < 3:
+            raise InvalidConfig(
+                f"--mixed with --bits {self.bits}: the budget is below what 2-bit rows reach (2 bits per weight "
+                "plus their tables); use --bits 3 or 4 with --mixed"
+            )
         _check_range("sensitive_pct", self.sensitive_pct, 0.0, 10.0, "pass a percentage, e.g. 0.05")
         _check_range("outlier_pct", self.outlier_pct, 0.0, 10.0, "pass a percentage, e.g. 0.4")
         if self.outlier_range is not None and not (0 < self.outlier_range < math.inf):
             raise InvalidConfig(f"outlier_range={self.outlier_range} must be a finite number > 0, e.g. 1.5")
         if self.outlier_range is not None and self.outlier_pct > 0:
             raise InvalidConfig("give either outlier_pct or outlier_range, not both")
+
+    def check_input_widths(self, in_features: Mapping[str, int]) -> None:
+        """With ``mixed``, every linear's 2-bit rows (tables included) must fit the budget."""
+        if not self.mixed:
+            return
+        short = sorted({f"{name.rsplit('.', 1)[-1]} (in={n})" for name, n in in_features.items()
+                        if lut_row_bits(n, 2) > self.bits * n})
+        if short:
+            raise InvalidConfig(
+                f"--mixed with --bits {self.bits} is below what 2-bit rows reach, tables included, for "
+                f"{', '.join(short)}; raise --bits or drop --mixed"
+            )
+
+
+@dataclass(frozen=True)
+class SqueezeLLMPlusConfig(SqueezeLLMConfig):
+    """SqueezeLLM+ (ours): SqueezeLLM's tables and codes refined against the layer's output error under
+    a Fisher-weighted input Hessian (``quant/squeezellm_plus.py``)."""
+
+    iters: int = option(4, "refinement rounds, each a GPTQ sweep over the codes, then a least-squares table fit")
+    percdamp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal")
+    fisher_damp: float = option(0.01, "Fisher damping, as a fraction of each row's mean Fisher")
+    true_sequential: bool = option(False, "quantize a block's linears group by group, each seeing the "
+                                          "quantized outputs of the ones before")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.iters < 0:
+            raise InvalidConfig(f"iters={self.iters} must be >= 0")
+        _check_range("percdamp", self.percdamp, 0.0, 1.0)
+        _check_range("fisher_damp", self.fisher_damp, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

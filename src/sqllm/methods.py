@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from torch import Tensor
 
 from .codes import QuantizedMatrix
-from .config import GPTQConfig, RTNConfig, SliMConfig, SliMPlusConfig, SqueezeLLMConfig
+from .config import GPTQConfig, RTNConfig, SliMConfig, SliMPlusConfig, SqueezeLLMConfig, SqueezeLLMPlusConfig
 from .errors import InvalidConfig
 
 if TYPE_CHECKING:
@@ -146,6 +146,13 @@ def _squeezellm(w: Tensor, stats: LayerStats, cfg: SqueezeLLMConfig) -> Quantize
     return squeezellm_quantize(w, stats.fisher, cfg)
 
 
+def _squeezellm_plus(w: Tensor, stats: LayerStats, cfg: SqueezeLLMPlusConfig) -> QuantizedMatrix:
+    from .quant.squeezellm_plus import squeezellm_plus_quantize
+
+    assert stats.fisher is not None and stats.hessian is not None
+    return squeezellm_plus_quantize(w, stats.fisher, stats.hessian, cfg)
+
+
 def _slim(w: Tensor, stats: LayerStats, cfg: SliMConfig) -> QuantizedMatrix:
     from .quant.slim import slim_quantize
 
@@ -168,6 +175,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("gptq", GPTQConfig, _gptq, "GPTQ, Hessian error feedback", layer_stats=(HESSIAN,)),
         MethodSpec("squeezellm", SqueezeLLMConfig, _squeezellm, "Fisher-weighted k-means LUTs + dense-and-sparse",
                    fisher=True),
+        MethodSpec("squeezellm+", SqueezeLLMPlusConfig, _squeezellm_plus,
+                   "SqueezeLLM's LUTs refined against the Fisher-weighted layer output error",
+                   layer_stats=(HESSIAN,), fisher=True),
         MethodSpec("slim", SliMConfig, _slim, "SliM-LLM mixed-precision groups", layer_stats=(HESSIAN, INPUTS)),
         MethodSpec("slim+", SliMPlusConfig, _slim, "SliM-LLM + learnable weight clipping",
                    layer_stats=(HESSIAN, INPUTS), block_stage=_lwc_stage),

@@ -10,6 +10,9 @@ name               dtype     shape                      present for
 ``p.qweight_b{b}`` int32     [out, words(cols_b, b)]    mixed uniform: the columns of the groups of
                                                         width ``b``, concatenated in order
 ``p.group_bits``   int8      [n_groups]                 mixed uniform
+``p.qweight_r{b}`` int32     [rows_b, words(n, b)]      mixed LUT: the rows of width ``b``, in order
+``p.lut_r{b}``     float16   [rows_b, 2**b]             mixed LUT: those rows' tables
+``p.row_bits``     int8      [out]                      mixed LUT: every row's width
 ``p.lut``          float16   [out, 2**bits]             LUT
 ``p.scales``       float16   [out, n_groups]            uniform
 ``p.zeros``        float16   [out, n_groups]            uniform
@@ -50,6 +53,7 @@ class LayerMeta:
     bits:         LUT index width; for uniform the width of every group, or the widest one when mixed
     group_size:   uniform only: columns per group (``in`` for per-channel); None for LUT
     mixed_cols:   mixed-precision uniform only: ((bits, columns stored at that width), ...) ascending
+    mixed_rows:   mixed-precision LUT only: ((bits, rows with tables of that width), ...) ascending
     nnz:          stored sparse outliers
     sparse_dtype: name of the outlier values' dtype (a key of ``SPARSE_DTYPES``); None without outliers
     """
@@ -59,6 +63,7 @@ class LayerMeta:
     bits: int
     group_size: int | None = None
     mixed_cols: tuple[tuple[int, int], ...] | None = None
+    mixed_rows: tuple[tuple[int, int], ...] | None = None
     nnz: int = 0
     sparse_dtype: str | None = None
 
@@ -77,6 +82,7 @@ class LayerMeta:
             "bits": self.bits,
             "group_size": self.group_size,
             "mixed_cols": None if self.mixed_cols is None else {str(b): c for b, c in self.mixed_cols},
+            "mixed_rows": None if self.mixed_rows is None else {str(b): c for b, c in self.mixed_rows},
             "nnz": self.nnz,
             "sparse_dtype": self.sparse_dtype,
         }
@@ -86,12 +92,14 @@ class LayerMeta:
         """Build from :meth:`to_dict` output; CorruptCheckpoint naming ``where`` (a prefix) if malformed."""
         try:
             mixed = d.get("mixed_cols")
+            rows = d.get("mixed_rows")
             return cls(
                 kind=d["kind"],
                 shape=tuple(int(v) for v in d["shape"]),
                 bits=int(d["bits"]),
                 group_size=None if d.get("group_size") is None else int(d["group_size"]),
                 mixed_cols=None if mixed is None else tuple(sorted((int(b), int(c)) for b, c in mixed.items())),
+                mixed_rows=None if rows is None else tuple(sorted((int(b), int(c)) for b, c in rows.items())),
                 nnz=int(d.get("nnz", 0)),
                 sparse_dtype=d.get("sparse_dtype"),
             )
@@ -114,23 +122,32 @@ def _validate_meta(m: LayerMeta) -> None:
         raise bad("bits", f"must lie in {MIN_BITS}..{MAX_BITS}")
     if m.kind == "lut" and (m.group_size is not None or m.mixed_cols is not None):
         raise bad("kind", "LUT layers have no group_size or mixed_cols")
+    if m.kind == "uniform" and m.mixed_rows is not None:
+        raise bad("kind", "uniform layers have no mixed_rows")
     if m.kind == "uniform" and (m.group_size is None or m.group_size < 1):
         raise bad("group_size", "uniform layers need a positive group size")
     if m.mixed_cols is not None:
-        widths = [b for b, _ in m.mixed_cols]
-        in_range = MIN_BITS <= widths[0] and widths[-1] <= MAX_BITS
-        if len(widths) < 2 or widths != sorted(set(widths)) or not in_range:
-            raise bad("mixed_cols", f"needs two or more distinct ascending widths in {MIN_BITS}..{MAX_BITS}")
-        if any(c < 1 for _, c in m.mixed_cols) or sum(c for _, c in m.mixed_cols) != m.shape[1]:
-            raise bad("mixed_cols", f"column counts must be positive and sum to in={m.shape[1]}")
-        if widths[-1] != m.bits:
-            raise bad("bits", f"must equal the widest mixed width {widths[-1]}")
+        _validate_widths(m, "mixed_cols", m.mixed_cols, m.shape[1], "in")
+    if m.mixed_rows is not None:
+        _validate_widths(m, "mixed_rows", m.mixed_rows, m.shape[0], "out")
     if m.nnz < 0:
         raise bad("nnz", "must be >= 0")
     if m.sparse_dtype is not None and m.sparse_dtype not in SPARSE_DTYPES:
         raise bad("sparse_dtype", f"must be one of {tuple(SPARSE_DTYPES)} or None")
     if m.sparse_dtype is None and m.nnz:
         raise bad("nnz", "outliers need a sparse_dtype")
+
+
+def _validate_widths(m: LayerMeta, field: str, counts: tuple[tuple[int, int], ...], total: int, dim: str) -> None:
+    """ValueError unless ``counts`` holds two or more distinct ascending widths with positive counts
+    summing to ``total``, the widest being ``m.bits``."""
+    widths = [b for b, _ in counts]
+    if len(widths) < 2 or widths != sorted(set(widths)) or not (MIN_BITS <= widths[0] and widths[-1] <= MAX_BITS):
+        raise ValueError(f"{field}={counts!r}: needs two or more distinct ascending widths in {MIN_BITS}..{MAX_BITS}")
+    if any(c < 1 for _, c in counts) or sum(c for _, c in counts) != total:
+        raise ValueError(f"{field}={counts!r}: counts must be positive and sum to {dim}={total}")
+    if widths[-1] != m.bits:
+        raise ValueError(f"bits={m.bits!r}: must equal the widest mixed width {widths[-1]}")
 
 
 @dataclass(frozen=True)
@@ -150,10 +167,16 @@ def tensor_specs(meta: LayerMeta) -> dict[str, TensorSpec]:
         for b, cols in meta.mixed_cols:
             specs[f"qweight_b{b}"] = TensorSpec(torch.int32, (out, packed_words(cols, b)), "codes")
         specs["group_bits"] = TensorSpec(torch.int8, (meta.n_groups,), "bit_map")
+    elif meta.mixed_rows is not None:
+        for b, rows in meta.mixed_rows:
+            specs[f"qweight_r{b}"] = TensorSpec(torch.int32, (rows, packed_words(n, b)), "codes")
+            specs[f"lut_r{b}"] = TensorSpec(torch.float16, (rows, 1 << b), "lut")
+        specs["row_bits"] = TensorSpec(torch.int8, (out,), "bit_map")
     else:
         specs["qweight"] = TensorSpec(torch.int32, (out, packed_words(n, meta.bits)), "codes")
     if meta.kind == "lut":
-        specs["lut"] = TensorSpec(torch.float16, (out, 1 << meta.bits), "lut")
+        if meta.mixed_rows is None:
+            specs["lut"] = TensorSpec(torch.float16, (out, 1 << meta.bits), "lut")
     else:
         specs["scales"] = TensorSpec(torch.float16, (out, meta.n_groups), "scales_zeros")
         specs["zeros"] = TensorSpec(torch.float16, (out, meta.n_groups), "scales_zeros")
@@ -183,7 +206,9 @@ def matrix_meta(qm: QuantizedMatrix, value_dtype: torch.dtype) -> LayerMeta:
         sparse_dtype=str(value_dtype).removeprefix("torch.") if sparse else None,
     )
     if isinstance(d, LUTCodes):
-        return LayerMeta(kind="lut", bits=d.bits, **common)
+        widths, counts = torch.unique(d.widths(), return_counts=True)
+        rows = tuple(zip(widths.tolist(), counts.tolist())) if len(widths) > 1 else None
+        return LayerMeta(kind="lut", bits=int(widths.max()), mixed_rows=rows, **common)
     widths, counts = _columns_per_width(d)
     mixed = tuple(zip(widths, counts)) if len(widths) > 1 else None
     return LayerMeta(kind="uniform", bits=max(widths), group_size=d.group_size, mixed_cols=mixed, **common)
@@ -212,9 +237,16 @@ def pack_matrix(qm: QuantizedMatrix, prefix: str, value_dtype: torch.dtype) -> d
     meta = matrix_meta(qm, value_dtype)
     d = qm.dense
     t: dict[str, Tensor] = {}
-    if isinstance(d, LUTCodes):
-        t["qweight"] = pack_codes(d.codes, d.bits)
-        t["lut"] = _fp16_exact(d.lut, "LUT entries")
+    if isinstance(d, LUTCodes) and meta.mixed_rows is not None:
+        widths = d.widths()
+        for b, _ in meta.mixed_rows:
+            rows = torch.nonzero(widths == b).flatten()
+            t[f"qweight_r{b}"] = pack_codes(d.codes[rows], b)
+            t[f"lut_r{b}"] = _fp16_exact(d.lut[rows, : 1 << b], "LUT entries")
+        t["row_bits"] = widths.to(torch.int8)
+    elif isinstance(d, LUTCodes):
+        t["qweight"] = pack_codes(d.codes, meta.bits)
+        t["lut"] = _fp16_exact(d.lut[:, : 1 << meta.bits], "LUT entries")
     else:
         if meta.mixed_cols is not None:
             for b, _ in meta.mixed_cols:
@@ -251,6 +283,8 @@ def validate_tensors(tensors: Mapping[str, Tensor], prefix: str, meta: LayerMeta
                   names=(prefix + "sp_crow", prefix + "sp_col"))
     if meta.mixed_cols is not None:
         _check_group_bits(tensors[prefix + "group_bits"], meta, prefix + "group_bits")
+    if meta.mixed_rows is not None:
+        _check_row_bits(tensors[prefix + "row_bits"], meta, prefix + "row_bits")
 
 
 def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
@@ -268,13 +302,29 @@ def _check_group_bits(group_bits: Tensor, meta: LayerMeta, name: str) -> None:
         )
 
 
+def _check_row_bits(row_bits: Tensor, meta: LayerMeta, name: str) -> None:
+    widths, counts = torch.unique(row_bits.long(), return_counts=True)
+    found = tuple(zip(widths.tolist(), counts.tolist()))
+    if found != meta.mixed_rows:
+        raise CorruptCheckpoint(f"{name} assigns (bits, rows) {found}, but the layer meta says {meta.mixed_rows}")
+
+
 def unpack_matrix(tensors: Mapping[str, Tensor], prefix: str, meta: LayerMeta) -> QuantizedMatrix:
     """Inverse of :func:`pack_matrix` after :func:`validate_tensors`: codes uint8, tables float32."""
     validate_tensors(tensors, prefix, meta)
     t = {name: tensors[prefix + name] for name in tensor_specs(meta)}
     out, n = meta.shape
     dense: LUTCodes | UniformCodes
-    if meta.kind == "lut":
+    if meta.kind == "lut" and meta.mixed_rows is not None:
+        row_bits = t["row_bits"].long()
+        codes = torch.empty(out, n, dtype=torch.uint8, device=row_bits.device)
+        lut = torch.full((out, 1 << meta.bits), float("inf"), device=row_bits.device)
+        for b, _ in meta.mixed_rows:
+            rows = torch.nonzero(row_bits == b).flatten()
+            codes[rows] = unpack_codes(t[f"qweight_r{b}"], b, n)
+            lut[rows, : 1 << b] = t[f"lut_r{b}"].float()
+        dense = LUTCodes(codes=codes, lut=lut, bits=meta.bits, row_bits=row_bits)
+    elif meta.kind == "lut":
         dense = LUTCodes(codes=unpack_codes(t["qweight"], meta.bits, n), lut=t["lut"].float(), bits=meta.bits)
     else:
         assert meta.group_size is not None

@@ -60,6 +60,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.dense_cache: Tensor | None = None
         self._parts_cache: tuple[torch.device, list[_Part]] | None = None
+        self._rows_cache: tuple[torch.device, list[tuple[int, Tensor]]] | None = None
 
     @classmethod
     def from_matrix(
@@ -77,6 +78,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         m = self.meta
         mixed = f", mixed={dict(m.mixed_cols)}" if m.mixed_cols else ""
+        mixed += f", mixed_rows={dict(m.mixed_rows)}" if m.mixed_rows else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, kind={m.kind}, bits={m.bits}, "
             f"group_size={m.group_size}{mixed}, nnz={m.nnz}, bias={self.bias is not None}"
@@ -105,6 +107,7 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.dense_cache = None  # snapshots of the old buffers
         self._parts_cache = None
+        self._rows_cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -129,7 +132,14 @@ class QuantLinear(nn.Module):
     def packed_product(self, x2: Tensor) -> Tensor:
         """``x2 [m, in] @ W^T`` through the ``torch.ops.sqllm`` ops: ``[m, out]`` float32, no bias."""
         meta = self.meta
-        if meta.kind == "lut":
+        if meta.kind == "lut" and meta.mixed_rows is not None:
+            # Each width's rows are a plain LUT matrix: one op per width, its outputs into its rows.
+            y = x2.new_zeros((x2.shape[0], self.out_features), dtype=torch.float32)
+            for b, rows in self._width_rows(x2.device):
+                yb = torch.ops.sqllm.lut_mm(x2, getattr(self, f"qweight_r{b}"), getattr(self, f"lut_r{b}"), b,
+                                            self.in_features)
+                y = y.index_copy(1, rows, yb)
+        elif meta.kind == "lut":
             y = torch.ops.sqllm.lut_mm(x2, self.qweight, self.lut, meta.bits, self.in_features)
         else:
             assert meta.group_size is not None
@@ -143,6 +153,16 @@ class QuantLinear(nn.Module):
         if meta.nnz:
             y = y + torch.ops.sqllm.csr_mm(x2, self.sp_crow, self.sp_col, self.sp_val)
         return y
+
+    def _width_rows(self, device: torch.device) -> list[tuple[int, Tensor]]:
+        """``(bits, output rows stored at that width)`` of a mixed-width LUT matrix on ``device``, built on
+        first use there."""
+        if self._rows_cache is None or self._rows_cache[0] != device:
+            assert self.meta.mixed_rows is not None
+            row_bits = self.row_bits.to(device=device, dtype=torch.int64)
+            rows = [(b, torch.nonzero(row_bits == b).flatten()) for b, _ in self.meta.mixed_rows]
+            self._rows_cache = (device, rows)
+        return self._rows_cache[1]
 
     def _parts(self, device: torch.device) -> list[_Part]:
         """The uniform parts' column maps on ``device``, built on first use there."""

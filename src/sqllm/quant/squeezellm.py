@@ -7,6 +7,11 @@
   Fisher values over the whole matrix) and the outliers (largest magnitudes among the rest). They get
   zero weight in k-means, so they no longer stretch the tables.
 
+* Ours: with ``mixed``, rows (output channels) get tables of 2, 3 or 4 bits, allocated to minimise the
+  matrix's Fisher-weighted k-means error within a budget of ``bits`` bits per weight, tables and the
+  width map included (:func:`allocate_row_bits`): sensitive rows get wide tables, insensitive ones
+  narrow tables.
+
 Every extracted value gets the dense code of its row's table entry nearest 0 (the cheapest place to
 park it) and the sparse part stores ``original - entry``, so ``dense + sparse`` equals the original
 bit for bit at every extracted position (checked, see :func:`_exact_sparse`).
@@ -14,10 +19,12 @@ bit for bit at every extracted position (checked, see :func:`_exact_sparse`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers, fp16_grid
+from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers, lut_row_bits
 from ..config import SqueezeLLMConfig
 from ..errors import InvalidConfig
 from .kmeans import nearest_codes, weighted_kmeans, weighted_kmeans_objective
@@ -25,7 +32,7 @@ from .kmeans import nearest_codes, weighted_kmeans, weighted_kmeans_objective
 
 def _percent_count(pct: float, total: int) -> int:
     """Number of values that ``pct`` percent of ``total`` stands for (rounded to nearest)."""
-    return int(round(pct / 100.0 * total))
+    return round(pct / 100.0 * total)
 
 
 def _top_count(score: Tensor, count: int) -> Tensor:
@@ -97,6 +104,66 @@ def _kmeans_weight(w: Tensor, fisher: Tensor | None, extracted: Tensor) -> Tenso
     return torch.where(weight.sum(1, keepdim=True) > 0, weight, keep)
 
 
+WIDTHS = (2, 3, 4)  # table widths a mixed-precision row may get
+
+
+def row_cost_bits(n_in: int) -> Tensor:
+    """``[len(WIDTHS)]`` bits one row of ``n_in`` weights costs at each width (:func:`lut_row_bits`)."""
+    return torch.tensor([lut_row_bits(n_in, b) for b in WIDTHS], dtype=torch.float64)
+
+
+def allocate_row_bits(errors: Tensor, n_in: int, budget: float) -> Tensor:
+    """Widths ``[out]`` (values of :data:`WIDTHS`) minimising ``sum_r errors[r, width_r]`` subject to an
+    average of at most ``budget`` bits per weight (:func:`row_cost_bits`).
+
+    errors: [out, len(WIDTHS)] each row's error at each width. Every row starts at the narrowest width;
+    upgrades are taken in order of error saved per bit on each row's lower convex hull (a row whose
+    second upgrade saves more per bit than its first gets both as one), as long as they fit: optimal
+    for the bits spent, and less than one row's upgrade of the budget is left unspent.
+    Raises InvalidConfig when even the narrowest tables exceed the budget.
+    """
+    out = errors.shape[0]
+    cost = row_cost_bits(n_in)
+    spare = budget * out * n_in - out * float(cost[0])
+    if spare < 0:
+        raise InvalidConfig(
+            f"a budget of {budget} bits per weight is below what {WIDTHS[0]}-bit rows reach: "
+            f"{float(cost[0]) / n_in:.3f} bits per weight with their tables for {n_in} inputs; raise --bits"
+        )
+    e = errors.double()
+    gain = e[:, :-1] - e[:, 1:]  # [out, 2] error saved by each upgrade
+    step = torch.diff(cost).expand(out, -1)  # [out, 2] its bits
+    ratio = gain / step
+    merged = ratio[:, 1] > ratio[:, 0]  # not convex: the hull goes straight to the widest
+    ratio = torch.where(merged[:, None], (gain.sum(1) / step.sum(1))[:, None].expand(-1, 2), ratio)
+    # Steps in order, the first upgrade of a row listed before its second (a stable sort keeps ties so).
+    step_cost = torch.where(merged[:, None], torch.stack([step.sum(1), torch.zeros(out, dtype=torch.float64)], 1),
+                            step).T.flatten()
+    step_ratio = ratio.T.flatten()
+    order = torch.sort(step_ratio, descending=True, stable=True).indices
+    fits = (torch.cumsum(step_cost[order], 0) <= spare) & (step_ratio[order] > 0)
+    taken = torch.zeros(2 * out, dtype=torch.bool)
+    taken[order[: int(fits.long().cumprod(0).sum())]] = True
+    taken = taken.view(2, out)
+    upgrades = taken[0].long() + (taken[1] | (merged & taken[0])).long()
+    return torch.tensor(WIDTHS, dtype=torch.int64)[upgrades]
+
+
+def _mixed_tables(w: Tensor, weight: Tensor, budget: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Tables of every width for every row, then :func:`allocate_row_bits` on their Fisher-weighted
+    k-means errors. Returns (lut [out, 2**max(WIDTHS)] with +inf past each row's width, codes, row_bits)."""
+    tables = [weighted_kmeans(w, weight, 2**b, fp16=True) for b in WIDTHS]
+    errors = torch.stack([weighted_kmeans_objective(w, weight, *t) for t in tables], dim=1)
+    row_bits = allocate_row_bits(errors, w.shape[1], budget)
+    lut = torch.full((w.shape[0], 2 ** max(WIDTHS)), float("inf"))
+    codes = torch.zeros_like(w, dtype=torch.uint8)
+    for b, (c, q) in zip(WIDTHS, tables):
+        rows = row_bits == b
+        lut[rows, : 2**b] = c[rows]
+        codes[rows] = q[rows]
+    return lut, codes, row_bits
+
+
 def _exact_sparse(w: Tensor, extracted: Tensor, lut: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Park extracted values on their row's entry nearest 0; returns (lut, codes, zeroed rows).
 
@@ -149,9 +216,11 @@ def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig)
     extracted = sensitive | outliers
     weight = _kmeans_weight(w, fisher, extracted)
     # Codes are assigned to the fp16-rounded table, so a stored fp16 LUT reproduces this matrix exactly.
-    lut, codes = weighted_kmeans(
-        w, weight, 2**cfg.bits, seed=cfg.seed, snap=fp16_grid
-    )
+    row_bits = None
+    if cfg.mixed:
+        lut, codes, row_bits = _mixed_tables(w, weight, cfg.bits)
+    else:
+        lut, codes = weighted_kmeans(w, weight, 2**cfg.bits, fp16=True)
     lut, codes, zeroed = _exact_sparse(w, extracted, lut, codes)
     sparse = None
     if bool(extracted.any()):
@@ -160,7 +229,7 @@ def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig)
         sparse = SparseOutliers(rows=rows, cols=cols, values=values, shape=tuple(w.shape))
     total = w.numel()
     n_sensitive, n_outliers = int(sensitive.sum()), int(outliers.sum())
-    info = {
+    info: dict[str, Any] = {
         "sensitive": n_sensitive,
         "sensitive_pct": 100.0 * n_sensitive / total,
         "outliers": n_outliers,
@@ -168,4 +237,7 @@ def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig)
         "zeroed_lut_rows": int(zeroed.sum()),
         "kmeans_objective": float(weighted_kmeans_objective(w, weight, lut, codes).sum()),
     }
-    return QuantizedMatrix(dense=LUTCodes(codes=codes, lut=lut, bits=cfg.bits), sparse=sparse, info=info)
+    if row_bits is not None:
+        info["row_bits"] = {b: int((row_bits == b).sum()) for b in WIDTHS}
+    bits = cfg.bits if row_bits is None else int(row_bits.max())
+    return QuantizedMatrix(dense=LUTCodes(codes=codes, lut=lut, bits=bits, row_bits=row_bits), sparse=sparse, info=info)

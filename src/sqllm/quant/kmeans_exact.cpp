@@ -1,0 +1,355 @@
+// Exact weighted 1-D k-means of every row of a matrix (see kmeans.py for the math and the contract).
+//
+// Per row: sort the values (LSD radix sort of order-preserving 32-bit keys carrying the column index),
+// merge equal values and drop weightless ones (neither changes any cluster's cost), prefix sums of
+// (w, w x, w x^2) in double, then the dynamic program
+//     D_m(i) = min_{j < i} D_{m-1}(j) + C(j, i),   C(j, i) = weighted SSE of sorted values [j, i),
+// layer by layer. C satisfies the quadrangle inequality, so the leftmost argmin opt_m(i) is
+// non-decreasing in i (divide and conquer over i) and opt_{m-1}(i) <= opt_m(i) (Knuth's bound, which
+// cuts the candidate range of the upper recursion levels). Ties and round-off can only swap partitions
+// whose costs agree to rounding, so the objective is the optimum's to ~1e-13 relative.
+//
+// Plain C++ (no torch headers, so it builds in seconds), called through ctypes: see _native() in kmeans.py.
+// With -mavx2 the scans run four candidates per vector; without, a scalar loop with the same tie rule.
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace {
+
+#ifndef RECT_WIDTH
+#define RECT_WIDTH 8
+#endif
+
+// Order-preserving map of float bits to uint32 (negative values reversed, positive above them).
+inline uint32_t float_key(float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, 4);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+inline float key_float(uint32_t k) {
+    uint32_t b = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    float v;
+    std::memcpy(&v, &b, 4);
+    return v;
+}
+
+// Sort ``items`` (key << 32 | column) by key: LSD radix on the key's four bytes, skipping bytes that
+// all items share (the sign/exponent byte often is). ``tmp`` is scratch of the same size.
+void radix_sort(std::vector<uint64_t>& items, std::vector<uint64_t>& tmp) {
+    const size_t n = items.size();
+    uint32_t count[4][256];
+    std::memset(count, 0, sizeof(count));
+    for (uint64_t it : items) {
+        uint32_t k = uint32_t(it >> 32);
+        count[0][k & 255]++;
+        count[1][(k >> 8) & 255]++;
+        count[2][(k >> 16) & 255]++;
+        count[3][k >> 24]++;
+    }
+    tmp.resize(n);
+    for (int pass = 0; pass < 4; ++pass) {
+        uint32_t* c = count[pass];
+        const int shift = 32 + 8 * pass;
+        if (c[(items[0] >> shift) & 255] == n) continue;  // one digit everywhere: the pass is identity
+        uint32_t sum = 0;
+        for (int d = 0; d < 256; ++d) {
+            uint32_t t = c[d];
+            c[d] = sum;
+            sum += t;
+        }
+        for (uint64_t it : items) tmp[c[(it >> shift) & 255]++] = it;
+        items.swap(tmp);
+    }
+}
+
+struct RowWork {
+    std::vector<uint64_t> items, tmp;
+    std::vector<double> xs, ws;    // distinct values with positive weight [N], and their weights
+    std::vector<double> W, S, Q;   // prefix sums [N + 1] of (w, w x, w x^2)
+    std::vector<double> A, D;      // A = D_{m-1} - Q, D = D_m [N + 1]
+    std::vector<int32_t> opt;      // [k][N + 1] argmins
+    std::vector<int32_t> bounds;   // [k + 1]
+};
+
+// The candidates of one DP layer: D_m(i) = Q[i] + min_j A[j] - (S[i] - S[j])^2 / (W[i] - W[j]), which is
+// D_{m-1}(j) + C(j, i) with C(j, i) = dQ - dS^2 / dW. Every array holds 3 readable entries past the
+// last index used (vector lanes that read them are masked out). W is strictly increasing.
+struct Layer {
+    const double *A, *W, *S, *Q;
+    double* D;
+    int32_t* opt;
+    const int32_t* lower;  // Knuth's bound opt_{m-1}, or null
+    int lower_hi;          // last index where ``lower`` is defined
+};
+
+#ifdef __AVX2__
+
+inline __m256d candidate(__m256d a, __m256d wi, __m256d si, __m256d wj, __m256d sj) {
+    const __m256d ds = _mm256_sub_pd(si, sj);
+    return _mm256_sub_pd(a, _mm256_div_pd(_mm256_mul_pd(ds, ds), _mm256_sub_pd(wi, wj)));
+}
+
+// Leftmost argmin over j in [lo, hi] of the candidates for a single i; returns (D_m(i), j).
+inline std::pair<double, int> scan(const Layer& L, int i, int lo, int hi) {
+    const __m256d wi = _mm256_set1_pd(L.W[i]), si = _mm256_set1_pd(L.S[i]), four = _mm256_set1_pd(4.0);
+    __m256d bv = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+    __m256d bj = _mm256_set1_pd(double(lo));
+    __m256d jv = _mm256_setr_pd(lo, lo + 1, lo + 2, lo + 3);
+    int j = lo;
+    for (; j + 3 <= hi; j += 4) {
+        __m256d v = candidate(_mm256_loadu_pd(L.A + j), wi, si, _mm256_loadu_pd(L.W + j), _mm256_loadu_pd(L.S + j));
+        __m256d take = _mm256_cmp_pd(v, bv, _CMP_LT_OQ);  // strict: each lane keeps its first minimum
+        bv = _mm256_blendv_pd(bv, v, take);
+        bj = _mm256_blendv_pd(bj, jv, take);
+        jv = _mm256_add_pd(jv, four);
+    }
+    if (j <= hi) {  // the tail, lanes past hi masked out
+        __m256d v = candidate(_mm256_loadu_pd(L.A + j), wi, si, _mm256_loadu_pd(L.W + j), _mm256_loadu_pd(L.S + j));
+        __m256d take = _mm256_and_pd(_mm256_cmp_pd(v, bv, _CMP_LT_OQ),
+                                     _mm256_cmp_pd(jv, _mm256_set1_pd(double(hi)), _CMP_LE_OQ));
+        bv = _mm256_blendv_pd(bv, v, take);
+        bj = _mm256_blendv_pd(bj, jv, take);
+    }
+    alignas(32) double lv[4], lj[4];
+    _mm256_store_pd(lv, bv);
+    _mm256_store_pd(lj, bj);
+    double best = lv[0];
+    int arg = int(lj[0]);
+    for (int l = 1; l < 4; ++l) {
+        const int jl = int(lj[l]);
+        if (lv[l] < best || (lv[l] == best && jl < arg)) {
+            best = lv[l];
+            arg = jl;
+        }
+    }
+    return {best + L.Q[i], arg};
+}
+
+// Every i in [ilo, ihi] against every j in [jlo, jhi] (j < i), four values of i per vector: where the
+// candidate range is this narrow, one pass over it beats recursing (each level costs a scan per i).
+void rectangle(const Layer& L, int ilo, int ihi, int jlo, int jhi) {
+    for (int i = ilo; i <= ihi; i += 4) {
+        const __m256d wi = _mm256_loadu_pd(L.W + i), si = _mm256_loadu_pd(L.S + i);
+        const __m256d iv = _mm256_setr_pd(i, i + 1, i + 2, i + 3);
+        __m256d bv = _mm256_set1_pd(std::numeric_limits<double>::infinity());
+        __m256d bj = _mm256_set1_pd(double(jlo));
+        int j = jlo;
+        for (const int free_end = std::min(jhi, i - 1); j <= free_end; ++j) {  // j < i for every lane
+            const __m256d jv = _mm256_set1_pd(double(j));
+            __m256d v = candidate(_mm256_set1_pd(L.A[j]), wi, si, _mm256_set1_pd(L.W[j]), _mm256_set1_pd(L.S[j]));
+            __m256d take = _mm256_cmp_pd(v, bv, _CMP_LT_OQ);
+            bv = _mm256_blendv_pd(bv, v, take);
+            bj = _mm256_blendv_pd(bj, jv, take);
+        }
+        for (const int end = std::min(jhi, i + 2); j <= end; ++j) {  // only the lanes with j < i
+            const __m256d jv = _mm256_set1_pd(double(j));
+            __m256d v = candidate(_mm256_set1_pd(L.A[j]), wi, si, _mm256_set1_pd(L.W[j]), _mm256_set1_pd(L.S[j]));
+            __m256d take = _mm256_and_pd(_mm256_cmp_pd(v, bv, _CMP_LT_OQ), _mm256_cmp_pd(jv, iv, _CMP_LT_OQ));
+            bv = _mm256_blendv_pd(bv, v, take);
+            bj = _mm256_blendv_pd(bj, jv, take);
+        }
+        alignas(32) double lv[4], lj[4];
+        _mm256_store_pd(lv, _mm256_add_pd(bv, _mm256_loadu_pd(L.Q + i)));
+        _mm256_store_pd(lj, bj);
+        for (int l = 0; l < 4 && i + l <= ihi; ++l) {
+            L.D[i + l] = lv[l];
+            L.opt[i + l] = int(lj[l]);
+        }
+    }
+}
+
+#else  // scalar fallback for compilers without AVX2: the same candidates and the same tie rule
+
+inline double candidate(const Layer& L, int i, int j) {
+    const double ds = L.S[i] - L.S[j];
+    return L.A[j] - ds * ds / (L.W[i] - L.W[j]);
+}
+
+inline std::pair<double, int> scan(const Layer& L, int i, int lo, int hi) {
+    double best = std::numeric_limits<double>::infinity();
+    int arg = lo;
+    for (int j = lo; j <= hi; ++j) {
+        const double v = candidate(L, i, j);
+        if (v < best) {
+            best = v;
+            arg = j;
+        }
+    }
+    return {best + L.Q[i], arg};
+}
+
+void rectangle(const Layer& L, int ilo, int ihi, int jlo, int jhi) {
+    for (int i = ilo; i <= ihi; ++i) {
+        auto [v, arg] = scan(L, i, jlo, std::min(jhi, i - 1));
+        L.D[i] = v;
+        L.opt[i] = arg;
+    }
+}
+
+#endif
+
+void divide_and_conquer(const Layer& L, int ilo, int ihi, int jlo, int jhi) {
+    while (ilo <= ihi) {
+        if (jhi - jlo < RECT_WIDTH) {
+            rectangle(L, ilo, ihi, jlo, jhi);
+            return;
+        }
+        const int mid = (ilo + ihi) >> 1;
+        int lo = jlo;
+        if (L.lower) lo = std::max(lo, L.lower[std::min(mid, L.lower_hi)]);
+        const int hi = std::min(jhi, mid - 1);
+        auto [v, arg] = scan(L, mid, std::min(lo, hi), hi);
+        L.D[mid] = v;
+        L.opt[mid] = arg;
+        divide_and_conquer(L, ilo, mid - 1, jlo, arg);
+        ilo = mid + 1;  // the right half as a loop: recursion depth stays log2(n)
+        jlo = arg;
+    }
+}
+
+// Exact boundaries (sorted positions, [k + 1]) of the optimal k-partition of N sorted values, N > k.
+void solve_dp(RowWork& r, int N, int k) {
+    const double *W = r.W.data(), *S = r.S.data(), *Q = r.Q.data();
+    r.A.resize(N + 4);  // scans read up to 3 entries past their range
+    r.D.resize(N + 4);
+    r.opt.assign(size_t(k) * (N + 1), 0);
+    for (int i = 1; i <= N; ++i) r.D[i] = Q[i] - S[i] * S[i] / W[i];  // layer 1: one cluster [0, i)
+    int prev_hi = N - (k - 1);
+    for (int m = 2; m <= k; ++m) {
+        for (int j = m - 1; j <= prev_hi; ++j) r.A[j] = r.D[j] - Q[j];
+        // D_m is needed for i in [m, N - (k - m)]: every later cluster keeps at least one value.
+        const int hi = N - (k - m);
+        Layer L{r.A.data(), W, S, Q, r.D.data(), r.opt.data() + size_t(m - 1) * (N + 1),
+                m > 2 ? r.opt.data() + size_t(m - 2) * (N + 1) : nullptr, prev_hi};
+        if (m == k) {  // only D_k(N) matters
+            L.opt[N] = scan(L, N, std::max(m - 1, L.lower ? L.lower[prev_hi] : 0), N - 1).second;
+        } else if (m == k - 1) {
+            // The last layer looks only right of opt_{k-1}(N - 1) (Knuth), so this one starts there.
+            const int lo = std::min(L.lower ? std::max(m - 1, L.lower[prev_hi]) : m - 1, hi - 1);
+            auto [v, arg] = scan(L, hi, lo, hi - 1);
+            L.D[hi] = v;
+            L.opt[hi] = arg;
+            divide_and_conquer(L, std::max(m, arg), hi - 1, m - 1, arg);
+        } else {
+            divide_and_conquer(L, m, hi, m - 1, hi - 1);
+        }
+        prev_hi = hi;
+    }
+    r.bounds.resize(k + 1);
+    r.bounds[k] = N;
+    for (int m = k; m >= 2; --m) r.bounds[m - 1] = r.opt[size_t(m - 1) * (N + 1) + r.bounds[m]];
+    r.bounds[0] = 0;
+}
+
+// The nearest float16 value (ties to even; beyond the float16 range, infinity), as a float.
+inline float to_fp16_grid(float v) {
+#ifdef __F16C__
+    return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    if (!std::isfinite(v) || v == 0) return v;
+    int e;
+    std::frexp(v, &e);                                    // |v| in [2^(e-1), 2^e)
+    const double ulp = std::ldexp(1.0, std::max(e - 1, -14) - 10);  // 10 fraction bits; subnormals below 2^-14
+    const double r = std::nearbyint(double(v) / ulp) * ulp;          // the default rounding: ties to even
+    return std::fabs(r) > 65504.0 ? std::copysign(std::numeric_limits<float>::infinity(), v) : float(r);
+#endif
+}
+
+// One row: centroids [k] (sorted) and codes [n] (nearest centroid, ties to the lower one).
+void kmeans_row(const float* x, const float* w, int n, int k, bool fp16, float* centroids, uint8_t* codes,
+                RowWork& r) {
+    r.items.resize(n);
+    bool weighted = false;
+    for (int j = 0; j < n; ++j) {
+        r.items[j] = (uint64_t(float_key(x[j])) << 32) | uint32_t(j);
+        weighted |= w[j] > 0;
+    }
+    radix_sort(r.items, r.tmp);
+    // Distinct values with weight (an all-zero row counts every value once: unweighted), and their
+    // prefix sums. A weight too small to change the running total (below 1e-16 of it) is dropped with
+    // its value: it changes no cost beyond round-off, and W strictly increasing keeps dS^2 / dW finite.
+    r.xs.resize(n);
+    r.ws.resize(n);
+    r.W.resize(n + 4);  // scans read up to 3 entries past their range
+    r.S.resize(n + 4);
+    r.Q.resize(n + 4);
+    r.W[0] = r.S[0] = r.Q[0] = 0;
+    int N = 0;
+    for (int p = 0; p < n; ++p) {
+        const double v = key_float(uint32_t(r.items[p] >> 32));
+        const double wt = weighted ? double(w[uint32_t(r.items[p])]) : 1.0;
+        const double total = r.W[N] + wt;
+        if (total == r.W[N]) continue;
+        if (N == 0 || v != r.xs[N - 1]) {
+            r.xs[N] = v;
+            r.ws[N] = 0;
+            ++N;
+            r.S[N] = r.S[N - 1];
+            r.Q[N] = r.Q[N - 1];
+        }
+        r.ws[N - 1] += wt;  // the same value again: one point of the summed weight
+        r.W[N] = total;
+        r.S[N] += wt * v;
+        r.Q[N] += wt * v * v;
+    }
+    double c[256];
+    if (N <= k) {
+        // Every distinct value is its own centroid; spare centroids repeat the largest one.
+        for (int m = 0; m < k; ++m) c[m] = r.xs[std::min(m, N - 1)];
+    } else {
+        solve_dp(r, N, k);
+        // Means summed afresh, not from prefix differences, which may have lost a tiny cluster's weight.
+        for (int m = 0; m < k; ++m) {
+            double sw = 0, swx = 0;
+            for (int i = r.bounds[m]; i < r.bounds[m + 1]; ++i) {
+                sw += r.ws[i];
+                swx += r.ws[i] * r.xs[i];
+            }
+            c[m] = swx / sw;
+        }
+    }
+    for (int m = 0; m < k; ++m) {
+        float f = float(c[m]);
+        centroids[m] = fp16 ? to_fp16_grid(f) : f;
+    }
+    for (int m = 1; m < k; ++m) centroids[m] = std::max(centroids[m], centroids[m - 1]);  // exact order
+    // Codes: walk the sorted values against the midpoints (exact in double for float centroids).
+    int m = 0;
+    for (int p = 0; p < n; ++p) {
+        const double v = key_float(uint32_t(r.items[p] >> 32));
+        while (m < k - 1 && (double(centroids[m]) + double(centroids[m + 1])) * 0.5 < v) ++m;
+        codes[uint32_t(r.items[p])] = uint8_t(m);
+    }
+}
+
+}  // namespace
+
+// x, w: [rows, n] float32 row-major (w >= 0, finite); writes centroids [rows, k] float32 and codes
+// [rows, n] uint8. Rows are split evenly over ``threads`` threads.
+extern "C" void kmeans_rows(const float* x, const float* w, int64_t rows, int64_t n, int32_t k, int32_t fp16,
+                            int32_t threads, float* centroids, uint8_t* codes) {
+    auto work = [=](int64_t begin, int64_t end) {
+        RowWork r;
+        for (int64_t i = begin; i < end; ++i)
+            kmeans_row(x + i * n, w + i * n, int(n), k, fp16 != 0, centroids + i * k, codes + i * n, r);
+    };
+    threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 16)));
+    if (threads == 1) {
+        work(0, rows);
+        return;
+    }
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(work, rows * t / threads, rows * (t + 1) / threads);
+    for (auto& th : pool) th.join();
+}
