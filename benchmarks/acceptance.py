@@ -18,7 +18,6 @@ import json
 import slim
 import squeezellm
 from common import PROTOCOL, RESULTS, ROOT, run
-
 from sqllm.report import git_commit, machine_info, markdown_table
 
 WINDOWS = 40

@@ -20,10 +20,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sqllm.api import evaluate_perplexity, quantize  # noqa: E402
-from sqllm.engine.loop import EngineOptions  # noqa: E402
-from sqllm.models import load_model  # noqa: E402
-from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
+from sqllm.api import evaluate_perplexity, quantize
+from sqllm.engine.loop import EngineOptions
+from sqllm.models import load_model
+from sqllm.report import git_commit, machine_info, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared" / "data"

@@ -24,9 +24,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 # None of these imports Triton: the kernels module is imported on the first product, after main() has
 # chosen the interpreter or not.
-from sqllm.formats.layouts import LayerMeta, group_columns, tensor_specs, validate_tensors  # noqa: E402
-from sqllm.nn.kernels import triton_ops  # noqa: E402
-from sqllm.nn.qlinear import QuantLinear, replace_linear  # noqa: E402
-from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
+from sqllm.formats.layouts import LayerMeta, group_columns, tensor_specs, validate_tensors
+from sqllm.nn.kernels import triton_ops
+from sqllm.nn.qlinear import QuantLinear, replace_linear
+from sqllm.report import git_commit, machine_info, markdown_table
 
 
 @dataclass(frozen=True)
@@ -181,12 +181,12 @@ def layer_rows(cfg: dict, device: torch.device, gen: torch.Generator) -> list[di
         for m in cfg["batches"] + [cfg["prefill"]]:
             x = torch.randn(m, n, device=device, generator=gen).half()
             y_bytes = m * out * 4
-            base = seconds(lambda: torch.matmul(x, w16.T), device)
+            base = seconds(lambda x=x, w16=w16: torch.matmul(x, w16.T), device)
             rows.append(dict(shape=[out, n], tokens=m, layout="fp16 torch.matmul", seconds=base,
                              bytes=nbytes(w16, x) + m * out * 2, ratio=1.0))
             for layout, meta, t in packed:
                 product = packed_product(meta, t)
-                s = seconds(lambda: product(x), device)
+                s = seconds(lambda product=product, x=x: product(x), device)
                 rows.append(dict(shape=[out, n], tokens=m, layout=layout.name, seconds=s,
                                  bytes=nbytes(x, *t.values()) + y_bytes, ratio=base / s))
             print(f"[{out}x{n}] m={m}: " + ", ".join(f"{r['layout']} {r['ratio']:.2f}x" for r in rows[-len(LAYOUTS):]),

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 from common import CALIB, MODEL, RESULTS, ROOT, WIKI_VALID
-
 from sqllm.api import quantize, save_quantized
 from sqllm.eval.bench import disk_bytes, measure, packed_linear_bytes
 from sqllm.models import cache_dir, load_model, resolve_model_path
@@ -79,7 +78,7 @@ def embedding_dtype(path: str) -> str:
 
 def packed_row(label: str, path: str, threads: int) -> dict:
     r = measure(path, prefill=PREFILL, decode=DECODE, threads=threads)
-    qc = json.loads((open(f"{path}/config.json").read()))["quantization_config"]
+    qc = json.loads(open(f"{path}/config.json").read())["quantization_config"]
     return {"label": label, **r, "disk_bytes": disk_bytes(path), "bits_per_weight": qc["bits_per_weight"]["total"],
             "bits_by_part": qc["bits_per_weight"], "packed_linear_bytes": packed_linear_bytes(path),
             "embedding_dtype": embedding_dtype(path)}

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sqllm.codes import LUTCodes, QuantizedMatrix, SparseOutliers, UniformCodes, expand_groups, fp16_grid  # noqa: E402
-from sqllm.nn import QuantLinear  # noqa: E402
-from sqllm.nn.kernels import cpu_kernels, kernels_enabled  # noqa: E402
-from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
+from sqllm.codes import LUTCodes, QuantizedMatrix, SparseOutliers, UniformCodes, expand_groups, fp16_grid
+from sqllm.nn import QuantLinear
+from sqllm.nn.kernels import cpu_kernels, kernels_enabled
+from sqllm.report import git_commit, machine_info, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]

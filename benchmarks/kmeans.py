@@ -36,9 +36,9 @@ from safetensors import safe_open
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sqllm.models import resolve_model_path  # noqa: E402
-from sqllm.quant.kmeans import weighted_kmeans, weighted_kmeans_objective  # noqa: E402
-from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
+from sqllm.models import resolve_model_path
+from sqllm.quant.kmeans import weighted_kmeans, weighted_kmeans_objective
+from sqllm.report import git_commit, machine_info, markdown_table
 
 MODEL = "smollm2-135m"  # the bundled GGUF; sqllm converts it once to cached fp32 safetensors
 RESULTS = ROOT / "benchmarks" / "results"

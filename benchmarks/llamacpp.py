@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
-
 from sqllm.models import cache_dir, resolve_alias
 from sqllm.report import git_commit, machine_info, markdown_table
 

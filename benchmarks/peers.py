@@ -30,13 +30,12 @@ import json
 import math
 import os
 import time
-from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
-
 from sqllm.api import evaluate_perplexity
 from sqllm.models import linear_names, load_model
 from sqllm.report import git_commit, machine_info, markdown_table

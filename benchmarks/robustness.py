@@ -33,9 +33,8 @@ from typing import Any
 import torch
 
 from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
-
 from sqllm.api import evaluate_perplexity, quantize
-from sqllm.methods import METHODS, HESSIAN, LayerStats, MethodSpec
+from sqllm.methods import HESSIAN, METHODS, LayerStats, MethodSpec
 from sqllm.models import load_model
 from sqllm.report import git_commit, machine_info, markdown_table
 
@@ -115,8 +114,8 @@ def register_reference_gptq(ref_dir: str) -> None:
     The reference keeps ``H`` as ``2/n_seq * sum x x^T`` while sqllm divides by tokens; GPTQ's result is
     invariant to that scale because its damping is relative to ``mean(diag H)``."""
     sys.path.insert(0, ref_dir)
-    from gptq import GPTQ  # noqa: E402  (the reference's own module, not vendored here)
-    from quant import Quantizer  # noqa: E402
+    from gptq import GPTQ
+    from quant import Quantizer
 
     torch.cuda.synchronize = lambda *a, **k: None  # the reference times itself with CUDA syncs
 

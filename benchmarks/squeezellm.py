@@ -8,10 +8,7 @@ The Fisher pass runs once and is cached (``sqllm sensitivity`` writes the same f
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from common import FISHER_CALIB, MODEL, WIKI_VALID, run, write_report
-
 from sqllm.data import calibration_windows
 from sqllm.engine.fisher import compute_fisher, save_fisher
 from sqllm.models import cache_dir, linear_names, load_model

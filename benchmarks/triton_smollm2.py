@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sqllm.api import quantize  # noqa: E402
-from sqllm.data import eval_tokens  # noqa: E402
-from sqllm.models import load_model, resolve_model_path  # noqa: E402
-from sqllm.nn.qlinear import QuantLinear, replace_linear  # noqa: E402
-from sqllm.report import git_commit, machine_info, markdown_table  # noqa: E402
+from sqllm.api import quantize
+from sqllm.data import eval_tokens
+from sqllm.models import load_model, resolve_model_path
+from sqllm.nn.qlinear import QuantLinear, replace_linear
+from sqllm.report import git_commit, machine_info, markdown_table
 
 SHARED = ROOT.parent / "shared" / "data"
 WIKI_TEST = SHARED / "wikitext-2-raw" / "wiki.test.raw"

@@ -138,7 +138,6 @@ def measure_checkpoint(label: str, path: str, window: list[int], vocab: int) -> 
 
 def write(rows: list[dict[str, Any]], base: dict[str, Any], name: str, load_before: tuple) -> None:
     import vllm
-
     from sqllm.report import git_commit, machine_info, markdown_table
 
     doc = {
@@ -189,9 +188,10 @@ def main() -> None:
     missing = [p for p in checkpoints.values() if not (Path(p) / "config.json").is_file()]
     if missing:
         raise SystemExit(f"checkpoint folder {missing[0]} is missing; make it with `sqllm quantize` (see README)")
+    from transformers import AutoTokenizer
+
     from sqllm.data import eval_tokens
     from sqllm.models import resolve_model_path
-    from transformers import AutoTokenizer
 
     load_before = os.getloadavg()
     base_path = resolve_model_path(args.base)

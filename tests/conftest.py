@@ -76,7 +76,8 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def smollm2_tokens(smollm2_path, wiki_test):
     """The WikiText-2 test text tokenized once: [1, T]."""
-    from sqllm.data import eval_tokens
     from transformers import AutoTokenizer
+
+    from sqllm.data import eval_tokens
 
     return eval_tokens(AutoTokenizer.from_pretrained(smollm2_path), str(wiki_test))

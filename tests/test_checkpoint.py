@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_model
 from sqllm.api import load_quantized, quantize, save_quantized
 from sqllm.errors import CorruptCheckpoint
 from sqllm.nn import QuantLinear
-
-from conftest import tiny_model
 
 METHODS = [
     ("rtn", dict(bits=3, group_size=32)),

@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from sqllm.cli import main
-
 from conftest import tiny_model
+from sqllm.cli import main
 
 
 def _run(capsys, *argv):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_model
 from sqllm.codes import QuantizedMatrix
+from sqllm.config import RTNConfig
 from sqllm.engine.loop import EngineOptions, capture_first_block_inputs, quantize_blocks
 from sqllm.methods import HESSIAN, INPUTS, LayerStats, MethodSpec, get_method
 from sqllm.models import arch_spec, get_blocks, linear_names
-from sqllm.config import RTNConfig
-
-from conftest import tiny_model
 
 
 class _Exact:

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from test_layouts import lut_matrix, uniform_matrix
 
 from sqllm.codes import QuantizedMatrix, UniformCodes, expand_groups
 from sqllm.formats import pack_matrix
 from sqllm.nn import QuantLinear, kernels
 from sqllm.nn.kernels import cpu_kernels, ops
+from test_layouts import lut_matrix, uniform_matrix
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX2, no C++ compiler, or SQLLM_KERNELS=0")
 

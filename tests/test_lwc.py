@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tqdm import tqdm
 
+from conftest import tiny_model
 from sqllm.codes import LUTCodes, QuantizedMatrix, UniformCodes, expand_groups, fp16_grid
-from dataclasses import replace
-
 from sqllm.config import SliMConfig, SliMPlusConfig
 from sqllm.engine.loop import BlockInputs, EngineOptions, capture_first_block_inputs, quantize_blocks, run_block
+from sqllm.engine.refine import lwc_block_stage, train_clipping
 from sqllm.errors import InvalidConfig
 from sqllm.methods import MethodSpec, get_method
 from sqllm.models import arch_spec, get_blocks
@@ -22,10 +24,7 @@ from sqllm.quant.lwc import (
     fake_quantize,
     init_clip,
 )
-from sqllm.engine.refine import lwc_block_stage, train_clipping
 from sqllm.quant.uniform import quantize_groups_minmax
-
-from conftest import tiny_model
 
 GROUP = 16
 # Bit map of the stand-in: mixed precision with binarized groups, cycled over the groups.

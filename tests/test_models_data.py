@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
+from conftest import FAMILIES, tiny_model
 from sqllm.data import calibration_windows, eval_tokens, load_text, sample_windows
 from sqllm.errors import DataUnavailable, InvalidConfig, NotEnoughText, UnknownModel, UnsupportedArchitecture
 from sqllm.models import ARCHITECTURES, arch_spec, linear_names, load_model, resolve_model_path
-
-from conftest import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -33,8 +32,8 @@ def test_unsupported_architecture_names_it_and_the_supported():
 
 
 def test_local_folder_roundtrip(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_model("qwen2")
     model.save_pretrained(tmp_path)

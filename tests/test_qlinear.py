@@ -7,7 +7,6 @@ import contextlib
 
 import pytest
 import torch
-from test_layouts import lut_matrix, lut_rows_matrix, uniform_matrix
 from torch import nn
 
 from sqllm.codes import QuantizedMatrix, UniformCodes
@@ -15,6 +14,7 @@ from sqllm.errors import CorruptCheckpoint
 from sqllm.formats import matrix_meta, pack_matrix
 from sqllm.nn import QuantLinear, kernels, quant_linear_from_meta, replace_linear
 from sqllm.nn.kernels import ops
+from test_layouts import lut_matrix, lut_rows_matrix, uniform_matrix
 
 KINDS = {
     "lut3": lambda: lut_matrix(0, 37, 100, 3),

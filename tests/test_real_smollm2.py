@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sqllm.api import quantize
 from sqllm.eval.perplexity import perplexity

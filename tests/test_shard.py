@@ -19,7 +19,6 @@ from sqllm.formats.shard import (
     split_rows,
 )
 from sqllm.nn import QuantLinear
-
 from test_layouts import lut_matrix, uniform_matrix
 
 # name -> random matrix [out, 96] in every layout sqllm writes; groups of 16 so 2-way splits fit them.

@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("triton")
 
 import sqllm
+from conftest import tiny_model
 from sqllm.codes import QuantizedMatrix, SparseOutliers
 from sqllm.formats import matrix_meta, pack_matrix, unpack_matrix
 from sqllm.formats.bitpack import pack_codes, unpack_codes
@@ -28,7 +29,6 @@ from sqllm.formats.layouts import group_columns
 from sqllm.formats.sparse import coo_to_csr
 from sqllm.nn.kernels import triton_kernels as tk
 from sqllm.nn.qlinear import QuantLinear, replace_linear
-from conftest import tiny_model
 from test_layouts import lut_matrix, outliers, uniform_matrix
 
 OUT, N = 37, 203  # odd row count, columns not a multiple of any tile

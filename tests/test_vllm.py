@@ -23,9 +23,9 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from sqllm.api import load_quantized, quantize, save_quantized  # noqa: E402
-from sqllm.errors import InvalidConfig  # noqa: E402
-from sqllm.nn import QuantLinear  # noqa: E402
+from sqllm.api import load_quantized, quantize, save_quantized
+from sqllm.errors import InvalidConfig
+from sqllm.nn import QuantLinear
 
 pytestmark = pytest.mark.vllm
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY
 from sqllm.cli import main
 from sqllm.errors import DataUnavailable, InvalidConfig
 from sqllm.eval.zeroshot import print_zeroshot, run_zeroshot
-
-from conftest import TINY
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 

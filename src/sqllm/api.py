@@ -17,9 +17,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,19 +39,19 @@ __all__ = [
     "METHODS",
     "EngineOptions",
     "QuantizationResult",
+    "bench",
+    "compute_sensitivity",
+    "evaluate_perplexity",
+    "evaluate_perplexity_streamed",
+    "evaluate_zeroshot",
+    "generate",
     "load_model",
+    "load_quantized",
     "make_config",
     "quantize",
     "quantize_checkpoint",
     "save_quantized",
-    "load_quantized",
-    "evaluate_perplexity",
-    "evaluate_perplexity_streamed",
-    "evaluate_zeroshot",
-    "compute_sensitivity",
     "save_sensitivity",
-    "bench",
-    "generate",
 ]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -160,7 +160,7 @@ class SparseOutliers:
         return {"sparse": 32 * (self.shape[0] + 1) + (32 + value_bits) * self.nnz}
 
 
-DenseCodes = Union[UniformCodes, LUTCodes]
+DenseCodes = UniformCodes | LUTCodes
 
 
 @dataclass

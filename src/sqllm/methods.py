@@ -11,8 +11,9 @@ a block stage runs in the engine after a block's linears are solved (block-level
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 

@@ -88,7 +88,7 @@ def arch_spec(model: nn.Module) -> ArchSpec:
 
 
 def get_blocks(model: nn.Module, arch: ArchSpec) -> nn.ModuleList:
-    return model.get_submodule(arch.blocks)
+    return cast(nn.ModuleList, model.get_submodule(arch.blocks))
 
 
 def linear_names(model: nn.Module, arch: ArchSpec | None = None) -> list[str]:

@@ -14,10 +14,11 @@ in lm-eval's ``HFLM`` as is, so what is evaluated is exactly what sqllm built. T
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ..errors import DataUnavailable, InvalidConfig
 

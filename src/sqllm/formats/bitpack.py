@@ -99,7 +99,7 @@ def unpack_planar(packed: Tensor, bits: int, n: int, pad_to: int = 0) -> Tensor:
         planes = planes.contiguous()
     mask = (1 << bits) - 1
     fields = []
-    for k, byte, shift in _slots(bits, cpb):
+    for _, byte, shift in _slots(bits, cpb):
         code = torch.bitwise_right_shift(planes[:, byte], shift) if shift else planes[:, byte]
         if shift + bits > 8:
             code = code | torch.bitwise_left_shift(planes[:, byte + 1], 8 - shift)

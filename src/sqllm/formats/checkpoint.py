@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..codes import QuantizedMatrix
 from ..errors import CorruptCheckpoint
-from .layouts import LayerMeta, matrix_meta, pack_matrix, validate_tensors
+from .layouts import matrix_meta, pack_matrix
 
 FORMAT_VERSION = 1
 INDEX_NAME = "model.safetensors.index.json"

@@ -28,8 +28,9 @@ codes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,7 +96,7 @@ class LayerMeta:
             rows = d.get("mixed_rows")
             return cls(
                 kind=d["kind"],
-                shape=tuple(int(v) for v in d["shape"]),
+                shape=(int(d["shape"][0]), int(d["shape"][1])),
                 bits=int(d["bits"]),
                 group_size=None if d.get("group_size") is None else int(d["group_size"]),
                 mixed_cols=None if mixed is None else tuple(sorted((int(b), int(c)) for b, c in mixed.items())),
@@ -199,19 +200,18 @@ def group_columns(group_bits: Tensor, group_size: int, n_in: int, bits: int) -> 
 def matrix_meta(qm: QuantizedMatrix, value_dtype: torch.dtype) -> LayerMeta:
     """The meta :func:`pack_matrix` stores ``qm`` under (outliers in ``value_dtype``)."""
     d = qm.dense
-    sparse = qm.sparse is not None and qm.sparse.nnz > 0
-    common = dict(
-        shape=tuple(d.shape),
-        nnz=qm.sparse.nnz if sparse else 0,
-        sparse_dtype=str(value_dtype).removeprefix("torch.") if sparse else None,
-    )
+    nnz = qm.sparse.nnz if qm.sparse is not None else 0
+    shape = (int(d.shape[0]), int(d.shape[1]))
+    sparse_dtype = str(value_dtype).removeprefix("torch.") if nnz else None
     if isinstance(d, LUTCodes):
         widths, counts = torch.unique(d.widths(), return_counts=True)
         rows = tuple(zip(widths.tolist(), counts.tolist())) if len(widths) > 1 else None
-        return LayerMeta(kind="lut", bits=int(widths.max()), mixed_rows=rows, **common)
-    widths, counts = _columns_per_width(d)
-    mixed = tuple(zip(widths, counts)) if len(widths) > 1 else None
-    return LayerMeta(kind="uniform", bits=max(widths), group_size=d.group_size, mixed_cols=mixed, **common)
+        return LayerMeta(kind="lut", shape=shape, bits=int(widths.max()), mixed_rows=rows, nnz=nnz,
+                         sparse_dtype=sparse_dtype)
+    col_widths, col_counts = _columns_per_width(d)
+    mixed = tuple(zip(col_widths, col_counts)) if len(col_widths) > 1 else None
+    return LayerMeta(kind="uniform", shape=shape, bits=max(col_widths), group_size=d.group_size, mixed_cols=mixed,
+                     nnz=nnz, sparse_dtype=sparse_dtype)
 
 
 def _columns_per_width(d: UniformCodes) -> tuple[list[int], list[int]]:
@@ -258,6 +258,7 @@ def pack_matrix(qm: QuantizedMatrix, prefix: str, value_dtype: torch.dtype) -> d
         t["scales"] = _fp16_exact(d.scales, "scales")
         t["zeros"] = _fp16_exact(d.zeros, "zeros")
     if meta.sparse_dtype is not None:
+        assert qm.sparse is not None  # the meta records outliers only where there are some
         t["sp_crow"], t["sp_col"], t["sp_val"] = coo_to_csr(qm.sparse, value_dtype)
     tensors = {prefix + k: v for k, v in t.items()}
     validate_tensors(tensors, prefix, meta)  # the table is the contract in both directions

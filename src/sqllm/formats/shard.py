@@ -21,7 +21,7 @@ returns a new dict with its :class:`LayerMeta`; the result dequantizes to exactl
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -173,7 +173,8 @@ def concat_rows(parts: Sequence[tuple[Mapping[str, Tensor], LayerMeta]]) -> Pack
     pieces = [(q.sparse, int(o)) for q, o in zip(qms, offsets) if q.sparse is not None]
     sparse = None
     if pieces:
-        sparse = SparseOutliers(rows=torch.cat([s.rows + o for s, o in pieces]), cols=torch.cat([s.cols for s, _ in pieces]),
+        sparse = SparseOutliers(rows=torch.cat([s.rows + o for s, o in pieces]),
+                                cols=torch.cat([s.cols for s, _ in pieces]),
                                 values=torch.cat([s.values for s, _ in pieces]), shape=(out, n))
     dtypes = {m.sparse_dtype for m in metas if m.sparse_dtype is not None}
     value_dtype = SPARSE_DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32

@@ -12,7 +12,7 @@ The solver is split so that SliM-LLM reuses it unchanged:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -226,7 +226,7 @@ def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig)
     if bool(extracted.any()):
         rows, cols = extracted.nonzero(as_tuple=True)  # row-major: sorted by row, then column
         values = w[rows, cols] - lut[rows, codes[rows, cols].long()]
-        sparse = SparseOutliers(rows=rows, cols=cols, values=values, shape=tuple(w.shape))
+        sparse = SparseOutliers(rows=rows, cols=cols, values=values, shape=(w.shape[0], w.shape[1]))
     total = w.numel()
     n_sensitive, n_outliers = int(sensitive.sum()), int(outliers.sum())
     info: dict[str, Any] = {

@@ -162,7 +162,9 @@ class SqllmLinearMethod(LinearMethodBase):
             try:
                 ranges.append(shard_range(meta.shape[0], size, layer.tp_rank, layer.tp_size))
             except ValueError as e:
-                raise InvalidConfig(f"{name}: {meta.shape[0]} output rows do not split for vLLM's layer ({e})") from None
+                raise InvalidConfig(
+                    f"{name}: {meta.shape[0]} output rows do not split for vLLM's layer ({e})"
+                ) from None
         return ranges
 
     def _receive(self, layer: nn.Module, name: str, param: nn.Parameter, loaded: Tensor,

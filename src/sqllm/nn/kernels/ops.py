@@ -48,7 +48,8 @@ def check_codes(x: Tensor, qweight: Tensor, bits: int, n: int) -> None:
     words = packed_words(n, bits)
     if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[1] != words:
         raise ValueError(
-            f"qweight must be int32 [out, {words}] for {n} codes of {bits} bits, got {qweight.dtype} {tuple(qweight.shape)}"
+            f"qweight must be int32 [out, {words}] for {n} codes of {bits} bits, "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
         )
 
 
@@ -92,7 +93,7 @@ def uniform_rows(qweight: Tensor, scales: Tensor, zeros: Tensor, group_ids: Tens
     return scales.float().index_select(1, g) * (codes - zeros.float().index_select(1, g))
 
 
-def _tiled_mm(x: Tensor, out: int, rows_fn) -> Tensor:  # type: ignore[no-untyped-def]
+def _tiled_mm(x: Tensor, out: int, rows_fn) -> Tensor:
     """``x [m, n] @ W^T`` with ``W`` produced ``[t, n]`` at a time by ``rows_fn(start, stop)``: ``[m, out]`` f32."""
     m, n = x.shape
     xf = x.float()
@@ -210,22 +211,22 @@ def _(x: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> Tensor:
 # dL/dx = dL/dy @ W, with W dequantized whole by the same pure-torch code.
 
 
-def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _setup(ctx, inputs, output) -> None:
     ctx.inputs = inputs[1:]
     ctx.x_dtype = inputs[0].dtype
 
 
-def _lut_backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
+def _lut_backward(ctx, grad: Tensor):
     qweight, lut, bits, n = ctx.inputs
     return (grad @ lut_rows(qweight, lut, bits, n)).to(ctx.x_dtype), None, None, None, None
 
 
-def _uniform_backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
+def _uniform_backward(ctx, grad: Tensor):
     w = uniform_rows(*ctx.inputs)
     return (grad @ w).to(ctx.x_dtype), *([None] * 7)
 
 
-def _csr_backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
+def _csr_backward(ctx, grad: Tensor):
     crow, col, val = ctx.inputs
     counts = torch.diff(crow.long())
     rows = torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
@@ -235,7 +236,7 @@ def _csr_backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
     return gx.T.to(ctx.x_dtype), None, None, None
 
 
-def _csr_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _csr_setup(ctx, inputs, output) -> None:
     _setup(ctx, inputs, output)
     ctx.n_in = inputs[0].shape[1]
 
