@@ -1,8 +1,8 @@
 """SliM-LLM+: learnable weight clipping (LWC) on top of SliM-LLM's group bit map.
 
 SliM-LLM+ (Huang et al. 2024, the SliM-LLM variant built on OmniQuant) keeps SliM-LLM's salience-determined
-bit width of every column group and learns each group's grid with OmniQuant's learnable weight clipping (Shao et al. 2023,
-"OmniQuant", §3.2): every (row, group) of a linear gets two learnable clipping strengths, and the
+bit width of every column group and learns each group's grid with OmniQuant's learnable weight clipping
+(Shao et al. 2023, "OmniQuant", §3.2): every (row, group) of a linear gets two learnable clipping strengths, and the
 group's uniform grid spans the *clipped* range
 
     hi = sigmoid(g_up) * H,   lo = sigmoid(g_low) * L,   scale = (hi - lo) / (2**b - 1),
