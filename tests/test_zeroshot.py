@@ -13,7 +13,8 @@ import torch
 from conftest import TINY
 from sqllm.cli import main
 from sqllm.errors import DataUnavailable, InvalidConfig
-from sqllm.eval.zeroshot import print_zeroshot, run_zeroshot
+from sqllm.eval.zeroshot import run_zeroshot
+from sqllm.report import print_zeroshot
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 
