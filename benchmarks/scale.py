@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 BIG = Path(os.environ.get("SQLLM_BIG", "/work/big"))
 VOCAB = 49152
 INIT_STD = 0.02
-SHARD_BYTES = 2 * 1024**3
+SHARD_BYTES = 1024**3  # one shard in memory at a time while building
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def test_missing_shard_or_tensor_is_one_corrupt_checkpoint_error(tmp_path):
     (tmp_path / "away").rename(folder / shard)
     del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CorruptCheckpoint, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' of the model is missing"):
+    with pytest.raises(CorruptCheckpoint, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing from model"):
         StreamedModel(folder)
 
 

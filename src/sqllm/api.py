@@ -392,10 +392,14 @@ def quantize_checkpoint(
         raise InvalidConfig(f"{model!r} is already a packed sqllm checkpoint; quantize its full-precision source")
     parts = StreamedModel(path, device=device)
     check_config_against_model(cfg, parts.model)
+    bad = parts.index.nonfinite()
+    if bad is not None:
+        raise NumericalError(f"weight {bad[0]!r} of the model holds {bad[1]} NaN or infinite values; "
+                             f"the model is damaged and cannot be quantized")
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     windows = None
     calibration: dict[str, Any] = {}
     if spec.needs_windows or (spec.fisher and fisher is None):
@@ -571,7 +575,7 @@ def evaluate_perplexity_streamed(
 
     path = resolve_model_path(spec)
     parts = StreamedModel(path, device=check_device(device))
-    tokens = eval_tokens(AutoTokenizer.from_pretrained(path), source)
+    tokens = eval_tokens(AutoTokenizer.from_pretrained(path, trust_remote_code=False), source)
     res = streamed_perplexity(parts, tokens, seqlen=seqlen, windows=windows, progress=progress)
     res["source"] = str(source)
     return res

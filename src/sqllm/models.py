@@ -254,7 +254,7 @@ def resolve_model_path(spec: str) -> str:
     return _hub_id(spec)
 
 
-def _check_loading_info(spec: str, info: dict[str, Any]) -> None:
+def check_loading_info(spec: str, info: dict[str, Any]) -> None:
     """Refuse a model that transformers would complete with random weights or with mis-shaped ones.
     (Extra stored tensors are left to transformers, which ignores those it knows to be harmless.)"""
     missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
@@ -290,7 +290,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str = "
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except OSError as exc:
         raise UnknownModel(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
-    _check_loading_info(spec, info)
+    check_loading_info(spec, info)
     model.to(device).eval()
     arch_spec(model)
     return model, tokenizer

@@ -91,6 +91,12 @@ class EngineOptions:
     fisher_amp: torch.dtype | None = None
     activation_budget: int = 2 * 1024**3
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidConfig(f"batch_size={self.batch_size} must be >= 1 (calibration windows per forward)")
+        if self.input_rows < 1:
+            raise InvalidConfig(f"input_rows={self.input_rows} must be >= 1")
+
 
 class StageClock:
     """Wall seconds per named stage, summed over the run (``with clock("solve"): ...``)."""
@@ -111,12 +117,6 @@ class _Timed:
 
     def __exit__(self, *exc: Any) -> None:
         self.clock.seconds[self.stage] = self.clock.seconds.get(self.stage, 0.0) + time.perf_counter() - self.start
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise InvalidConfig(f"batch_size={self.batch_size} must be >= 1 (calibration windows per forward)")
-        if self.input_rows < 1:
-            raise InvalidConfig(f"input_rows={self.input_rows} must be >= 1")
 
 
 def _collect(

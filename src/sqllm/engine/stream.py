@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CorruptCheckpoint, InvalidConfig, UnknownModel
-from ..models import ArchSpec, arch_spec
+from ..models import ArchSpec, arch_spec, check_loading_info
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -72,6 +72,9 @@ class ShardIndex:
         else:
             raise UnknownModel(f"folder {str(self.folder)!r} has neither {INDEX_NAME} nor {SINGLE_NAME}; "
                                "streamed loading reads safetensors checkpoints")
+        for fname in weight_map.values():  # a crafted index must not reach outside the folder
+            if not isinstance(fname, str) or fname in ("", ".", "..") or Path(fname).name != fname or "\\" in fname:
+                raise CorruptCheckpoint(f"{index}: shard {fname!r} is not a file name inside the checkpoint folder")
         missing = sorted({s for s in weight_map.values() if not (self.folder / s).is_file()})
         if missing:
             raise CorruptCheckpoint(f"shard {missing[0]} listed in {INDEX_NAME} is missing from {self.folder}")
@@ -97,6 +100,19 @@ class ShardIndex:
                 raise CorruptCheckpoint(f"shard {shard} in {self.folder} is truncated or corrupt "
                                         f"({str(exc).splitlines()[0]})") from None
         return out
+
+    def nonfinite(self) -> tuple[str, int] | None:
+        """The first stored floating tensor holding NaN or infinity and how many, reading one tensor at a
+        time (the model is never in memory); None when every value is finite."""
+        from safetensors import safe_open
+
+        for shard in sorted(set(self.weight_map.values())):
+            with safe_open(str(self.folder / shard), framework="pt") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return k, int((~torch.isfinite(t)).sum())
+        return None
 
     def dtypes(self) -> dict[str, torch.dtype]:
         """Stored dtype of every tensor (read from the shard headers only)."""
@@ -219,7 +235,7 @@ class StreamedModel(ModelParts):
 
         self.folder = Path(folder)
         self.index = ShardIndex(self.folder)
-        config = AutoConfig.from_pretrained(self.folder)
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         super().__init__(model.eval(), device, dtype)
@@ -235,11 +251,16 @@ class StreamedModel(ModelParts):
             emb = _module_name(self.model, self.model.get_input_embeddings())
             tied[f"{self.head_name}.weight"] = f"{emb}.weight"
         out: dict[str, str] = {}
+        missing = []
         for n in self.tensor_names():
             src = n if n in self.index else tied.get(n)
             if src is None or src not in self.index:
-                raise CorruptCheckpoint(f"tensor {n!r} of the model is missing from the checkpoint at {self.folder}")
-            out[n] = src
+                missing.append(n)
+            else:
+                out[n] = src
+        if missing:  # the same refusals as loading the whole model
+            unexpected = [k for k in self.index.weight_map if k not in out.values()]
+            check_loading_info(str(self.folder), {"missing_keys": missing, "unexpected_keys": unexpected})
         return out
 
     def stored_dtype(self, name: str) -> torch.dtype:
