@@ -2,7 +2,8 @@
 peak resident memory, resident bytes of the quantized linears against their packed size, prefill and
 decode tokens/s.
 
-    python benchmarks/inference.py [--threads N] [--out NAME]    # writes results/NAME.{json,md,png}
+    python benchmarks/inference.py [--threads N] [--rounds R] [--out NAME]   # writes results/NAME.{json,md,png}
+    python benchmarks/inference.py --checkpoint "SqueezeLLM 3-bit=DIR" ...     # measure existing packed folders
 
 Packed rows run QuantLinear's ops with their registered CPU implementation (the compiled AVX2 kernels
 where the CPU and compiler allow); one extra row runs SqueezeLLM 4-bit with ``SQLLM_KERNELS=0`` (the
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from pathlib import Path
 
 from common import CALIB, MODEL, RESULTS, ROOT, WIKI_VALID
@@ -88,26 +90,50 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of every measurement")
     ap.add_argument("--out", default="inference", help="name of the result files under results/")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every row this many times (shuffled); keep the best")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                    help="measure an existing packed folder as row LABEL (then only the given rows are measured)")
     args = ap.parse_args()
     load_before = os.getloadavg()
     base = resolve_model_path(MODEL)
-    rows = []
-    for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16")):
-        r = measure(base, dtype=dtype, prefill=PREFILL, decode=DECODE, threads=args.threads)
-        rows.append({"label": label, **r, "disk_bytes": disk_bytes(base), "bits_per_weight": 32 if dtype == "float32" else 16,
-                     "path": "torch", "embedding_dtype": dtype})
+    given = dict(c.split("=", 1) for c in args.checkpoint)
+    unknown = set(given) - {label for label, _, _ in CHECKPOINTS}
+    if unknown:
+        ap.error(f"--checkpoint labels {sorted(unknown)} are not rows; rows are {[c[0] for c in CHECKPOINTS]}")
     kernel_path = "AVX2 kernels" if kernels_enabled() else "torch (no AVX2)"
+    jobs: list[tuple[str, dict]] = [(label, {"dtype": dtype}) for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16"))]
     for label, method, options in CHECKPOINTS:
-        path = checkpoint(label, method, options)
-        rows.append({**packed_row(label, path, args.threads), "path": kernel_path})
-        print(label, {k: rows[-1][k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}, flush=True)
+        if given and label not in given:
+            continue
+        path = given.get(label) or checkpoint(label, method, options)
+        jobs.append((label, {"path": path, "kernels": True}))
         if label == TORCH_PATH_ROW:
-            os.environ["SQLLM_KERNELS"] = "0"  # read by the spawned child
-            rows.append({**packed_row(label, path, args.threads), "path": "torch (SQLLM_KERNELS=0)"})
-            del os.environ["SQLLM_KERNELS"]
+            jobs.append((label, {"path": path, "kernels": False}))
+    best: dict[int, dict] = {}
+    order = random.Random(0)
+    for _ in range(args.rounds):  # every round measures every row, in a shuffled order; keep each row's best
+        for i in order.sample(range(len(jobs)), len(jobs)):
+            label, job = jobs[i]
+            if "dtype" in job:
+                r = measure(base, dtype=job["dtype"], prefill=PREFILL, decode=DECODE, threads=args.threads)
+                row = {"label": label, **r, "disk_bytes": disk_bytes(base),
+                       "bits_per_weight": 32 if job["dtype"] == "float32" else 16, "path": "torch",
+                       "embedding_dtype": job["dtype"]}
+            else:
+                if not job["kernels"]:
+                    os.environ["SQLLM_KERNELS"] = "0"  # read by the spawned child
+                row = {**packed_row(label, job["path"], args.threads),
+                       "path": kernel_path if job["kernels"] else "torch (SQLLM_KERNELS=0)"}
+                os.environ.pop("SQLLM_KERNELS", None)
+            print(label, row["path"], {k: row[k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}, flush=True)
+            if i not in best or row["decode_tok_s"] > best[i]["decode_tok_s"]:
+                best[i] = row
+    rows = [best[i] for i in range(len(jobs))]
     doc = {"protocol": {"model": MODEL, "prefill_tokens": PREFILL, "decode_tokens": DECODE, "threads": args.threads,
                         "measure": "each model in a fresh process; one warm-up, then one timed prefill and "
-                                   "one greedy generate of DECODE tokens with KV cache"},
+                                   "one greedy generate of DECODE tokens with KV cache; every row measured "
+                                   f"{args.rounds} time(s) in shuffled rounds, the best decode kept",
+                        "checkpoints": {label: job.get("path") for label, job in jobs if "path" in job}},
            "load_average": {"before": load_before, "after": os.getloadavg()},
            "machine": machine_info(), "commit": git_commit(str(ROOT)), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
