@@ -30,8 +30,9 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -52,14 +53,15 @@ SPEED_FORMATS = [
     ("Q3_K_M", "Q3_K_M", False),
     ("IQ4_NL", "IQ4_NL", False),
 ]
-# (label, sqllm CLI arguments): packed checkpoints of bits/weight near the llama.cpp formats
-CALIB = ["--calib", str(WIKI_VALID), "--nsamples", "32", "--calib-seqlen", "512"]
+# (label, folder under --ckpt-dir, sqllm CLI arguments): packed checkpoints of bits/weight near the
+# llama.cpp formats. sq4 and sq3s are the names other benchmarks make with these same arguments; GPTQ
+# checkpoints share RTN's uniform g64 layout, so RTN's speed stands for theirs.
+FEW = ["--calib", str(WIKI_VALID), "--nsamples", "8", "--calib-seqlen", "512"]
 SQLLM_CHECKPOINTS = [
-    ("sqllm GPTQ 4-bit g64", "gptq4-g64", ["--method", "gptq", "--bits", "4", "--group-size", "64", *CALIB]),
-    ("sqllm SqueezeLLM 4-bit", "squeezellm4", ["--method", "squeezellm", "--bits", "4", *CALIB]),
-    ("sqllm GPTQ 3-bit g64", "gptq3-g64", ["--method", "gptq", "--bits", "3", "--group-size", "64", *CALIB]),
-    ("sqllm SqueezeLLM 3-bit 0.45%", "squeezellm3-045",
-     ["--method", "squeezellm", "--bits", "3", "--sensitive", "0.05", "--outliers", "0.4", *CALIB]),
+    ("sqllm RTN 4-bit g64", "rtn4-g64", ["--method", "rtn", "--bits", "4", "--group-size", "64"]),
+    ("sqllm SqueezeLLM 4-bit", "sq4", ["--method", "squeezellm", "--bits", "4", *FEW]),
+    ("sqllm RTN 3-bit g64", "rtn3-g64", ["--method", "rtn", "--bits", "3", "--group-size", "64"]),
+    ("sqllm SqueezeLLM 3-bit 0.45%", "sq3s", ["--method", "squeezellm", "--bits", "3", "--outliers", "0.45", *FEW]),
 ]
 
 
@@ -132,13 +134,30 @@ def quantize_gguf(ftype: str, *, pure: bool = False, token_embd: str | None = No
     if token_embd is not None:
         params.token_embedding_type = getattr(llama_cpp, f"GGML_TYPE_{token_embd}")
     tmp = out.with_suffix(".tmp")
+    src = f32_gguf()
     start = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(f32_gguf()).encode(), str(tmp).encode(), ctypes.byref(params))
+    with _quiet_stderr():  # the quantizer logs every tensor from C
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     seconds = time.perf_counter() - start
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({ftype}) returned {rc}")
     os.replace(tmp, out)
     return out, seconds
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the duration (C libraries write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
 
 
 def gguf_bits(path: Path) -> dict[str, Any]:
@@ -262,6 +281,7 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", default="/work/ckpt", help="where sqllm checkpoints are found or made")
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--skip-missing", action="store_true", help="skip sqllm checkpoints that do not exist yet")
     args = ap.parse_args()
     missing = llama_cpp_missing()
     if missing:
@@ -285,6 +305,9 @@ def main() -> None:
               f"prompt {row['prompt_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s", flush=True)
     ckpt = Path(args.ckpt_dir)
     for label, name, cli_args in SQLLM_CHECKPOINTS:
+        if args.skip_missing and not (ckpt / name / "config.json").is_file():
+            print(f"{label}: {ckpt / name} does not exist yet (--skip-missing)", flush=True)
+            continue
         folder, made = sqllm_checkpoint(ckpt / name, cli_args)
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         row = {"label": label, "engine": f"sqllm ({sqllm_compute_path()})", "path": str(folder),
@@ -321,7 +344,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
           f"llama.cpp's quantizer from an F32 GGUF holding the dequantized weights of the bundled Q4_1 GGUF (the "
           f"same fp32 weights sqllm quantizes); token embedding and output tensors follow each format's own "
           f"mix (sqllm keeps them in full precision, so its files are larger at equal linear bits/weight). "
-          f"sqllm checkpoints: calibrated on 32 x 512 WikiText-2 validation tokens.\n\n"
+          f"sqllm checkpoints: made with the `sqllm quantize` CLI (SqueezeLLM's Fisher from 8 x 512 WikiText-2 "
+          f"validation tokens); GPTQ and SliM-LLM share RTN's uniform g64 layout and decode at its speed.\n\n"
           f"Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['loadavg_end'][0]:.1f} at the "
           f"end (shared machine: timings are indicative, compare rows of this table only). Commit {doc['commit']}.\n")
     (RESULTS / "llamacpp.md").write_text(md)

@@ -49,12 +49,12 @@ SQLLM_ROWS = [
     ("RTN 4-bit g64", "none"),
     ("RTN 3-bit g64", "none"),
     ("RTN 3-bit g128", "none"),
-    ("GPTQ 4-bit g64", "WikiText-2 valid 32x512"),
-    ("GPTQ 3-bit g64", "WikiText-2 valid 32x512"),
-    ("GPTQ 2-bit g64", "WikiText-2 valid 32x512"),
-    ("SliM-LLM 3-bit g64", "WikiText-2 valid 32x512"),
-    ("SliM-LLM 2-bit g64", "WikiText-2 valid 32x512"),
-    ("SliM-LLM+ 2-bit g64", "WikiText-2 valid 32x512"),
+    ("GPTQ 4-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
+    ("GPTQ 3-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
+    ("GPTQ 2-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
+    ("SliM-LLM 3-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
+    ("SliM-LLM 2-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
+    ("SliM-LLM+ 2-bit g64", "WikiText-2 valid 32x512, true-sequential off, LWC on 16"),
     ("SqueezeLLM 4-bit dense-only", "Fisher of WikiText-2 valid 32x512"),
     ("SqueezeLLM 4-bit 0.45% sparse", "Fisher of WikiText-2 valid 32x512"),
     ("SqueezeLLM 3-bit dense-only", "Fisher of WikiText-2 valid 32x512"),
@@ -151,12 +151,24 @@ LLAMA_PEERS = [
 ]
 
 
-def llama_peer(ftype: str, pure: bool, windows: int, tokens: torch.Tensor) -> dict[str, Any]:
+def _wiki_tokens() -> torch.Tensor:
+    """WikiText-2 test as SmolLM2 token ids ``[1, T]`` (what llama.cpp is fed), tokenized once."""
+    if not _TOKENS:
+        from sqllm.data import eval_tokens
+
+        _TOKENS.append(eval_tokens(load_model(MODEL)[1], str(WIKI_TEST)))
+    return _TOKENS[0]
+
+
+_TOKENS: list[torch.Tensor] = []
+
+
+def llama_peer(ftype: str, pure: bool, windows: int, tokens: Callable[[], torch.Tensor]) -> dict[str, Any]:
     from llamacpp import gguf_bits, gguf_perplexity, quantize_gguf
 
     path, seconds = quantize_gguf(ftype, pure=pure, token_embd="Q8_0")
     bits = gguf_bits(path)
-    ppl = gguf_perplexity(path, tokens, windows)
+    ppl = gguf_perplexity(path, tokens(), windows)
     return {"bits_per_weight": bits["linears"], "file_bits_per_weight": bits["file"],
             "tensor_types": bits["tensor_types"], "quant_seconds": seconds, "window_nll": ppl["window_nll"],
             "calibration": "none (no importance matrix)", "engine": "llama.cpp"}
@@ -164,7 +176,7 @@ def llama_peer(ftype: str, pure: bool, windows: int, tokens: torch.Tensor) -> di
 
 # --- runner -------------------------------------------------------------------------------------------------
 
-def peers(windows: int, tokens: torch.Tensor) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
+def peers(windows: int, tokens: Callable[[], torch.Tensor]) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
     """(label, family, run) of every peer; ``run`` returns bits/weight, calibration, window NLLs, seconds."""
 
     def hf(fn: Callable[..., dict[str, Any]], *args: Any, with_tok: bool = False) -> Callable[[], dict[str, Any]]:
@@ -179,14 +191,23 @@ def peers(windows: int, tokens: torch.Tensor) -> list[tuple[str, str, Callable[[
         return go
 
     out: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
-    out += [(f"HQQ {b}-bit g64", "hqq", hf(hqq_quantize, b)) for b in (4, 3, 2)]
-    out += [("bitsandbytes NF4 b64", "bnb", hf(bnb_quantize, "nf4", False)),
-            ("bitsandbytes NF4 b64 double-quant", "bnb", hf(bnb_quantize, "nf4", True)),
-            ("bitsandbytes FP4 b64", "bnb", hf(bnb_quantize, "fp4", False))]
+    # most informative first: a run cut short keeps its finished rows in the cache
+    out += [("HQQ 3-bit g64", "hqq", hf(hqq_quantize, 3)),
+            ("bitsandbytes NF4 b64", "bnb", hf(bnb_quantize, "nf4", False)),
+            ("HQQ 4-bit g64", "hqq", hf(hqq_quantize, 4)),
+            ("HQQ 2-bit g64", "hqq", hf(hqq_quantize, 2)),
+            ("bitsandbytes FP4 b64", "bnb", hf(bnb_quantize, "fp4", False)),
+            ("bitsandbytes NF4 b64 double-quant", "bnb", hf(bnb_quantize, "nf4", True))]
     out += [(label, "llama.cpp", lambda f=ftype, p=pure: llama_peer(f, p, windows, tokens))
             for label, ftype, pure in LLAMA_PEERS]
     out += [("AutoRound 3-bit g64", "autoround", hf(autoround_quantize, 3, 200, 32, 512, with_tok=True))]
     return out
+
+
+# AutoRound's cost on this machine: 200 signed-gradient iterations per block, each a forward and backward
+# of one block (3.5M weights, ~8.3 MFLOP per token with attention) on a batch of 8 x 512 tokens, 30 blocks.
+AUTOROUND_COST = ("not run by default: 200 iterations x 30 blocks x forward+backward of a block on 8 x 512 "
+                  "tokens is about 6e14 FLOP, 2-3 hours of this 2-core CPU when idle (pass --only autoround)")
 
 
 def why_not(family: str) -> str | None:
@@ -234,16 +255,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from sqllm.data import eval_tokens
-
-    tok = load_model(MODEL)[1]
-    tokens = eval_tokens(tok, str(WIKI_TEST))
     rows = sqllm_rows(args.windows)
     cached = _cached()
-    for label, family, go in peers(args.windows, tokens):
+    for label, family, go in peers(args.windows, _wiki_tokens):
         row = cached.get(label)
         if row is None or len(row.get("window_nll", [])) < args.windows:
             reason = why_not(family)
+            if family == "autoround" and not (args.only and "autoround" in args.only):
+                reason = reason or AUTOROUND_COST
             if reason is not None or (args.only and family not in args.only):
                 rows.append({"label": label, "family": family, "error": reason or "not run (--only)"})
                 continue
