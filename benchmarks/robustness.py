@@ -72,8 +72,10 @@ class Setting:
 
 def mixed_calibration_file() -> Path:
     """A text of equal parts WikiText-2 validation and SQLite calibration pages, so that windows drawn at
-    random offsets come from either half about equally often. Written once under results/ (not committed)."""
-    path = RESULTS / ".cache" / "calib-mix-wiki-sqlite.txt"
+    random offsets come from either half about equally often. Written once into sqllm's cache folder."""
+    from sqllm.models import cache_dir
+
+    path = cache_dir() / "calib-mix-wiki-sqlite.txt"
     if not path.is_file():
         sqlite = CALIB_SOURCES["sqlite"].read_text(encoding="utf-8")
         wiki = WIKI_VALID.read_text(encoding="utf-8")[: len(sqlite)]
