@@ -191,6 +191,9 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
     if not a.ppl and not a.tasks:
         raise InvalidConfig("nothing to evaluate: pass --ppl SOURCE and/or --tasks T1,T2")
+    checked = None
+    if a.tasks:  # unknown tasks fail in seconds, before anything about the models
+        checked = api.check_zeroshot_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
     specs = [a.model] + ([a.baseline] if a.baseline else [])
     paths = [api.check_model(spec) for spec in specs]
     if a.ppl:
@@ -199,9 +202,6 @@ def _cmd_eval(a: argparse.Namespace) -> None:
             api.check_context(path, a.seqlen)
     if a.json:
         api.check_output_file(a.json, inputs=[*paths, a.ppl])
-    checked = None
-    if a.tasks:  # unknown tasks fail in seconds, not after loading the models
-        checked = api.check_zeroshot_tasks(a.tasks.split(","), include_path=a.include_path, limit=a.limit)
     results: dict[str, Any] = {"model": a.model, "runs": []}
     for spec, path in zip(specs, paths):
         run: dict[str, Any] = {"model": spec}
