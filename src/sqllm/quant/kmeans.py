@@ -4,15 +4,16 @@ Per row ``x: [n]`` with weights ``w: [n] >= 0`` we minimise ``sum_i w_i (x_i - c
 centroids ``c`` and assignments ``a``. In 1-D every cluster of an optimal assignment is a contiguous run
 of the sorted row, so the optimum is a dynamic program over sorted prefixes,
 ``D_m(i) = min_{j < i} D_{m-1}(j) + SSE(j, i)``, with every ``SSE`` a difference of prefix sums. The
-cost satisfies the quadrangle inequality, so the best ``j`` never moves left as ``i`` grows (divide
-and conquer over ``i``, ``O(k n log n)``) and never lies left of the previous layer's (Knuth's bound);
-where the candidate range has shrunk to a few places, all ``i`` of a sub-range are scored against it at
-once. Equal values are merged (their weights summed) before the DP, which shrinks it on weights that
-repeat values, e.g. dequantized from a block grid or stored in bf16.
+cost satisfies the quadrangle inequality, so the best ``j`` never moves left as ``i`` grows and never
+lies left of the previous layer's (Knuth's bound): low layers divide and conquer over ``i``
+(``O(n log n)`` each), high layers, whose candidate ranges are short, sweep ``i`` with both bounds, and
+ranges of a few places are scored for four ``i`` at once. Equal values are merged (their weights
+summed) before the DP, which shrinks it on weights that repeat values, e.g. dequantized from a block
+grid or stored in bf16.
 
 Every row gets the global optimum: the objective equals a brute-force DP's to round-off
-(tests/test_kmeans.py), and on SmolLM2 rows the whole k-means stage runs over 100x faster than
-scikit-learn's KMeans, which finds worse optima (benchmarks/kmeans.py).
+(tests/test_kmeans.py). benchmarks/kmeans.py times it against scikit-learn's KMeans, which SqueezeLLM's
+reference code runs per row, on SmolLM2's rows.
 
 The solver is C++ (``kmeans_exact.cpp``, AVX2 where the compiler targets it), built on first use with
 the system compiler into ``$SQLLM_CACHE/native`` (default ``~/.cache/sqllm/native``), keyed by the

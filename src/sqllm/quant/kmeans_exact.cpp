@@ -5,9 +5,11 @@
 // (w, w x, w x^2) in double, then the dynamic program
 //     D_m(i) = min_{j < i} D_{m-1}(j) + C(j, i),   C(j, i) = weighted SSE of sorted values [j, i),
 // layer by layer. C satisfies the quadrangle inequality, so the leftmost argmin opt_m(i) is
-// non-decreasing in i (divide and conquer over i) and opt_{m-1}(i) <= opt_m(i) (Knuth's bound, which
-// cuts the candidate range of the upper recursion levels). Ties and round-off can only swap partitions
-// whose costs agree to rounding, so the objective is the optimum's to ~1e-13 relative.
+// non-decreasing in i and never left of opt_{m-1}(i) (Knuth). Low layers divide and conquer over i
+// with both bounds; high layers, whose candidate ranges opt_{m-1}(i) .. opt_m(i + 1) are short, sweep i
+// downwards; either way, ranges of a few places are scored for four i at once. The last layer is
+// needed at N only, the one below it only right of opt_{k-1}(N - 1). Ties and round-off can only swap
+// partitions whose costs agree to rounding, so the objective is the optimum's to round-off.
 //
 // Plain C++ (no torch headers, so it builds in seconds), called through ctypes: see _native() in kmeans.py.
 // With -mavx2 the scans run four candidates per vector; without, a scalar loop with the same tie rule.
@@ -26,6 +28,11 @@
 
 namespace {
 
+// Layer m sweeps with Knuth's two-sided bound where N < KNUTH_T * m * (m - 1) (its ranges are then narrow),
+// else divides and conquers; narrower candidate ranges than RECT_WIDTH are scored as rectangles.
+#ifndef KNUTH_T
+#define KNUTH_T 16
+#endif
 #ifndef RECT_WIDTH
 #define RECT_WIDTH 8
 #endif
@@ -218,6 +225,17 @@ void divide_and_conquer(const Layer& L, int ilo, int ihi, int jlo, int jhi) {
     }
 }
 
+// Knuth's two-sided bound opt_{m-1}(i) <= opt_m(i) <= opt_m(i + 1), from the top down, four values of i
+// at a time: each block of i is scored as a rectangle against the places between the lower bound of its
+// lowest i and the argmin of the i just above it (``upper`` for the first block).
+void knuth_sweep(const Layer& L, int ilo, int ihi, int upper) {
+    for (int i1 = ihi; i1 >= ilo; i1 -= 4) {
+        const int i0 = std::max(ilo, i1 - 3);
+        rectangle(L, i0, i1, std::min(L.lower[std::min(i0, L.lower_hi)], upper), upper);
+        upper = L.opt[i0];
+    }
+}
+
 // Exact boundaries (sorted positions, [k + 1]) of the optimal k-partition of N sorted values, N > k.
 void solve_dp(RowWork& r, int N, int k) {
     const double *W = r.W.data(), *S = r.S.data(), *Q = r.Q.data();
@@ -240,7 +258,12 @@ void solve_dp(RowWork& r, int N, int k) {
             auto [v, arg] = scan(L, hi, lo, hi - 1);
             L.D[hi] = v;
             L.opt[hi] = arg;
-            divide_and_conquer(L, std::max(m, arg), hi - 1, m - 1, arg);
+            if (L.lower && N < KNUTH_T * m * (m - 1))
+                knuth_sweep(L, std::max(m, arg), hi - 1, arg);
+            else
+                divide_and_conquer(L, std::max(m, arg), hi - 1, m - 1, arg);
+        } else if (L.lower && N < KNUTH_T * m * (m - 1)) {
+            knuth_sweep(L, m, hi, hi - 1);
         } else {
             divide_and_conquer(L, m, hi, m - 1, hi - 1);
         }

@@ -28,6 +28,8 @@ sparse part stay exact (zero error) and are left out of both steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,6 @@ from torch import Tensor
 from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers, fp16_grid
 from ..config import SqueezeLLMPlusConfig
 from .gptq import hessian_inverse_factor
-from .kmeans import nearest_codes
 from .squeezellm import _exact_sparse, squeezellm_quantize
 
 _BLOCK = 128  # columns per lazy-batch block of the code sweep (GPTQ §4)
@@ -88,26 +89,32 @@ def sweep_codes(w: Tensor, lut: Tensor, extracted: Tensor, metric: OutputMetric,
     factor of ``C^-1``. Each column is rounded to the nearest table entry (in ``w``'s units: the scale
     is positive, so nearest is the same in both) after the errors of all earlier columns were fed into
     it; an extracted value is set to its exact weight, and its leftover error fed forward likewise.
+    The sweep runs on transposed copies, so that each column it visits is contiguous.
     """
-    s = metric.scale
-    v = w * s
-    codes = torch.zeros_like(w, dtype=torch.uint8)
+    s_t = metric.scale.T.contiguous()  # [in, out]
+    w_t = w.T.contiguous()
+    v_t = w_t * s_t
+    mids = (lut[:, :-1] + lut[:, 1:]) / 2  # [out, K - 1]: x belongs to entry #{mids < x}
+    exact = extracted.T.contiguous() if bool(extracted.any()) else None
+    codes_t = torch.empty(w_t.shape, dtype=torch.uint8)
     n_in = w.shape[1]
     for b0 in range(0, n_in, _BLOCK):
         b1 = min(b0 + _BLOCK, n_in)
-        v1 = v[:, b0:b1].clone()
-        err1 = torch.zeros_like(v1)
+        v1 = v_t[b0:b1].clone()
+        err1 = torch.empty_like(v1)
         u1 = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             j = b0 + i
-            q = nearest_codes((v1[:, i] / s[:, j]).unsqueeze(1), lut).squeeze(1)
-            target = torch.where(extracted[:, j], w[:, j], lut.gather(1, q.long().unsqueeze(1)).squeeze(1))
-            err = (v1[:, i] - target * s[:, j]) / u1[i, i]
-            v1[:, i:] -= torch.outer(err, u1[i, i:])
-            err1[:, i] = err
-            codes[:, j] = q
-        v[:, b1:] -= err1 @ u[b0:b1, b1:]
-    return codes
+            q = (mids < (v1[i] / s_t[j]).unsqueeze(1)).sum(1)
+            target = lut.gather(1, q.unsqueeze(1)).squeeze(1)
+            if exact is not None:
+                target = torch.where(exact[j], w_t[j], target)
+            err = (v1[i] - target * s_t[j]) / u1[i, i]
+            v1[i:] -= torch.outer(u1[i, i:], err)
+            err1[i] = err
+            codes_t[j] = q
+        v_t[b1:] -= u[b0:b1, b1:].T @ err1
+    return codes_t.T.contiguous()
 
 
 def solve_tables(w: Tensor, lut: Tensor, codes: Tensor, extracted: Tensor, metric: OutputMetric) -> Tensor:
@@ -183,6 +190,19 @@ def _take_better(
     return lut, codes, torch.where(take, obj, best), int(take.sum())
 
 
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """One intra-op thread, the caller's count restored afterwards. The sweep is thousands of small ops:
+    with 2 threads on a loaded 2-core machine every op waits at a thread barrier for a descheduled
+    thread (measured: a 576 x 576 sweep took 6.5 CPU s on 2 threads, 0.26 on 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def squeezellm_plus_quantize(w: Tensor, fisher: Tensor, hessian: Tensor, cfg: SqueezeLLMPlusConfig) -> QuantizedMatrix:
     """SqueezeLLM on ``w: [out, in]`` with ``fisher: [out, in]`` (mixed-precision tables too), then
     :func:`refine_tables` against the layer's Fisher-weighted output error (``hessian: [in, in] =
@@ -193,6 +213,11 @@ def squeezellm_plus_quantize(w: Tensor, fisher: Tensor, hessian: Tensor, cfg: Sq
     """
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match weight {tuple(w.shape)}")
+    with _single_threaded():
+        return _refined(w, fisher, hessian, cfg)
+
+
+def _refined(w: Tensor, fisher: Tensor, hessian: Tensor, cfg: SqueezeLLMPlusConfig) -> QuantizedMatrix:
     start = squeezellm_quantize(w, fisher, cfg)
     w = w.float()
     extracted = torch.zeros_like(w, dtype=torch.bool)

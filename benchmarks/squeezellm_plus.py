@@ -1,0 +1,183 @@
+"""SqueezeLLM+ against SqueezeLLM (exact k-means) on SmolLM2-135M under protocol P, with stage timings.
+
+Protocol P: calibration is 32 windows of 2048 tokens of ``wiki.valid.tokens`` drawn with GPTQ's
+``random.seed(0)`` loop (``sqllm.data.calibration_windows``, seed 0); the Fisher is computed once on
+them (``sqllm sensitivity ... --nsamples 32 --calib-seqlen 2048``) and passed with ``--fisher``;
+evaluation is the first ``--windows`` (40 for P) windows of 2048 tokens of ``wiki.test.raw``, no BOS.
+
+    python benchmarks/squeezellm_plus.py --fisher /work/ckpt/fisher-P.safetensors            # every row, 40 windows
+    python benchmarks/squeezellm_plus.py --fisher F --windows 8 --only "SqueezeLLM+ 3-bit"   # a quick look
+
+Each finished row is appended to ``results/runs-P.jsonl`` (keyed by its configuration and the number of
+windows), so an interrupted run resumes; ``results/squeezellm_plus.{json,md}`` are rewritten after
+every row. Stages are timed in wall and CPU seconds: the block loop is split into the solver (every
+linear's ``solve``, timed around the registry's call) and the rest (calibration forwards and Hessian
+accumulation), then packing into a checkpoint. The Fisher pass is not rerun here; pass the wall time
+of the ``sqllm sensitivity`` run that made the file with ``--fisher-seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from sqllm import api, methods
+from sqllm.report import git_commit, machine_info, markdown_table
+
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = ROOT.parent / "shared" / "data"
+WIKI_VALID = DATA / "wikitext-2" / "wiki.valid.tokens"
+WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+MODEL = "smollm2-135m"
+CALIB = {"nsamples": 32, "calib_seqlen": 2048, "seed": 0}
+SPARSE = {"sensitive_pct": 0.05, "outlier_pct": 0.40}  # 0.45%: the most Fisher-sensitive, then the largest
+
+ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("SqueezeLLM 4-bit dense", "squeezellm", dict(bits=4)),
+    ("SqueezeLLM 3-bit dense", "squeezellm", dict(bits=3)),
+    ("SqueezeLLM 3-bit 0.45%", "squeezellm", dict(bits=3, **SPARSE)),
+    ("SqueezeLLM 2-bit dense", "squeezellm", dict(bits=2)),
+    ("SqueezeLLM+ 4-bit dense", "squeezellm+", dict(bits=4)),
+    ("SqueezeLLM+ 3-bit dense", "squeezellm+", dict(bits=3)),
+    ("SqueezeLLM+ 3-bit 0.45%", "squeezellm+", dict(bits=3, **SPARSE)),
+    ("SqueezeLLM+ 2-bit dense", "squeezellm+", dict(bits=2)),
+    ("SqueezeLLM+ 3-bit mixed", "squeezellm+", dict(bits=3, mixed=True)),
+]
+
+
+class _SolveTimer:
+    """Wraps a registered method's solver, summing its wall and CPU seconds."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.spec = name, methods.METHODS[name]
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> _SolveTimer:
+        solve = self.spec.solve
+
+        def timed(*args: Any) -> Any:
+            w, c = time.perf_counter(), time.process_time()
+            try:
+                return solve(*args)
+            finally:
+                self.wall += time.perf_counter() - w
+                self.cpu += time.process_time() - c
+
+        methods.METHODS[self.name] = replace(self.spec, solve=timed)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        methods.METHODS[self.name] = self.spec
+
+
+def _key(method: str, options: dict[str, Any], fisher: str, windows: int) -> str:
+    return json.dumps({"model": MODEL, "method": method, "options": options, "calib": CALIB,
+                       "fisher": Path(fisher).name, "windows": windows}, sort_keys=True)
+
+
+def _cached(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def run_row(label: str, method: str, options: dict[str, Any], fisher: str, windows: int) -> dict[str, Any]:
+    """Quantize SmolLM2 with ``method``, pack it, evaluate it; stage times in wall and CPU seconds."""
+    torch.manual_seed(0)
+    model, tok = api.load_model(MODEL)
+    load_avg = [round(v, 2) for v in os.getloadavg()]
+    wall, cpu = time.perf_counter(), time.process_time()
+    with _SolveTimer(method) as solver:
+        result = api.quantize(model, tok, method, calib=str(WIKI_VALID), fisher=fisher, progress=False,
+                              **CALIB, **options)
+    block_wall, block_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        api.save_quantized(model, tok, result, Path(tmp) / "ckpt")
+    pack_wall, pack_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    ppl = api.evaluate_perplexity(model, tok, str(WIKI_TEST), seqlen=2048, windows=windows)
+    summary = result.summary()
+    return {
+        "label": label, "method": method, "options": options, "windows": ppl["windows"],
+        "perplexity": ppl["perplexity"], "window_nll": ppl["window_nll"],
+        "bits_per_weight": summary["bits_per_weight"]["total"], "bits_by_part": summary["bits_per_weight"],
+        "stages": {
+            "fisher (loaded from file)": None,
+            "calibration forwards + Hessians": {"wall": block_wall - solver.wall, "cpu": block_cpu - solver.cpu},
+            "solver (k-means, refinement)": {"wall": solver.wall, "cpu": solver.cpu},
+            "packing": {"wall": pack_wall, "cpu": pack_cpu},
+        },
+        "eval_seconds": ppl["seconds"], "loadavg_start": load_avg,
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "commit": git_commit(str(ROOT)),
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    p = doc["protocol"]
+    rows = [[r["label"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.2f}", r["windows"],
+             " / ".join(f"{s['wall']:.0f}" for s in r["stages"].values() if s), str(r["loadavg_start"])]
+            for r in doc["rows"]]
+    table = markdown_table(["configuration", "bits/weight", "perplexity", "windows",
+                            "wall s: forwards+H / solver / packing", "load avg at start"], rows)
+    lines = [
+        "# SqueezeLLM+ and SqueezeLLM (exact k-means) on SmolLM2-135M, protocol P", "", table, "",
+        f"Evaluation: {p['eval']}. Calibration: {p['calibration']}. Fisher: {p['fisher']}.",
+        "Bits/weight: codes, fp16 tables (and the width map of mixed tables) and the CSR sparse part of the "
+        "quantized linears; embeddings and lm_head are not counted.",
+        f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores shared with other jobs "
+        f"(load averages per row). Commit {doc['commit']}.",
+    ]
+    if p.get("fisher_seconds"):
+        lines.append(f"The Fisher pass that made the file took {p['fisher_seconds']:.0f} s wall.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fisher", required=True, help="Fisher file of protocol P (sqllm sensitivity)")
+    ap.add_argument("--fisher-seconds", type=float, help="wall time of the sensitivity run that made it")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--only", nargs="+", help="labels of the rows to run (default: all)")
+    ap.add_argument("--name", default="squeezellm_plus", help="results/<name>.{json,md}")
+    a = ap.parse_args()
+    cache_path = RESULTS / "runs-P.jsonl"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    protocol = {
+        "model": MODEL,
+        "eval": f"first {a.windows} windows of 2048 tokens of {WIKI_TEST.name}, no BOS",
+        "calibration": f"{WIKI_VALID.name}, {CALIB['nsamples']} x {CALIB['calib_seqlen']} tokens, seed {CALIB['seed']}",
+        "fisher": f"{Path(a.fisher).name} (32 x 2048 of the same calibration windows)",
+        "fisher_seconds": a.fisher_seconds,
+    }
+    done = []
+    for label, method, options in ROWS:
+        if a.only and label not in a.only:
+            continue
+        key = _key(method, options, a.fisher, a.windows)
+        row = _cached(cache_path).get(key)
+        if row is None:
+            row = {"key": key, **run_row(label, method, options, a.fisher, a.windows)}
+            with open(cache_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        done.append(row)
+        print(f"{label}: ppl {row['perplexity']:.3f} at {row['bits_per_weight']:.3f} bits/weight", flush=True)
+        doc = {"protocol": protocol, "machine": machine_info(), "commit": git_commit(str(ROOT)), "rows": done}
+        (RESULTS / f"{a.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (RESULTS / f"{a.name}.md").write_text(render(doc))
+
+
+if __name__ == "__main__":
+    main()
