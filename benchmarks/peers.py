@@ -264,7 +264,7 @@ def main() -> None:
             if family == "autoround" and not (args.only and "autoround" in args.only):
                 reason = reason or AUTOROUND_COST
             if reason is not None or (args.only and family not in args.only):
-                rows.append({"label": label, "family": family, "error": reason or "not run (--only)"})
+                rows.append({"label": label, "family": family, "error": reason or "not measured yet (excluded by --only)"})
                 continue
             try:
                 row = {"label": label, "family": family, **go(), "commit": git_commit(str(ROOT))}
