@@ -94,6 +94,8 @@ class LayerMeta:
         try:
             mixed = d.get("mixed_cols")
             rows = d.get("mixed_rows")
+            if len(d["shape"]) != 2:
+                raise ValueError(f"shape={d['shape']!r}: must be (out, in)")
             return cls(
                 kind=d["kind"],
                 shape=(int(d["shape"][0]), int(d["shape"][1])),
