@@ -357,7 +357,11 @@ def test_every_loading_path_is_strict(damaged, damage, loader):
     apply, needle = DAMAGE[damage]
     apply(damaged)
     load = api.load_quantized if loader == "sqllm" else AutoModelForCausalLM.from_pretrained
-    with pytest.raises(CorruptCheckpoint, match=needle):
+    refusal: tuple[type[Exception], ...] = (CorruptCheckpoint,)
+    if loader == "transformers" and damage == "index-outside-folder":
+        # transformers >= 5 refuses such an index itself, before our quantizer sees the files
+        refusal, needle = (CorruptCheckpoint, ValueError), f"{needle}|points outside the model directory"
+    with pytest.raises(refusal, match=needle):
         load(str(damaged))
 
 

@@ -60,6 +60,16 @@ def method_options() -> dict[str, dict[str, Any]]:
     return options
 
 
+def _add_calibration(p: argparse._ActionsContainer, *, required: bool, nsamples: int, seqlen: int) -> None:
+    """The calibration flags, shared by ``quantize`` and ``sensitivity`` (which differ in defaults)."""
+    p.add_argument("--calib", required=required,
+                   help="calibration text: wikitext2, c4, ptb or a local .txt/.raw/.tokens/.jsonl")
+    p.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
+    p.add_argument("--calib-seqlen", type=int, default=seqlen,
+                   help=f"tokens per calibration window (default {seqlen})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+
+
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model and write a packed checkpoint")
     p.add_argument("model", help="model folder, .gguf file, hub id or alias (smollm2-135m)")
@@ -68,10 +78,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib", help="calibration text: wikitext2, c4, ptb or a local .txt/.raw/.tokens/.jsonl")
-    g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
-    g.add_argument("--seed", type=int, default=0)
+    _add_calibration(g, required=False, nsamples=128, seqlen=2048)
     g.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
     g.add_argument("--sensitivity-file", help="Fisher file from `sqllm sensitivity` (skips the gradient pass)")
     g.add_argument("--fisher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -108,10 +115,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_sensitivity(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sensitivity", help="compute Fisher sensitivity (squared gradients) and save it")
     p.add_argument("model")
-    p.add_argument("--calib", required=True)
-    p.add_argument("--nsamples", type=int, default=100)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    _add_calibration(p, required=True, nsamples=100, seqlen=512)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--output", required=True, help="safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing Fisher file")

@@ -207,14 +207,13 @@ struct Acc {
   }
 };
 
-// LUT, 1..3-bit codes, planar reader.
-template <int B, int M, int R>
-inline void lut_planar_block(const Weights& w, const Activations& a, float* y, int64_t r) {
-  const int64_t n_sc = (w.n + kSuper - 1) / kSuper;
-  __m256 table[R];
-  for (int i = 0; i < R; ++i) table[i] = lut8_table(w.lut + (r + i) * (1 << B), B);
-  Acc<M, R> acc;
-  for (int64_t sc = 0; sc < n_sc; ++sc) {
+// Super-chunks [sc0, sc1) of planar codes of rows [r, r + R) against M tokens, into acc; `decode(i, lanes)`
+// turns row i's code lanes, shifted so that the current 8 columns' codes sit in the low B bits, into
+// 8 float weights (a table lookup for LUT rows, the integer code for uniform rows).
+template <int B, int M, int R, class Decode>
+__attribute__((always_inline)) inline void planar_sweep(const Weights& w, const Activations& a, int64_t r,
+                                                        int64_t sc0, int64_t sc1, Acc<M, R>& acc, Decode decode) {
+  for (int64_t sc = sc0; sc < sc1; ++sc) {
     __m256i lanes[R];
     for (int i = 0; i < R; ++i) lanes[i] = planar_lanes<B>(w.row(r + i), w.avail(r + i), sc);
     const float* xs = a.x + sc * kSuper;
@@ -223,11 +222,21 @@ inline void lut_planar_block(const Weights& w, const Activations& a, float* y, i
       __m256 xv[M];
       for (int t = 0; t < M; ++t) xv[t] = _mm256_loadu_ps(xs + t * a.stride + 8 * k);
       for (int i = 0; i < R; ++i) {
-        const __m256 wv = lookup8(_mm256_srli_epi32(lanes[i], k * B), table[i]);
+        const __m256 wv = decode(i, _mm256_srli_epi32(lanes[i], k * B));
         for (int t = 0; t < M; ++t) acc.v[i][t] = _mm256_fmadd_ps(wv, xv[t], acc.v[i][t]);
       }
     }
   }
+}
+
+// LUT, 1..3-bit codes, planar reader.
+template <int B, int M, int R>
+inline void lut_planar_block(const Weights& w, const Activations& a, float* y, int64_t r) {
+  const int64_t n_sc = (w.n + kSuper - 1) / kSuper;
+  __m256 table[R];
+  for (int i = 0; i < R; ++i) table[i] = lut8_table(w.lut + (r + i) * (1 << B), B);
+  Acc<M, R> acc;
+  planar_sweep<B>(w, a, r, 0, n_sc, acc, [&](int i, __m256i lanes) { return lookup8(lanes, table[i]); });
   for (int i = 0; i < R; ++i)
     for (int t = 0; t < M; ++t) y[t * w.out + r + i] = hsum(acc.v[i][t]);
 }
@@ -278,20 +287,8 @@ inline void uniform_planar_block(const Weights& w, const Activations& a, int64_t
   for (int64_t seg = 0; seg < n_seg; ++seg) {
     Acc<M, R> acc;
     const int64_t sc1 = std::min(n_sc, (seg + 1) * seg_sc);
-    for (int64_t sc = seg * seg_sc; sc < sc1; ++sc) {
-      __m256i lanes[R];
-      for (int i = 0; i < R; ++i) lanes[i] = planar_lanes<B>(w.row(r + i), w.avail(r + i), sc);
-      const float* xs = a.x + sc * kSuper;
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        __m256 xv[M];
-        for (int t = 0; t < M; ++t) xv[t] = _mm256_loadu_ps(xs + t * a.stride + 8 * k);
-        for (int i = 0; i < R; ++i) {
-          const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(lanes[i], k * B), mask));
-          for (int t = 0; t < M; ++t) acc.v[i][t] = _mm256_fmadd_ps(c, xv[t], acc.v[i][t]);
-        }
-      }
-    }
+    planar_sweep<B>(w, a, r, seg * seg_sc, sc1, acc,
+                    [&](int, __m256i lanes) { return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, mask)); });
     for (int i = 0; i < R; ++i) {
       const float s = w.scale(r + i, seg), sz = s * w.zero(r + i, seg);
       for (int t = 0; t < M; ++t) {
