@@ -157,11 +157,11 @@ def fake_quantize_groups(w: Tensor, group_size: int, bits: int) -> Tensor:
     return q
 
 
-def _kl(log_p: Tensor, y_q: Tensor) -> float:
-    """``KL(P || Q)`` per token, averaged: P the full-precision output distribution (log, [n, out]),
-    Q the softmax over output features of the quantized output ``y_q: [n, out]``."""
+def _kl(p: Tensor, log_p: Tensor, y_q: Tensor) -> float:
+    """``KL(P || Q)`` per token, averaged: P the full-precision output distribution (``p`` and its log,
+    [n, out]), Q the softmax over output features of the quantized output ``y_q: [n, out]``."""
     log_q = F.log_softmax(y_q, dim=-1)
-    return float((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean())
+    return float((p * (log_p - log_q)).sum(dim=-1).mean())
 
 
 def kl_search(w: Tensor, inputs: Tensor, salience: Tensor, group_size: int, bits: int) -> tuple[int, list[float]]:
@@ -177,15 +177,16 @@ def kl_search(w: Tensor, inputs: Tensor, salience: Tensor, group_size: int, bits
     n_full = w.shape[1] // group_size
     q = {b: fake_quantize_groups(w, group_size, b) for b in (bits - 1, bits, bits + 1)}
     log_p = F.log_softmax(inputs @ w.T, dim=-1)
+    p_full = log_p.exp()  # once: every candidate compares against the same P
     y = inputs @ q[bits].T
-    kls = [_kl(log_p, y)]
+    kls = [_kl(p_full, log_p, y)]
     prev = sba_bits(salience, n_full, bits, 0)
     for p in range(1, n_full // 2 + 1):
         cur = sba_bits(salience, n_full, bits, p)
         for g in torch.nonzero(cur != prev).flatten().tolist():
             cols = slice(g * group_size, (g + 1) * group_size)
             y += inputs[:, cols] @ (q[int(cur[g])][:, cols] - q[int(prev[g])][:, cols]).T
-        kls.append(_kl(log_p, y))
+        kls.append(_kl(p_full, log_p, y))
         prev = cur
     return int(torch.tensor(kls).argmin()), kls
 
