@@ -61,13 +61,18 @@ def method_options() -> dict[str, dict[str, Any]]:
 
 
 def _add_calibration(p: argparse._ActionsContainer, *, required: bool, nsamples: int, seqlen: int) -> None:
-    """The calibration flags, shared by ``quantize`` and ``sensitivity`` (which differ in defaults)."""
+    """The calibration and Fisher-pass flags, shared by ``quantize`` and ``sensitivity`` (which differ in
+    defaults)."""
     p.add_argument("--calib", required=required,
                    help="calibration text: wikitext2, c4, ptb or a local .txt/.raw/.tokens/.jsonl")
     p.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
     p.add_argument("--calib-seqlen", type=int, default=seqlen,
                    help=f"tokens per calibration window (default {seqlen})")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration draw (default 0)")
+    p.add_argument("--fisher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="precision of the Fisher pass's forward and backward (squares and sums stay float32); "
+                        "auto: bfloat16 where the device multiplies it natively (AMX, AVX512-BF16, CUDA), "
+                        "else float32")
 
 
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
@@ -81,10 +86,6 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     _add_calibration(g, required=False, nsamples=128, seqlen=2048)
     g.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
     g.add_argument("--sensitivity-file", help="Fisher file from `sqllm sensitivity` (skips the gradient pass)")
-    g.add_argument("--fisher-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="precision of the Fisher pass's forward and backward (squares and sums stay float32); "
-                        "auto: bfloat16 where the device multiplies it natively (AMX, AVX512-BF16, CUDA), "
-                        "else float32")
     r = p.add_argument_group("large models")
     r.add_argument("--device", default="cpu", help="where each block is computed: cpu (default), cuda or cuda:N; "
                                                    "weights rest on disk either way")
@@ -242,8 +243,10 @@ def _cmd_sensitivity(a: argparse.Namespace) -> None:
     out = api.check_sensitivity_output(a.output, a.overwrite, inputs=[a.model, path, a.calib])
     model, tok = api.load_model(path, packed=False)
     fisher = api.compute_sensitivity(model, tok, a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
-                                     seed=a.seed, grad_checkpointing=a.gradient_checkpointing)
-    meta = {"model": a.model, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed}
+                                     seed=a.seed, grad_checkpointing=a.gradient_checkpointing,
+                                     amp=api.fisher_dtype(a.fisher_dtype, "cpu"))
+    meta = {"model": a.model, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed,
+            "fisher_dtype": a.fisher_dtype}
     if api.save_sensitivity(out, fisher, meta, overwrite=a.overwrite):
         print(f"wrote Fisher sensitivity of {len(fisher)} linears to {a.output}")
 
