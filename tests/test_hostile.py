@@ -552,3 +552,13 @@ def test_check_output_refuses_unsafe_targets(tmp_path):
     with pytest.raises(UnsafeOutput, match="would replace the input"):
         api.check_output(tmp_path, True, inputs=[str(tmp_path / "model")])
     assert api.check_output(tmp_path / "new", False) == (tmp_path / "new").resolve()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--method", "gptq", "--bits", "3", "--mixed"], "mixed"),
+    (["--method", "squeezellm+", "--bits", "2", "--mixed"], "below what 2-bit rows reach"),
+])
+def test_mixed_tables_refused_where_they_cannot_apply(capsys, no_load, tiny, text, tmp_path, argv, needle):
+    """``--mixed`` on a method without mixed tables, or with a budget 2-bit rows cannot meet."""
+    _refused(capsys, needle, "quantize", tiny, *argv, "--calib", text, "--output", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

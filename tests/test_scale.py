@@ -36,8 +36,9 @@ def text(tmp_path) -> Path:
 
 def _quantize(folder, out, method, text, **kwargs):
     engine = api.EngineOptions(batch_size=3, progress=False)
-    return api.quantize_checkpoint(str(folder), out, method, calib=str(text), engine=engine, progress=False,
-                                   **CALIB, **METHODS[method], **kwargs)
+    calibration = api.Calibration(str(text), CALIB["nsamples"], CALIB["calib_seqlen"], CALIB["seed"])
+    return api.quantize_checkpoint(str(folder), out, method, calibration=calibration, engine=engine, progress=False,
+                                   **METHODS[method], **kwargs)
 
 
 def _files(folder: Path) -> dict[str, bytes]:

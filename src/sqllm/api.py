@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import __version__, output
 from .codes import QuantizedMatrix
 from .config import CONFIG_VERSION, config_to_dict
-from .data import calibration_windows, check_source, check_window_counts, eval_tokens
+from .data import Calibration, calibration_windows, check_source, check_window_counts, eval_tokens
 from .engine.loop import EngineOptions, StageClock, quantize_blocks, quantize_parts
 from .errors import InvalidConfig, NumericalError
 from .formats.checkpoint import is_packed_checkpoint
@@ -37,6 +37,7 @@ from .models import arch_spec, linear_names, resolve_model_path
 
 __all__ = [
     "METHODS",
+    "Calibration",
     "EngineOptions",
     "QuantizationResult",
     "bench",
@@ -284,8 +285,8 @@ def quantize(
     if needs_windows:
         assert calib is not None
         check_seqlen(calib_seqlen, model.config)
-        windows = calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed)
-        calibration = {"source": str(calib), "nsamples": nsamples, "seqlen": calib_seqlen, "seed": seed}
+        draw = Calibration(calib, nsamples, calib_seqlen, seed)
+        windows, calibration = draw.windows(tokenizer), draw.record()
 
     fisher_dict = None
     if spec.fisher:
@@ -349,10 +350,7 @@ def quantize_checkpoint(
     method: str,
     *,
     config: Any = None,
-    calib: str | None = None,
-    nsamples: int = 128,
-    calib_seqlen: int = 2048,
-    seed: int = 0,
+    calibration: Calibration | None = None,
     fisher: str | None = None,
     engine: EngineOptions | None = None,
     resume: bool = False,
@@ -369,6 +367,8 @@ def quantize_checkpoint(
     files, byte for byte, as an uninterrupted run. Under ``torchrun`` the calibration windows are split
     across the ranks and the statistics all-reduced; rank 0 writes.
 
+    calibration: the calibration draw; needed by every method but RTN (and SqueezeLLM given ``fisher``,
+                 a file from ``sqllm sensitivity``)
     Returns the summary (bits per weight, ``stages``: wall seconds per stage, ``peak_rss_mib``).
     """
     import resource
@@ -380,7 +380,8 @@ def quantize_checkpoint(
     start = time.perf_counter()
     spec = get_method(method)
     cfg = _resolve_config(spec, config, options)
-    engine = engine or EngineOptions(seed=seed, progress=progress)
+    calib = calibration.source if calibration is not None else None
+    engine = engine or EngineOptions(seed=calibration.seed if calibration else 0, progress=progress)
     device = check_device(engine.device)
     out = check_output(output, overwrite, inputs=[model, calib, fisher])
     check_calibration_given(method, calib, fisher)
@@ -401,11 +402,11 @@ def quantize_checkpoint(
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     windows = None
-    calibration: dict[str, Any] = {}
+    record: dict[str, Any] = {}
     if spec.needs_windows or (spec.fisher and fisher is None):
-        assert calib is not None
-        windows = dist.shard_windows(calibration_windows(tokenizer, calib, nsamples, calib_seqlen, seed))
-        calibration = {"source": str(calib), "nsamples": nsamples, "seqlen": calib_seqlen, "seed": seed}
+        assert calibration is not None
+        windows = dist.shard_windows(calibration.windows(tokenizer))
+        record = calibration.record()
     fisher_table = None
     if spec.fisher and fisher is not None:
         from .engine.fisher import fisher_reader
@@ -413,11 +414,11 @@ def quantize_checkpoint(
         expected = {n: (parts.model.get_submodule(n).out_features, parts.model.get_submodule(n).in_features)
                     for n in linear_names(parts.model, parts.arch)}
         fisher_table = fisher_reader(fisher, expected)
-        calibration["fisher_file"] = fisher
+        record["fisher_file"] = fisher
 
     settings = {
         "model": _model_fingerprint(path), "method": method, "config": config_to_dict(cfg),
-        "calibration": calibration, "sqllm_version": __version__,
+        "calibration": record, "sqllm_version": __version__,
         "engine": {"batch_size": engine.batch_size, "input_rows": engine.input_rows, "seed": engine.seed,
                    "device": device.type, "fisher_amp": _amp_name(engine.fisher_amp)},
     }
@@ -434,7 +435,7 @@ def quantize_checkpoint(
     summary: dict[str, Any] = {}
     if work is not None:
         with clock("write"):
-            summary = _assemble_output(parts, tokenizer, work, out, spec.name, cfg, calibration)
+            summary = _assemble_output(parts, tokenizer, work, out, spec.name, cfg, record)
         work.remove()
     summary["seconds"] = time.perf_counter() - start
     summary["stages"] = dict(clock.seconds)

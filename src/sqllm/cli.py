@@ -181,9 +181,10 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     api.check_output(a.output, a.overwrite, inputs=inputs)
     if a.json:
         api.check_output_file(a.json, inputs=inputs)
+    calibration = api.Calibration(a.calib, a.nsamples, a.calib_seqlen, a.seed) if a.calib is not None else None
     summary = api.quantize_checkpoint(
-        path, a.output, a.method, config=cfg, calib=a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
-        seed=a.seed, fisher=a.sensitivity_file, engine=engine, resume=a.resume, overwrite=a.overwrite,
+        path, a.output, a.method, config=cfg, calibration=calibration, fisher=a.sensitivity_file, engine=engine,
+        resume=a.resume, overwrite=a.overwrite,
     )
     if "output" in summary:  # rank 0 of a data-parallel run, or the only process
         print_summary(summary)

@@ -9,6 +9,7 @@ whole text once.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,6 +138,25 @@ def check_window_counts(n: int, seqlen: int) -> None:
     """Calibration takes at least one window of at least two tokens."""
     if n < 1 or seqlen < 2:
         raise InvalidConfig(f"calibration needs n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration draw: ``nsamples`` windows of ``seqlen`` tokens of the text ``source`` (a dataset
+    name or a local file) at offsets drawn with ``seed``."""
+
+    source: str
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def windows(self, tokenizer: Any) -> Tensor:
+        """``[nsamples, seqlen]`` token ids."""
+        return calibration_windows(tokenizer, self.source, self.nsamples, self.seqlen, self.seed)
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint's ``quantization_config`` records of the draw."""
+        return {"source": str(self.source), "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
 
 
 def calibration_windows(tokenizer: Any, source: str, n: int, seqlen: int, seed: int = 0) -> Tensor:

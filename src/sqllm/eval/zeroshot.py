@@ -13,6 +13,7 @@ in lm-eval's ``HFLM`` as is, so what is evaluated is exactly what sqllm built. T
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -55,6 +56,12 @@ def _unknown(task_manager: Any, tasks: Sequence[str]) -> list[str]:
     return [t for t in tasks if t not in known]
 
 
+@functools.cache
+def _full_task_manager(task_manager_cls: Any, include_path: str | None) -> Any:
+    """The built-in tasks (plus ``include_path``) indexed once per process: indexing takes seconds."""
+    return task_manager_cls(include_path=include_path)
+
+
 def task_manager_for(task_manager_cls: Any, tasks: Sequence[str], include_path: str | None) -> Any:
     """A TaskManager that knows every name in ``tasks``, or InvalidConfig naming the unknown ones.
 
@@ -67,7 +74,7 @@ def task_manager_for(task_manager_cls: Any, tasks: Sequence[str], include_path: 
         local = task_manager_cls(include_path=include_path, include_defaults=False)
         if not _unknown(local, tasks):
             return local
-    manager = task_manager_cls(include_path=include_path)
+    manager = _full_task_manager(task_manager_cls, include_path)
     unknown = _unknown(manager, tasks)
     if unknown:
         where = f"lm-eval {version('lm_eval')}'s built-in tasks" + (f" or {include_path}" if include_path else "")

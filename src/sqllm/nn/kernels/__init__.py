@@ -4,7 +4,7 @@ The CPU backend (``cpu_avx2.cpp``) needs an x86-64 CPU with AVX2, FMA and F16C (
 ``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU qualifies) and a C++ compiler. The
 first CPU call of an op builds it with ``torch.utils.cpp_extension`` (a few minutes, once; cached by
 torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source's
-hash) and loads it; loading registers its C++ functions as the ops' CPU (and CPU autograd)
+hash, in a folder named after it) and loads it; loading registers its C++ functions as the ops' CPU (and CPU autograd)
 implementations in the dispatcher, so later calls never pass through Python. Where the CPU, the
 compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels` returns None and the ops keep their
 pure-torch implementation. The C++ side takes every layout: the vector readers serve LUT codes of 1..4
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import warnings
@@ -52,11 +53,14 @@ def cpu_kernels() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load_inline
 
+    source = SOURCE.read_text()
     log.info("sqllm: building the CPU kernels (once; cached by torch)")
     try:
         return load_inline(
-            name="sqllm_cpu_avx2",
-            cpp_sources=[SOURCE.read_text()],
+            # One build folder per source version: checkouts of different versions on one machine
+            # would otherwise rebuild over each other's module (and wait on each other's lock).
+            name=f"sqllm_cpu_avx2_{hashlib.sha256(source.encode()).hexdigest()[:12]}",
+            cpp_sources=[source],
             functions=FUNCTIONS,
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
