@@ -142,6 +142,45 @@ def test_vllm_matches_sqllm(checkpoints, layout):
     assert list(out.outputs[0].token_ids) == sqllm_greedy(path, ids, 12)
 
 
+def _quant_linear_widths(model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """``(module name, out, in)`` of every QuantLinear in one worker's model."""
+    return [(n, m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tensor_parallel_2_matches_sqllm(checkpoints, layout, monkeypatch):
+    """Two CPU workers, each holding half of every layer (LUT rows, codes, groups, bit maps and CSR outliers
+    cut by sqllm.formats.shard), give sqllm's unsharded log-probabilities and greedy tokens."""
+    from vllm import SamplingParams
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallel 2 needs two CPUs")
+    # vLLM binds each CPU worker to a NUMA node by default; a one-node machine needs one CPU per rank named
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    path = checkpoints[layout]
+    ids = byte_tokenizer()(PROMPT).input_ids
+    llm = new_llm(path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        widths = llm.apply_model(_quant_linear_widths)
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=8, temperature=0.0,
+                                                                      prompt_logprobs=0, ignore_eos=True))[0]
+    finally:
+        close(llm)
+    assert len(widths) == 2
+    for rank in widths:  # each rank computes half of the MLP: gate/up rows and down columns
+        assert {(o, i) for n, o, i in rank if "down_proj" in n} == {(128, 128)}
+        gate_up_rows: dict[str, int] = {}  # vLLM layer -> rows of its QuantLinear modules (one, or one per part)
+        for n, o, _ in rank:
+            if "gate_up_proj" in n:
+                layer = n.partition(".sqllm_linears")[0]
+                gate_up_rows[layer] = gate_up_rows.get(layer, 0) + o
+        assert list(gate_up_rows.values()) == [2 * 128] * 2
+    got = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0])
+    torch.testing.assert_close(got, sqllm_logprobs(path, ids), rtol=0, atol=2e-3)
+    assert list(out.outputs[0].token_ids) == sqllm_greedy(path, ids, 8)
+
+
 def test_newer_format_version_is_one_clear_error(checkpoints, tmp_path):
     path = tmp_path / "v99"
     shutil.copytree(checkpoints["lut4"], path)
