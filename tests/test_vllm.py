@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 vllm = pytest.importorskip("vllm")
 
@@ -45,7 +46,8 @@ def byte_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: alphabet() comes from a hash set, in an order that changes from call to call
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -140,6 +142,45 @@ def test_vllm_matches_sqllm(checkpoints, layout):
     assert list(out.outputs[0].token_ids) == sqllm_greedy(path, ids, 12)
 
 
+def _quant_linear_widths(model: torch.nn.Module) -> list[tuple[str, int, int]]:
+    """``(module name, out, in)`` of every QuantLinear in one worker's model."""
+    return [(n, m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tensor_parallel_2_matches_sqllm(checkpoints, layout, monkeypatch):
+    """Two CPU workers, each holding half of every layer (LUT rows, codes, groups, bit maps and CSR outliers
+    cut by sqllm.formats.shard), give sqllm's unsharded log-probabilities and greedy tokens."""
+    from vllm import SamplingParams
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallel 2 needs two CPUs")
+    # vLLM binds each CPU worker to a NUMA node by default; a one-node machine needs one CPU per rank named
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    path = checkpoints[layout]
+    ids = byte_tokenizer()(PROMPT).input_ids
+    llm = new_llm(path, tensor_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        widths = llm.apply_model(_quant_linear_widths)
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=8, temperature=0.0,
+                                                                      prompt_logprobs=0, ignore_eos=True))[0]
+    finally:
+        close(llm)
+    assert len(widths) == 2
+    for rank in widths:  # each rank computes half of the MLP: gate/up rows and down columns
+        assert {(o, i) for n, o, i in rank if "down_proj" in n} == {(128, 128)}
+        gate_up_rows: dict[str, int] = {}  # vLLM layer -> rows of its QuantLinear modules (one, or one per part)
+        for n, o, _ in rank:
+            if "gate_up_proj" in n:
+                layer = n.partition(".sqllm_linears")[0]
+                gate_up_rows[layer] = gate_up_rows.get(layer, 0) + o
+        assert list(gate_up_rows.values()) == [2 * 128] * 2
+    got = torch.tensor([out.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0])
+    torch.testing.assert_close(got, sqllm_logprobs(path, ids), rtol=0, atol=2e-3)
+    assert list(out.outputs[0].token_ids) == sqllm_greedy(path, ids, 8)
+
+
 def test_newer_format_version_is_one_clear_error(checkpoints, tmp_path):
     path = tmp_path / "v99"
     shutil.copytree(checkpoints["lut4"], path)
@@ -169,25 +210,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_vllm_serve_answers_completions(checkpoints):
+# vLLM's CLI reads its own version as distribution "vllm"; vllm-cpu installs as "vllm-cpu", so its `vllm`
+# command (0.32.0) fails before parsing arguments. This runs the same CLI with vLLM's own fallback for that
+# lookup (vllm.platforms: version("vllm-cpu") + "+cpu"), from `-c` so the engine's spawned process can start.
+VLLM_CLI = """
+import importlib.metadata as md, sys
+version = md.version
+md.version = lambda dist: version("vllm-cpu") + "+cpu" if dist == "vllm" else version(dist)
+from vllm.entrypoints.cli.main import main
+sys.argv[0] = "vllm"
+sys.exit(main())
+"""
+
+
+def vllm_command() -> list[str]:
+    """The `vllm` command: its console script, or the CLI run as above where only vllm-cpu is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        return [sys.executable, "-c", VLLM_CLI]
+    return [str(Path(sys.executable).parent / "vllm")]
+
+
+def test_vllm_serve_answers_completions(checkpoints, tmp_path):
     """``vllm serve DIR`` answers /v1/completions with sqllm's greedy continuation."""
     path = checkpoints["lut3_sparse"]
     port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(path), "--port", str(port),
+    cmd = [*vllm_command(), "serve", str(path), "--port", str(port),
            "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enforce-eager", "--max-model-len", "256"]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    log = tmp_path / "serve.log"  # a file, not a pipe: the server's log would fill a pipe nobody reads and block it
+    with log.open("wb") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 600
         while True:
             if server.poll() is not None:
-                pytest.fail(f"vllm serve exited with {server.returncode}:\n{server.stdout.read().decode()[-4000:]}")
+                pytest.fail(f"vllm serve exited with {server.returncode}:\n{log.read_text()[-4000:]}")
             try:
                 urllib.request.urlopen(base + "/health", timeout=5)
                 break
             except OSError:
                 if time.time() > deadline:
-                    pytest.fail("vllm serve did not become healthy in 600 s")
+                    pytest.fail(f"vllm serve did not become healthy in 600 s:\n{log.read_text()[-4000:]}")
                 time.sleep(2)
         body = json.dumps({"model": str(path), "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
                            "ignore_eos": True}).encode()
@@ -196,6 +263,6 @@ def test_vllm_serve_answers_completions(checkpoints):
     finally:
         server.terminate()
         server.wait(timeout=60)
-    tok = byte_tokenizer()
+    tok = AutoTokenizer.from_pretrained(path)  # the tokenizer the server uses
     expected = tok.decode(sqllm_greedy(path, tok(PROMPT).input_ids, 8))
     assert answer["choices"][0]["text"] == expected
