@@ -54,23 +54,38 @@ def split_rows(tensors: Mapping[str, Tensor], meta: LayerMeta, start: int, stop:
     out = meta.shape[0]
     if not 0 <= start < stop <= out:
         raise ValueError(f"row range [{start}, {stop}) is not a non-empty range inside [0, {out})")
-    if (start, stop) == (0, out):
+    return _cut(tensors, meta, 0, start, stop)
+
+
+def _cut(tensors: Mapping[str, Tensor], meta: LayerMeta, dim: int, start: int, stop: int) -> Packed:
+    """Rows (``dim`` 0) or input columns (``dim`` 1) ``[start, stop)`` of a packed linear, already checked."""
+    if (start, stop) == (0, meta.shape[dim]):
         return dict(tensors), meta
     qm = unpack_matrix(tensors, "", meta)
-    d = qm.dense
-    dense: LUTCodes | UniformCodes
-    if isinstance(d, LUTCodes):
-        dense = LUTCodes(codes=d.codes[start:stop], lut=d.lut[start:stop], bits=d.bits)
-    else:
-        dense = UniformCodes(codes=d.codes[start:stop], scales=d.scales[start:stop], zeros=d.zeros[start:stop],
-                             group_bits=d.group_bits, group_size=d.group_size)
-    sparse = None
-    if qm.sparse is not None:
-        s = qm.sparse
-        keep = (s.rows >= start) & (s.rows < stop)
-        sparse = SparseOutliers(rows=s.rows[keep] - start, cols=s.cols[keep], values=s.values[keep],
-                                shape=(stop - start, s.shape[1]))
+    dense = _dense_rows(qm.dense, start, stop) if dim == 0 else _dense_columns(qm.dense, start, stop, meta.shape[1])
+    sparse = None if qm.sparse is None else _sparse_cut(qm.sparse, dim, start, stop)
     return _pack(QuantizedMatrix(dense=dense, sparse=sparse), _stored_dtype(meta))
+
+
+def _dense_rows(d: LUTCodes | UniformCodes, start: int, stop: int) -> LUTCodes | UniformCodes:
+    if isinstance(d, LUTCodes):
+        return LUTCodes(codes=d.codes[start:stop], lut=d.lut[start:stop], bits=d.bits)
+    return UniformCodes(codes=d.codes[start:stop], scales=d.scales[start:stop], zeros=d.zeros[start:stop],
+                        group_bits=d.group_bits, group_size=d.group_size)
+
+
+def _sparse_cut(s: SparseOutliers, dim: int, start: int, stop: int) -> SparseOutliers:
+    """The outliers inside rows or columns ``[start, stop)``, re-indexed from ``start``."""
+    index = s.rows if dim == 0 else s.cols
+    keep = (index >= start) & (index < stop)
+    rows, cols = s.rows[keep], s.cols[keep]
+    shape = list(s.shape)
+    shape[dim] = stop - start
+    if dim == 0:
+        rows = rows - start
+    else:
+        cols = cols - start
+    return SparseOutliers(rows=rows, cols=cols, values=s.values[keep], shape=(shape[0], shape[1]))
 
 
 def check_column_split(meta: LayerMeta, start: int, stop: int, where: str = "") -> None:
@@ -100,28 +115,18 @@ def split_columns(tensors: Mapping[str, Tensor], meta: LayerMeta, start: int, st
     whose groups all share one width becomes a plain uniform layer of that width.
     """
     check_column_split(meta, start, stop, where)
-    n = meta.shape[1]
-    if (start, stop) == (0, n):
-        return dict(tensors), meta
-    qm = unpack_matrix(tensors, "", meta)
-    d = qm.dense
-    dense: LUTCodes | UniformCodes
+    return _cut(tensors, meta, 1, start, stop)
+
+
+def _dense_columns(d: LUTCodes | UniformCodes, start: int, stop: int, n: int) -> LUTCodes | UniformCodes:
     if isinstance(d, LUTCodes):
-        dense = LUTCodes(codes=d.codes[:, start:stop], lut=d.lut, bits=d.bits)
-    elif d.group_size >= n:
-        dense = UniformCodes(codes=d.codes[:, start:stop], scales=d.scales, zeros=d.zeros,
-                             group_bits=d.group_bits, group_size=stop - start)
-    else:
-        g0, g1 = start // d.group_size, -(-stop // d.group_size)
-        dense = UniformCodes(codes=d.codes[:, start:stop], scales=d.scales[:, g0:g1], zeros=d.zeros[:, g0:g1],
-                             group_bits=d.group_bits[g0:g1], group_size=d.group_size)
-    sparse = None
-    if qm.sparse is not None:
-        s = qm.sparse
-        keep = (s.cols >= start) & (s.cols < stop)
-        sparse = SparseOutliers(rows=s.rows[keep], cols=s.cols[keep] - start, values=s.values[keep],
-                                shape=(s.shape[0], stop - start))
-    return _pack(QuantizedMatrix(dense=dense, sparse=sparse), _stored_dtype(meta))
+        return LUTCodes(codes=d.codes[:, start:stop], lut=d.lut, bits=d.bits)
+    if d.group_size >= n:
+        return UniformCodes(codes=d.codes[:, start:stop], scales=d.scales, zeros=d.zeros,
+                            group_bits=d.group_bits, group_size=stop - start)
+    g0, g1 = start // d.group_size, -(-stop // d.group_size)
+    return UniformCodes(codes=d.codes[:, start:stop], scales=d.scales[:, g0:g1], zeros=d.zeros[:, g0:g1],
+                        group_bits=d.group_bits[g0:g1], group_size=d.group_size)
 
 
 def concat_blocker(metas: Sequence[LayerMeta], group_bits: Sequence[Tensor | None] = ()) -> str | None:
