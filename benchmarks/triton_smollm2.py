@@ -4,9 +4,9 @@ acceptance check), for SqueezeLLM 3-bit + 0.45% sparse, SliM-LLM 2-bit g64 and G
     python benchmarks/triton_smollm2.py     # CUDA if present, else CPU tensors under Triton's interpreter
 
 The checkpoints are made beforehand with the CLI and a small calibration (the check is about the
-kernels, not quality); ``RECIPES`` lists the commands. Each is loaded, cast to float32 (the interpreter
-has no bf16 arithmetic, and fp32 keeps the comparison about the kernels), and the logits of the first 1
-and 16 tokens of the WikiText-2 test text are computed twice in one process with
+kernels, not quality); ``RECIPES`` lists the commands. Each is loaded as saved (``smollm2-135m``,
+read from its GGUF file, computes in float32 with fp16 embeddings; tables and scales are float16), and
+the logits of the first 1 and 16 tokens of the WikiText-2 test text are computed twice in one process with
 ``SQLLM_KERNELS=triton``: the ops' pure-torch implementation (:func:`sqllm.nn.kernels.torch_path`, what
 ``SQLLM_KERNELS=0`` runs) and the Triton implementations (:func:`sqllm.nn.kernels.triton_path`). Every
 op call is counted on both sides, so a Triton forward that fell back to torch would show. The error is
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from sqllm.api import load_quantized
 from sqllm.data import eval_tokens
 from sqllm.nn.kernels import ops, torch_path, triton_path
+from sqllm.nn.qlinear import QuantLinear
 from sqllm.report import git_commit, machine_info, markdown_table
 
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -101,10 +102,25 @@ def compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
                 max_abs_error=float(diff.abs().max()), max_abs_logit=float(ref.abs().max()))
 
 
+def layouts(model: torch.nn.Module) -> dict:
+    """What the packed linears hold: their count, the code widths of their parts (per kind), the
+    outliers' total and share of the weights."""
+    metas = [m.meta for m in model.modules() if isinstance(m, QuantLinear)]
+    widths: dict[str, set[int]] = {}
+    for meta in metas:
+        parts = meta.mixed_cols or meta.mixed_rows or ((meta.bits, 0),)
+        widths.setdefault(meta.kind, set()).update(b for b, _ in parts)
+    nnz, weights = sum(m.nnz for m in metas), sum(m.shape[0] * m.shape[1] for m in metas)
+    return dict(linears=len(metas), widths={k: sorted(v) for k, v in widths.items()}, outliers=nnz,
+                outlier_pct=100 * nnz / weights)
+
+
 def check(ckpt: Path, label: str, tokens: torch.Tensor, device: str) -> list[dict]:
     """One row per token count for the checkpoint at ``ckpt``."""
     model, _ = load_quantized(ckpt, device=device)
-    model.float()
+    # The activations' dtype is the norms' (the loader keeps it; embeddings may be stored in fp16).
+    dtype = str(model.model.norm.weight.dtype).removeprefix("torch.")
+    held = layouts(model)
     rows = []
     for m in TOKENS:
         ids = tokens[:, :m].to(device)
@@ -114,26 +130,35 @@ def check(ckpt: Path, label: str, tokens: torch.Tensor, device: str) -> list[dic
             raise RuntimeError(f"{label}: the Triton forward made {dict(triton_calls)} op calls, torch "
                                f"{dict(ref_calls)}; some products did not go through Triton")
         err = compare(got, ref)
-        rows.append(dict(model=label, checkpoint=str(ckpt), tokens=m, **err, holds=err["max_rel_error"] < LIMIT,
-                         triton_calls=dict(triton_calls), torch_seconds=torch_s, triton_seconds=triton_s))
-        print({k: v for k, v in rows[-1].items() if k != "checkpoint"}, flush=True)
+        rows.append(dict(model=label, checkpoint=str(ckpt), tokens=m, dtype=dtype, layouts=held, **err,
+                         holds=err["max_rel_error"] < LIMIT, triton_calls=dict(triton_calls),
+                         torch_seconds=torch_s, triton_seconds=triton_s))
+        print({k: v for k, v in rows[-1].items() if k not in ("checkpoint", "layouts")}, flush=True)
     return rows
+
+
+def describe(held: dict) -> str:
+    """``layouts()`` in a few words: "210: LUT 3-bit, 0.45% outliers"."""
+    kinds = "; ".join(f"{'LUT' if k == 'lut' else 'uniform'} {'/'.join(map(str, b))}-bit"
+                      for k, b in held["widths"].items())
+    return f"{held['linears']}: {kinds}" + (f", {held['outlier_pct']:.2f}% outliers" if held["outliers"] else "")
 
 
 def markdown(doc: dict) -> str:
     p = doc["protocol"]
     where = "CPU tensors, Triton interpreter" if p["interpreted"] else p["device"]
     table = markdown_table(
-        ["model", "tokens", "max rel. error (per position)", "rel. error (all)", "max abs error", "max abs logit",
-         f"< {LIMIT:g}", "Triton op calls", "torch s", "Triton s"],
-        [[r["model"], r["tokens"], f"{r['max_rel_error']:.2e}", f"{r['rel_error']:.2e}", f"{r['max_abs_error']:.2e}",
-          f"{r['max_abs_logit']:.1f}", "yes" if r["holds"] else "NO",
+        ["model", "packed linears", "tokens", "max rel. error (per position)", "rel. error (all)", "max abs error",
+         "max abs logit", f"< {LIMIT:g}", "Triton op calls", "torch s", "Triton s"],
+        [[r["model"], describe(r["layouts"]), r["tokens"], f"{r['max_rel_error']:.2e}", f"{r['rel_error']:.2e}",
+          f"{r['max_abs_error']:.2e}", f"{r['max_abs_logit']:.1f}", "yes" if r["holds"] else "NO",
           ", ".join(f"{k} {v}" for k, v in sorted(r["triton_calls"].items())),
           f"{r['torch_seconds']:.2f}", f"{r['triton_seconds']:.1f}"] for r in doc["rows"]])
     recipes = "\n".join(f"- {label}: `{cmd} --output {p['checkpoints']}/{folder}`" for label, folder, cmd in RECIPES)
     return (f"# Packed SmolLM2-135M forwards: Triton kernels vs the torch ops ({where})\n\n{table}\n\n"
             f"Protocol: {p['compare']}; limit {LIMIT:g} on the largest per-position relative error. "
-            f"Tokens: {p['tokens']}. Model cast to {p['dtype']}. Seconds are wall time of one forward "
+            f"Tokens: {p['tokens']}. Activations in {', '.join(sorted({r['dtype'] for r in doc['rows']}))}. "
+            f"Seconds are wall time of one forward "
             f"(the interpreter's, which says nothing about GPU speed). Checkpoints (small calibration: this "
             f"checks the kernels, not quality):\n{recipes}\n\n"
             f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, torch {doc['machine']['torch']}, "
@@ -168,7 +193,7 @@ def main() -> None:
     start = time.perf_counter()
     tokens = eval_tokens(AutoTokenizer.from_pretrained(args.ckpt / RECIPES[0][1]), str(WIKI_TEST))
     rows = [row for label, folder, _ in RECIPES for row in check(args.ckpt / folder, label, tokens, device)]
-    doc = dict(protocol=dict(tokens=f"first {list(TOKENS)} tokens of {WIKI_TEST.name}", dtype="float32",
+    doc = dict(protocol=dict(tokens=f"first {list(TOKENS)} tokens of {WIKI_TEST.name}",
                              compare=("logits through the Triton implementations (kernels.triton_path) vs the "
                                       "ops' pure-torch implementation (kernels.torch_path, = SQLLM_KERNELS=0), "
                                       "one process; error per position |got - ref| / |ref| over the vocabulary"),
