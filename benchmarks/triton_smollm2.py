@@ -11,7 +11,9 @@ the logits of the first 1 and 16 tokens of the WikiText-2 test text are computed
 ``SQLLM_KERNELS=0`` runs) and the Triton implementations (:func:`sqllm.nn.kernels.triton_path`). Every
 op call is counted on both sides, so a Triton forward that fell back to torch would show. The error is
 relative per token position, ``|got_t - ref_t| / |ref_t|`` over the vocabulary, and its maximum over
-positions must stay under 1e-3. Under the interpreter a forward takes tens of seconds to minutes.
+positions must stay under 1e-3. Beside it, the same measure between float32 and float64 forwards of the
+dequantized model shows how far float32 round-off alone moves that model's logits (low-bit models
+amplify it: the SliM-LLM 2-bit one by far the most). Under the interpreter a forward takes tens of seconds to minutes.
 Writes results/triton-smollm2.{json,md}.
 """
 
@@ -118,6 +120,20 @@ def layouts(model: torch.nn.Module) -> dict:
                 outlier_pct=100 * nnz / weights)
 
 
+def roundoff_floor(model: torch.nn.Module, tokens: torch.Tensor, counts: tuple[int, ...]) -> dict[int, float]:
+    """Per token count, the max per-position relative error of a float32 forward against a float64 one,
+    both with the dequantized weights (plain matmuls): how much float32 round-off alone moves this
+    model's logits, the scale any two correct float32 paths may differ by. Leaves the model in float64
+    with dense weights (call it last)."""
+    for q in model.modules():
+        if isinstance(q, QuantLinear):
+            q.cache_dense_weight(torch.float32)
+    with torch.no_grad():
+        fp32 = {m: model(tokens[:, :m]).logits[0] for m in counts}
+        model.double()  # the dense weights follow x's dtype in QuantLinear.forward
+        return {m: compare(fp32[m], model(tokens[:, :m]).logits[0])["max_rel_error"] for m in counts}
+
+
 def check(ckpt: Path, label: str, tokens: torch.Tensor, device: str) -> list[dict]:
     """One row per token count for the checkpoint at ``ckpt``."""
     model, _ = load_quantized(ckpt, device=device)
@@ -137,6 +153,10 @@ def check(ckpt: Path, label: str, tokens: torch.Tensor, device: str) -> list[dic
                          holds=err["max_rel_error"] < LIMIT, triton_calls=dict(triton_calls),
                          torch_seconds=torch_s, triton_seconds=triton_s))
         print({k: v for k, v in rows[-1].items() if k not in ("checkpoint", "layouts")}, flush=True)
+    floors = roundoff_floor(model, tokens.to(device), TOKENS)
+    for r in rows:
+        r["fp32_vs_fp64_max_rel_error"] = floors[r["tokens"]]
+    print({"fp32 vs fp64": floors}, flush=True)
     return rows
 
 
@@ -152,14 +172,16 @@ def markdown(doc: dict) -> str:
     where = "CPU tensors, Triton interpreter" if p["interpreted"] else p["device"]
     table = markdown_table(
         ["model", "packed linears", "tokens", "max rel. error (per position)", "rel. error (all)", "max abs error",
-         "max abs logit", f"< {LIMIT:g}", "Triton op calls", "torch s", "Triton s"],
+         "max abs logit", f"< {LIMIT:g}", "fp32 vs fp64 (dense)", "Triton op calls", "torch s", "Triton s"],
         [[r["model"], describe(r["layouts"]), r["tokens"], f"{r['max_rel_error']:.2e}", f"{r['rel_error']:.2e}",
           f"{r['max_abs_error']:.2e}", f"{r['max_abs_logit']:.1f}", "yes" if r["holds"] else "NO",
+          f"{r['fp32_vs_fp64_max_rel_error']:.2e}",
           ", ".join(f"{k} {v}" for k, v in sorted(r["triton_calls"].items())),
           f"{r['torch_seconds']:.2f}", f"{r['triton_seconds']:.1f}"] for r in doc["rows"]])
     recipes = "\n".join(f"- {label}: `{cmd} --output {p['checkpoints']}/{folder}`" for label, folder, cmd in RECIPES)
     return (f"# Packed SmolLM2-135M forwards: Triton kernels vs the torch ops ({where})\n\n{table}\n\n"
             f"Protocol: {p['compare']}; limit {LIMIT:g} on the largest per-position relative error. "
+            f"'fp32 vs fp64 (dense)': {p['floor']}. "
             f"Tokens: {p['tokens']}. Activations in {', '.join(sorted({r['dtype'] for r in doc['rows']}))}. "
             f"Seconds are wall time of one forward "
             f"(the interpreter's, which says nothing about GPU speed). Checkpoints (small calibration: this "
@@ -200,6 +222,8 @@ def main() -> None:
                              compare=("logits through the Triton implementations (kernels.triton_path) vs the "
                                       "ops' pure-torch implementation (kernels.torch_path, = SQLLM_KERNELS=0), "
                                       "one process; error per position |got - ref| / |ref| over the vocabulary"),
+                             floor=("the same error measure between float32 and float64 forwards of the model "
+                                    "with its dequantized weights: what float32 round-off alone does to its logits"),
                              limit=LIMIT, device=device, interpreted=device == "cpu", checkpoints=str(args.ckpt)),
                rows=rows, holds=all(r["holds"] for r in rows), seconds=time.perf_counter() - start,
                triton=triton.__version__, machine=machine_info(), commit=git_commit(str(ROOT)), load_average=load)
