@@ -33,12 +33,15 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+# Run as a script, this folder comes first on sys.path, where transformers' `import kernels` (the Hugging
+# Face package) would find benchmarks/kernels.py.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "src"))
 
 # None of these imports Triton: the kernels module is imported on the first product, after main() has
 # chosen the interpreter or not.
 from sqllm.formats.layouts import LayerMeta, group_columns, tensor_specs, validate_tensors
-from sqllm.nn.kernels import triton_ops
+from sqllm.nn.kernels import triton_ops, triton_path
 from sqllm.nn.qlinear import QuantLinear, replace_linear
 from sqllm.report import git_commit, machine_info, markdown_table
 
@@ -249,7 +252,12 @@ def e2e_rows(cfg: dict, device: torch.device, gen: torch.Generator) -> list[dict
             quantize_randomly(model, next(l for l in LAYOUTS if l.name == name), device, gen)
         if device.type == "cuda":
             decode_tok_s(model, cfg["prompt"], 1, device)  # warm-up: compiles every kernel variant
-        tok_s = decode_tok_s(model, cfg["prompt"], cfg["steps"], device)
+            tok_s = decode_tok_s(model, cfg["prompt"], cfg["steps"], device)
+        else:
+            # The ops' CPU implementations are the compiled kernels once any caller in this process
+            # loaded them (SQLLM_KERNELS is read then); the scoped registration sends them to Triton.
+            with triton_path():
+                tok_s = decode_tok_s(model, cfg["prompt"], cfg["steps"], device)
         block_bytes = sum(nbytes(*m.buffers()) + nbytes(*m.parameters(recurse=False))
                           for m in model.model.layers.modules() if not list(m.children()))
         rows.append(dict(model=name, decode_tok_s=tok_s, block_bytes=block_bytes))

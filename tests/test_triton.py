@@ -311,8 +311,9 @@ def test_packed_model_forward_matches_torch_path(tokens: int, monkeypatch: pytes
 
 
 def test_gpu_benchmark_runs_tiny(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``benchmarks/gpu.py --tiny`` runs every layout and the end-to-end rows under the interpreter and
-    writes its JSON and markdown."""
+    """``benchmarks/gpu.py --tiny`` runs every layout and the end-to-end rows under the interpreter (the
+    packed model's products through Triton, even where the compiled CPU kernels are loaded) and writes
+    its JSON and markdown."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
     spec = importlib.util.spec_from_file_location("gpu_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
@@ -322,7 +323,18 @@ def test_gpu_benchmark_runs_tiny(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     for var in ("SQLLM_KERNELS", "TRITON_INTERPRET"):  # main() sets them; restored after the test
         monkeypatch.setenv(var, os.environ.get(var, "1"))
     monkeypatch.setattr(sys, "argv", ["gpu.py", "--tiny", "--results", str(tmp_path)])
+    e2e_calls: list[str] = []  # Triton products of the end-to-end models (the layer rows call Triton directly)
+    e2e_rows = bench.e2e_rows
+
+    def counted_e2e(*args):
+        for name in ("lut_mm", "uniform_mm", "csr_mm"):
+            real = getattr(tk, name)
+            monkeypatch.setattr(tk, name, lambda *a, real=real, name=name: e2e_calls.append(name) or real(*a))
+        return e2e_rows(*args)
+
+    monkeypatch.setattr(bench, "e2e_rows", counted_e2e)
     bench.main()
+    assert set(e2e_calls) == {"lut_mm"}  # the packed model's LUT products went through Triton
     doc = json.loads((tmp_path / "gpu-tiny.json").read_text())
     cfg = bench.TINY
     expected = {(tuple(s), m, name) for s in cfg["shapes"] for m in cfg["batches"] + [cfg["prefill"]]
