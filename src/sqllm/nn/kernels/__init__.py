@@ -1,8 +1,11 @@
 """Kernels for packed weights: the ``torch.ops.sqllm`` ops (:mod:`.ops`) and their compiled CPU backend.
 
-The CPU backend (``cpu_avx2.cpp``) needs an x86-64 CPU with AVX2, FMA and F16C (read from
-``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU qualifies) and a C++ compiler. The
-first CPU call of an op builds it with ``torch.utils.cpp_extension`` (a few minutes, once; cached by
+The CPU backend (``cpu_avx2.cpp``, with ``cpu_avx512.cpp`` appended: one library) needs an x86-64 CPU
+with AVX2, FMA and F16C (read from ``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU
+qualifies) and a C++ compiler. Where the CPU also has AVX-512 F/BW/VL (checked at run time) and the
+compiler is GCC, decoding (1..8 tokens) of LUT codes of 1..4 bits and of uniform codes of 1..4 bits in
+groups of a multiple of 64 columns runs AVX-512 kernels; the rest runs the AVX2 kernels.
+``SQLLM_KERNELS=avx2`` or :func:`cpu_isa` keeps the AVX2 kernels everywhere. The first CPU call of an op builds it with ``torch.utils.cpp_extension`` (a few minutes, once; cached by
 torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source's
 hash) and loads it; loading registers its C++ functions as the ops' CPU (and CPU autograd)
 implementations in the dispatcher, so later calls never pass through Python. Where the CPU, the
@@ -32,14 +35,14 @@ from . import ops, triton_ops  # triton_ops registers the CUDA implementations
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_avx2.cpp")
-FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum"]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_avx2.cpp", "cpu_avx512.cpp")]
+FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum", "isa", "set_isa"]
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
 
 def kernels_enabled() -> bool:
     """False when ``SQLLM_KERNELS`` is ``0`` (pure torch) or ``triton`` (Triton everywhere), or the CPU
-    lacks AVX2 (torch's capability tells)."""
+    lacks AVX2 (torch's capability tells). ``SQLLM_KERNELS=avx2`` enables them without AVX-512."""
     if os.environ.get("SQLLM_KERNELS", "1") in ("0", "triton"):
         return False
     return torch.backends.cpu.get_cpu_capability() in AVX2_CAPABILITIES
@@ -54,9 +57,9 @@ def cpu_kernels() -> ModuleType | None:
 
     log.info("sqllm: building the CPU kernels (once; cached by torch)")
     try:
-        return load_inline(
-            name="sqllm_cpu_avx2",
-            cpp_sources=[SOURCE.read_text()],
+        module = load_inline(
+            name="sqllm_cpu",
+            cpp_sources=[source.read_text() for source in SOURCES],  # concatenated: one translation unit
             functions=FUNCTIONS,
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -65,6 +68,9 @@ def cpu_kernels() -> ModuleType | None:
     except Exception as exc:  # no compiler, no headers, no ninja: the torch path still works
         log.warning("sqllm: CPU kernels unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
         return None
+    if os.environ.get("SQLLM_KERNELS") == "avx2":
+        module.set_isa("avx2")
+    return module
 
 
 def kernels_registered() -> bool:
@@ -79,6 +85,21 @@ def torch_path() -> Iterator[None]:
     implementation and is removed on exit; other devices are unaffected."""
     with _cpu_implementations(ops.lut_mm_torch, ops.uniform_mm_torch, ops.csr_mm_torch):
         yield
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str) -> Iterator[None]:
+    """Within this block the compiled decode kernels use instruction set ``name`` (``"avx2"``, or
+    ``"avx512"`` where the CPU has AVX-512 F/BW/VL; RuntimeError otherwise), in every thread; tests and
+    benchmarks compare the two. Needs the compiled kernels (:func:`cpu_kernels`)."""
+    module = cpu_kernels()
+    if module is None:
+        raise RuntimeError("the compiled CPU kernels are not loaded")
+    previous = module.set_isa(name)
+    try:
+        yield
+    finally:
+        module.set_isa(previous)
 
 
 @contextlib.contextmanager

@@ -90,10 +90,12 @@ struct Activations {
   const float* gsum;
 };
 
-enum class Order { kColumns, kPlanar, kNibbles };
+// kPlanar16: the AVX-512 decoders' planar order (cpu_avx512.cpp), super-chunks of 128 codes in 16 lanes.
+enum class Order { kColumns, kPlanar, kNibbles, kPlanar16 };
 
 inline int64_t position(Order order, int64_t j) {
   if (order == Order::kPlanar) return j / kSuper * kSuper + 8 * (j % 8) + (j % kSuper) / 8;
+  if (order == Order::kPlanar16) return j / 128 * 128 + 16 * (j % 8) + (j % 128) / 8;
   if (order == Order::kNibbles) return j / 16 * 16 + 8 * (j % 2) + (j % 16) / 2;
   return j;
 }
@@ -468,9 +470,9 @@ void with_tokens(int64_t m, F&& f) {
 int64_t row_grain(int64_t n) { return std::max<int64_t>(8, 32768 / std::max<int64_t>(n, 1)); }
 
 // x [m, n] (any float dtype) in fp32 [m, stride], zero-padded, in `order`; plus [m, segments] group sums
-// of x (column order) when `w` is uniform.
+// of x (column order) when `w` is uniform and `group_sums` is set.
 std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, const Weights& w, int64_t stride,
-                                                     Order order) {
+                                                     Order order, bool group_sums = true) {
   const int64_t m = x.size(0), n = x.size(1);
   const auto xf = x.to(torch::kFloat32).contiguous();
   auto xp = torch::zeros({m, stride}, xf.options());
@@ -484,7 +486,7 @@ std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, cons
     }
   }
   torch::Tensor gsum;
-  if (w.lut == nullptr) {
+  if (w.lut == nullptr && group_sums) {
     const int64_t n_seg = w.segments();
     gsum = torch::zeros({m, n_seg}, xf.options());
     float* g = gsum.data_ptr<float>();
@@ -494,12 +496,16 @@ std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, cons
   return {xp, gsum};
 }
 
+// The AVX-512 decoders (cpu_avx512.cpp, appended to this unit by the loader): y [m, out] for m <= 8
+// tokens; false, with y untouched, when the CPU or the layout rules them out (or set_isa chose AVX2).
+bool decode_avx512(const torch::Tensor& x, const Weights& w, float* y);
 
 // Decode or prefill for one packed tensor: [m, out] fp32.
 torch::Tensor matmul(const torch::Tensor& x, const Weights& w) {
   const int64_t m = x.size(0), out = w.out;
   auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
   if (m == 0 || out == 0) return y;
+  if (m <= kMaxTokens && decode_avx512(x, w, y.data_ptr<float>())) return y;
   const bool lut = w.lut != nullptr;
   if (m <= kMaxTokens && vector_layout(w)) {
     Kernel kernel;
