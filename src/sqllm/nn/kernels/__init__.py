@@ -2,16 +2,19 @@
 
 The CPU backend (``cpu_avx2.cpp``, with ``cpu_avx512.cpp`` appended: one library) needs an x86-64 CPU
 with AVX2, FMA and F16C (read from ``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU
-qualifies) and a C++ compiler. Where the CPU also has AVX-512 F/BW/VL (checked at run time) and the
-compiler is GCC, decoding (1..8 tokens) of LUT codes of 1..4 bits and of uniform codes of 1..4 bits in
-groups of a multiple of 64 columns runs AVX-512 kernels; the rest runs the AVX2 kernels.
-``SQLLM_KERNELS=avx2`` or :func:`cpu_isa` keeps the AVX2 kernels everywhere. The first CPU call of an op builds it with ``torch.utils.cpp_extension`` (a few minutes, once; cached by
-torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source's
-hash) and loads it; loading registers its C++ functions as the ops' CPU (and CPU autograd)
-implementations in the dispatcher, so later calls never pass through Python. Where the CPU, the
-compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels` returns None and the ops keep their
-pure-torch implementation. The C++ side takes every layout: the vector readers serve LUT codes of 1..4
-bits and uniform groups that are a multiple of 8 columns (or cover the row), a scalar reader the rest.
+qualifies) and a C++ compiler. The first CPU call of an op builds it with ``torch.utils.cpp_extension``
+(a few minutes, once; cached by torch under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``, keyed by the source's hash) and loads it; loading registers its C++
+functions as the ops' CPU (and CPU autograd) implementations in the dispatcher, so later calls never
+pass through Python. Where the CPU, the compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels`
+returns None and the ops keep their pure-torch implementation. The C++ side takes every layout: the
+vector readers serve LUT codes of 1..4 bits and uniform groups that are a multiple of 8 columns (or
+cover the row), a scalar reader the rest.
+
+Where the CPU also has AVX-512 F/BW/VL (checked at run time) and the compiler is GCC, decoding (1..8
+tokens) of LUT codes of 1..4 bits, and of uniform codes of 1..4 bits in groups of a multiple of 64
+columns (or one group per row), runs AVX-512 kernels; everything else runs the AVX2 kernels.
+``SQLLM_KERNELS=avx2`` or :func:`cpu_isa` keeps the AVX2 kernels everywhere.
 
 Importing this package also registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton
 imported on first use); ``SQLLM_KERNELS=triton`` sends CPU tensors to them too (under

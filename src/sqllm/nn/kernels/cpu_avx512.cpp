@@ -95,11 +95,38 @@ inline __m512 lut_table16(const at::Half* lut) {
   return _mm512_permutexvar_ps(codes16<B>(), _mm512_cvtph_ps(h));
 }
 
-// The table of a uniform group of scale s and zero point z: entry i = s * ((i mod 2**B) - z).
+// The table of a uniform group of scale s and zero point z: entry i = s * ((i mod 2**B) - z). With
+// `split`, entries 8..15 belong to a second group (s2, z2) instead (B <= 3: both fit one table).
 template <int B>
-inline __m512 group_table16(float s, float z) {
-  return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_sub_ps(_mm512_cvtepi32_ps(codes16<B>()), _mm512_set1_ps(z)));
+inline __m512 group_table16(float s, float z, __mmask16 split = 0, float s2 = 0.f, float z2 = 0.f) {
+  const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(s), split, _mm512_set1_ps(s2));
+  const __m512 zv = _mm512_mask_mov_ps(_mm512_set1_ps(z), split, _mm512_set1_ps(z2));
+  return _mm512_mul_ps(sv, _mm512_sub_ps(_mm512_cvtepi32_ps(codes16<B>()), zv));
 }
+
+// Scales and zero points of rows [r, r + R) in fp32, for every column of `scales`: a table then costs
+// two broadcasts, where widening one fp16 value at a time for each group would cost more than the
+// group's lookups (the groups of a mixed-width part are scattered over the columns, hence whole rows).
+template <int R>
+struct GroupParams {
+  float* s;  // [R, n_groups_total]; z follows
+  int64_t stride;
+
+  GroupParams(const Weights& w, int64_t r, float* scratch) : s(scratch), stride(w.n_groups_total) {
+    for (int i = 0; i < R; ++i) {
+      widen(w.scales + (r + i) * stride, s + i * stride);
+      widen(w.zeros + (r + i) * stride, s + (R + i) * stride);
+    }
+  }
+  void widen(const at::Half* src, float* dst) const {
+    for (int64_t g = 0; g < stride; g += 16) {
+      const __mmask16 m = stride - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (stride - g)) - 1);
+      _mm512_mask_storeu_ps(dst + g, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + g)));
+    }
+  }
+  float scale(const Weights& w, int i, int64_t g) const { return s[i * stride + w.gid[g]]; }
+  float zero(const Weights& w, int i, int64_t g) const { return s[(R + i) * stride + w.gid[g]]; }
+};
 
 template <int M, int R>
 struct Acc16 {
@@ -148,13 +175,14 @@ void lut_block16(const Weights& w, const Activations& a, float* y, int64_t r) {
 // Uniform rows [r, r + R), B-bit codes, groups a multiple of 128 columns (or one group per row): one
 // table per row and group.
 template <int B, int M, int R>
-void uniform_block16(const Weights& w, const Activations& a, float* y, int64_t r) {
+void uniform_block16(const Weights& w, const Activations& a, float* scratch, float* y, int64_t r) {
   const int64_t n_sc = (w.n + kSuper16 - 1) / kSuper16, n_seg = w.segments();
   const int64_t seg_sc = n_seg == 1 ? n_sc : w.group_size / kSuper16;
+  const GroupParams<R> params(w, r, scratch);
   Acc16<M, R> acc;
   for (int64_t seg = 0; seg < n_seg; ++seg) {
     __m512 table[R];
-    for (int i = 0; i < R; ++i) table[i] = group_table16<B>(w.scale(r + i, seg), w.zero(r + i, seg));
+    for (int i = 0; i < R; ++i) table[i] = group_table16<B>(params.scale(w, i, seg), params.zero(w, i, seg));
     const int64_t sc1 = std::min(n_sc, (seg + 1) * seg_sc);
     for (int64_t sc = seg * seg_sc; sc < sc1; ++sc)
       sweep16<B>(w, a, r, sc, acc, [&](int i, __m512i idx) { return _mm512_permutexvar_ps(idx, table[i]); });
@@ -163,24 +191,36 @@ void uniform_block16(const Weights& w, const Activations& a, float* y, int64_t r
 }
 
 // Uniform rows [r, r + R), B-bit codes, groups a multiple of 64 columns: each half super-chunk lies in
-// one group, whose table the lookup picks by the index's bit 4 (set in the upper eight lanes).
+// one group. The lookup index is the code with a bit set in the upper eight lanes, which picks the
+// second group's entries: bit 3 of one 16-entry table for B <= 3, bit 4 of two tables (vpermt2ps) for
+// B = 4.
 template <int B, int M, int R>
-void uniform_half_block16(const Weights& w, const Activations& a, float* y, int64_t r) {
+void uniform_half_block16(const Weights& w, const Activations& a, float* scratch, float* y, int64_t r) {
   const int64_t n_sc = (w.n + kSuper16 - 1) / kSuper16, last = w.segments() - 1;
-  const __m512i low4 = _mm512_set1_epi32(15);
-  const __m512i upper = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+  constexpr int kHalf = B <= 3 ? 8 : 16;
+  const __m512i code_bits = _mm512_set1_epi32(kHalf - 1);
+  const __m512i upper = _mm512_mask_set1_epi32(_mm512_setzero_si512(), 0xFF00, kHalf);
+  const GroupParams<R> params(w, r, scratch);
   Acc16<M, R> acc;
   for (int64_t sc = 0; sc < n_sc; ++sc) {
     // A half past the last column (the upper half of a row's last super-chunk) meets zero x.
     const int64_t g0 = 2 * sc * 64 / w.group_size, g1 = std::min(last, (2 * sc + 1) * 64 / w.group_size);
     __m512 lo[R], hi[R];
     for (int i = 0; i < R; ++i) {
-      lo[i] = group_table16<B>(w.scale(r + i, g0), w.zero(r + i, g0));
-      hi[i] = group_table16<B>(w.scale(r + i, g1), w.zero(r + i, g1));
+      const float s0 = params.scale(w, i, g0), z0 = params.zero(w, i, g0);
+      const float s1 = params.scale(w, i, g1), z1 = params.zero(w, i, g1);
+      if constexpr (B <= 3) {
+        lo[i] = group_table16<B>(s0, z0, 0xFF00, s1, z1);
+      } else {
+        lo[i] = group_table16<B>(s0, z0);
+        hi[i] = group_table16<B>(s1, z1);
+      }
     }
     sweep16<B>(w, a, r, sc, acc, [&](int i, __m512i idx) {
-      // (idx & 15) | upper: ternary-logic function 0xEA is (A & B) | C.
-      return _mm512_permutex2var_ps(lo[i], _mm512_ternarylogic_epi32(idx, low4, upper, 0xEA), hi[i]);
+      // (idx & code_bits) | upper: ternary-logic function 0xEA is (A & B) | C.
+      const __m512i at = _mm512_ternarylogic_epi32(idx, code_bits, upper, 0xEA);
+      if constexpr (B <= 3) return _mm512_permutexvar_ps(at, lo[i]);
+      else return _mm512_permutex2var_ps(lo[i], at, hi[i]);
     });
   }
   acc.store(y, w.out, r);
@@ -188,20 +228,25 @@ void uniform_half_block16(const Weights& w, const Activations& a, float* y, int6
 
 template <int M, int B>
 void decode16_rows(Kernel16 kernel, const Weights& w, const Activations& a, float* y, int64_t r0, int64_t r1) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // R x M accumulators, R tables and R lanes in registers
+  constexpr int R = M <= 1 ? 8 : (M <= 4 ? 4 : 2);  // R x M accumulators, R tables and R lanes in registers
   switch (kernel) {
     case Kernel16::kLut:
       row_blocks<R>(r0, r1, [&](int64_t r) { lut_block16<B, M, R>(w, a, y, r); },
                     [&](int64_t r) { lut_block16<B, M, 1>(w, a, y, r); });
       break;
     case Kernel16::kUniform:
-      row_blocks<R>(r0, r1, [&](int64_t r) { uniform_block16<B, M, R>(w, a, y, r); },
-                    [&](int64_t r) { uniform_block16<B, M, 1>(w, a, y, r); });
+    case Kernel16::kUniformHalves: {
+      std::vector<float> scratch(2 * R * w.n_groups_total);  // GroupParams of R rows
+      float* p = scratch.data();
+      if (kernel == Kernel16::kUniform) {
+        row_blocks<R>(r0, r1, [&](int64_t r) { uniform_block16<B, M, R>(w, a, p, y, r); },
+                      [&](int64_t r) { uniform_block16<B, M, 1>(w, a, p, y, r); });
+      } else {
+        row_blocks<R>(r0, r1, [&](int64_t r) { uniform_half_block16<B, M, R>(w, a, p, y, r); },
+                      [&](int64_t r) { uniform_half_block16<B, M, 1>(w, a, p, y, r); });
+      }
       break;
-    case Kernel16::kUniformHalves:
-      row_blocks<R>(r0, r1, [&](int64_t r) { uniform_half_block16<B, M, R>(w, a, y, r); },
-                    [&](int64_t r) { uniform_half_block16<B, M, 1>(w, a, y, r); });
-      break;
+    }
   }
 }
 
