@@ -14,10 +14,12 @@
 // * Lookup in a 16-entry fp32 table held in a register, by vpermps (which reads an index's low 4 bits,
 //   so the bits of the next codes above need no mask): entry i is the weight of code (i mod 2**B).
 //   A LUT row's table holds its fp16 entries widened. A uniform group's table holds s * (c - z) for
-//   each code c, the reference's own arithmetic, so no zero-point correction is needed. Groups of 64
-//   columns cover half a super-chunk: the two halves' tables are looked up together by vpermt2ps on
-//   32 entries, the index's bit 4 set in the upper eight lanes.
+//   each code c, the reference's own arithmetic, so no zero-point correction is needed. Where groups of
+//   64 columns split a super-chunk, the table holds the codes themselves and each half's scale and
+//   zero point apply once per super-chunk (with the half's sum of x), as the AVX2 kernels do.
 // Each 16 weights thus cost a shift, a lookup and one fp32 FMA per token; R rows share each load of x.
+// On 1..3-bit LUT codes that is 1.2-1.3x the AVX2 kernels' speed per core (two 512-bit ports on Intel
+// against three 256-bit ones), on 4-bit LUT and uniform codes about 2x.
 // Reads never pass the end of `qweight` (masked loads at its end).
 
 #include <atomic>
@@ -58,26 +60,35 @@ enum class Kernel16 { kLut, kUniform, kUniformHalves };
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 namespace {
 
-// Super-chunk `sc` of a row as 16 lanes, lane l holding codes [8l, 8l+8) in its low 8*B bits.
+// Bytes that the load of a super-chunk reads: its 16*B (B = 3: a whole register, 48 of them codes).
 template <int B>
-inline __m512i planar16_lanes(const uint8_t* row, int64_t avail, int64_t sc) {
-  const int64_t at = sc * 16 * B, left = avail - at;
-  const uint8_t* p = row + at;
-  constexpr int64_t len = 16 * B;
-  // Whole loads except at the end of the buffer, where a mask keeps the load inside it.
-  const __mmask64 mask = left >= len ? ~__mmask64{0} : (left <= 0 ? 0 : (__mmask64{1} << left) - 1);
-  if constexpr (B == 1) {
-    return _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>(mask), p));
+constexpr int64_t kLoad16 = B == 3 ? 64 : 16 * B;
+
+// A super-chunk from its first byte p as 16 lanes, lane l holding codes [8l, 8l+8) in its low 8*B bits.
+// kTail (the end of the buffer, where only `left` bytes exist): a masked load reads nothing past them.
+template <int B, bool kTail = false>
+inline __m512i planar16_lanes(const uint8_t* p, int64_t left = 0) {
+  __m512i v;
+  if constexpr (kTail) {
+    v = _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64{0} : (left <= 0 ? 0 : (__mmask64{1} << left) - 1), p);
+  } else if constexpr (B == 1) {
+    v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else if constexpr (B == 2) {
-    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi8(static_cast<__mmask32>(mask), p));
+    v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    v = _mm512_loadu_si512(p);
+  }
+  if constexpr (B == 1) {
+    return _mm512_cvtepu8_epi32(_mm512_castsi512_si128(v));
+  } else if constexpr (B == 2) {
+    return _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));
   } else if constexpr (B == 3) {
-    // 48 bytes; 128-bit lane q takes dwords 3q..3q+3 (bytes 12q..12q+15), then lane l bytes 3l..3l+2.
-    const __m512i v = _mm512_maskz_loadu_epi8(mask & ((__mmask64{1} << 48) - 1), p);
+    // 128-bit lane q takes dwords 3q..3q+3 (bytes 12q..12q+15), then lane l bytes 3l..3l+2.
     const __m512i d = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12), v);
     const __m512i ctl = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
     return _mm512_shuffle_epi8(d, ctl);
   } else {
-    return _mm512_maskz_loadu_epi8(mask, p);
+    return v;
   }
 }
 
@@ -95,13 +106,10 @@ inline __m512 lut_table16(const at::Half* lut) {
   return _mm512_permutexvar_ps(codes16<B>(), _mm512_cvtph_ps(h));
 }
 
-// The table of a uniform group of scale s and zero point z: entry i = s * ((i mod 2**B) - z). With
-// `split`, entries 8..15 belong to a second group (s2, z2) instead (B <= 3: both fit one table).
+// The table of a uniform group of scale s and zero point z: entry i = s * ((i mod 2**B) - z).
 template <int B>
-inline __m512 group_table16(float s, float z, __mmask16 split = 0, float s2 = 0.f, float z2 = 0.f) {
-  const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(s), split, _mm512_set1_ps(s2));
-  const __m512 zv = _mm512_mask_mov_ps(_mm512_set1_ps(z), split, _mm512_set1_ps(z2));
-  return _mm512_mul_ps(sv, _mm512_sub_ps(_mm512_cvtepi32_ps(codes16<B>()), zv));
+inline __m512 group_table16(float s, float z) {
+  return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_sub_ps(_mm512_cvtepi32_ps(codes16<B>()), _mm512_set1_ps(z)));
 }
 
 // Scales and zero points of rows [r, r + R) in fp32, for every column of `scales`: a table then costs
@@ -147,7 +155,12 @@ template <int B, int M, int R, class Lookup>
 __attribute__((always_inline)) inline void sweep16(const Weights& w, const Activations& a, int64_t r, int64_t sc,
                                                    Acc16<M, R>& acc, Lookup lookup) {
   __m512i lanes[R];
-  for (int i = 0; i < R; ++i) lanes[i] = planar16_lanes<B>(w.row(r + i), w.avail(r + i), sc);
+  const int64_t at = sc * 16 * B;
+  if (w.avail(r + R - 1) >= at + kLoad16<B>) {  // the last row has the fewest bytes after it
+    for (int i = 0; i < R; ++i) lanes[i] = planar16_lanes<B>(w.row(r + i) + at);
+  } else {
+    for (int i = 0; i < R; ++i) lanes[i] = planar16_lanes<B, true>(w.row(r + i) + at, w.avail(r + i) - at);
+  }
   const float* xs = a.x + sc * kSuper16;
 #pragma GCC unroll 8
   for (int k = 0; k < 8; ++k) {
@@ -190,40 +203,35 @@ void uniform_block16(const Weights& w, const Activations& a, float* scratch, flo
   acc.store(y, w.out, r);
 }
 
-// Uniform rows [r, r + R), B-bit codes, groups a multiple of 64 columns: each half super-chunk lies in
-// one group. The lookup index is the code with a bit set in the upper eight lanes, which picks the
-// second group's entries: bit 3 of one 16-entry table for B <= 3, bit 4 of two tables (vpermt2ps) for
-// B = 4.
+// Uniform rows [r, r + R), B-bit codes, groups a multiple of 64 columns, so that each half super-chunk
+// lies in one group. Tables would differ between the halves (an index bit to set per lookup), so here
+// the lookup gives the code itself and the groups enter per super-chunk, as
+// y = sum_h s_h (sum_j c_j x_j - z_h X_h) over halves h, X_h their sums of x (`a.gsum`: [m, n_sc, 16],
+// lanes 0 and 8 of each super-chunk, the others zero).
 template <int B, int M, int R>
 void uniform_half_block16(const Weights& w, const Activations& a, float* scratch, float* y, int64_t r) {
   const int64_t n_sc = (w.n + kSuper16 - 1) / kSuper16, last = w.segments() - 1;
-  constexpr int kHalf = B <= 3 ? 8 : 16;
-  const __m512i code_bits = _mm512_set1_epi32(kHalf - 1);
-  const __m512i upper = _mm512_mask_set1_epi32(_mm512_setzero_si512(), 0xFF00, kHalf);
+  const __m512 codes = _mm512_cvtepi32_ps(codes16<B>());
   const GroupParams<R> params(w, r, scratch);
-  Acc16<M, R> acc;
+  Acc16<M, R> total;
   for (int64_t sc = 0; sc < n_sc; ++sc) {
-    // A half past the last column (the upper half of a row's last super-chunk) meets zero x.
+    Acc16<M, R> acc;
+    sweep16<B>(w, a, r, sc, acc, [&](int, __m512i idx) { return _mm512_permutexvar_ps(idx, codes); });
+    // A half past the last column (the upper half of a row's last super-chunk) has zero sums.
     const int64_t g0 = 2 * sc * 64 / w.group_size, g1 = std::min(last, (2 * sc + 1) * 64 / w.group_size);
-    __m512 lo[R], hi[R];
     for (int i = 0; i < R; ++i) {
-      const float s0 = params.scale(w, i, g0), z0 = params.zero(w, i, g0);
-      const float s1 = params.scale(w, i, g1), z1 = params.zero(w, i, g1);
-      if constexpr (B <= 3) {
-        lo[i] = group_table16<B>(s0, z0, 0xFF00, s1, z1);
-      } else {
-        lo[i] = group_table16<B>(s0, z0);
-        hi[i] = group_table16<B>(s1, z1);
+      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(params.scale(w, i, g0)), 0xFF00,
+                                          _mm512_set1_ps(params.scale(w, i, g1)));
+      const __m512 z = _mm512_mask_mov_ps(_mm512_set1_ps(params.zero(w, i, g0)), 0xFF00,
+                                          _mm512_set1_ps(params.zero(w, i, g1)));
+      const __m512 sz = _mm512_mul_ps(s, z);
+      for (int t = 0; t < M; ++t) {
+        const __m512 sums = _mm512_loadu_ps(a.gsum + (t * n_sc + sc) * 16);
+        total.v[i][t] = _mm512_fnmadd_ps(sz, sums, _mm512_fmadd_ps(acc.v[i][t], s, total.v[i][t]));
       }
     }
-    sweep16<B>(w, a, r, sc, acc, [&](int i, __m512i idx) {
-      // (idx & code_bits) | upper: ternary-logic function 0xEA is (A & B) | C.
-      const __m512i at = _mm512_ternarylogic_epi32(idx, code_bits, upper, 0xEA);
-      if constexpr (B <= 3) return _mm512_permutexvar_ps(at, lo[i]);
-      else return _mm512_permutex2var_ps(lo[i], at, hi[i]);
-    });
   }
-  acc.store(y, w.out, r);
+  total.store(y, w.out, r);
 }
 
 template <int M, int B>
@@ -287,9 +295,17 @@ bool decode_avx512(const torch::Tensor& x, const Weights& w, float* y) {
   } else {
     return false;
   }
-  const int64_t stride = (w.n + kSuper16 - 1) / kSuper16 * kSuper16;
+  const int64_t m = x.size(0), n_sc = (w.n + kSuper16 - 1) / kSuper16, stride = n_sc * kSuper16;
   const auto xp = activations(x, w, stride, Order::kPlanar16, /*group_sums=*/false).first;
-  decode16_call(kernel, w, Activations{xp.data_ptr<float>(), stride, nullptr}, x.size(0), y);
+  torch::Tensor halves;  // kUniformHalves: [m, n_sc, 16], lanes 0 and 8 the sums of x over each half
+  if (kernel == Kernel16::kUniformHalves) {
+    halves = torch::zeros({m, n_sc, 16}, xp.options());
+    const float* src = xp.data_ptr<float>();
+    float* dst = halves.data_ptr<float>();
+    for (int64_t i = 0; i < m * stride; ++i) dst[i / kSuper16 * 16 + i % 16 / 8 * 8] += src[i];  // lane l = i % 16
+  }
+  const Activations a{xp.data_ptr<float>(), stride, halves.defined() ? halves.data_ptr<float>() : nullptr};
+  decode16_call(kernel, w, a, m, y);
   return true;
 #else
   (void)x, (void)w, (void)y;
