@@ -10,11 +10,11 @@ shuffled order, so load from other processes hits all variants alike; the table 
 (the least disturbed call: on a shared machine, preemption only ever adds time) and the median, and at
 one thread also the calling thread's CPU time, which preemption does not inflate. Where the CPU has
 AVX-512, decode also times every format with the AVX2 kernels forced (rows marked ``[AVX2]``, column
-"x AVX2" = AVX2 time / default time). Achieved
-bandwidth counts the packed tensors (codes, tables or scales, bit map, outliers) read once per call,
-and is compared with the machine's streaming read bandwidth at the same thread count (a 256 MiB
-float32 buffer summed with AVX2 by the kernels' own ``stream_sum``). Weights are random: speed does
-not depend on the values.
+"x AVX2" = AVX2 time / default time). Achieved bandwidth counts the packed tensors (codes, tables or
+scales, bit map, outliers) read once per call, and is compared with the machine's streaming read
+bandwidth at the same thread count (a 256 MiB float32 buffer summed with AVX2 by the kernels' own
+``stream_sum``); at one thread both come from CPU time, at two from the minimum wall time. Weights are
+random: speed does not depend on the values.
 """
 
 from __future__ import annotations
@@ -101,10 +101,13 @@ def interleaved_times(
 
 
 def read_bandwidth(reps: int) -> float:
-    """Streaming read bandwidth in GB/s at the current torch thread count."""
+    """Streaming read bandwidth in GB/s at the current torch thread count: from the calling thread's CPU
+    time at one thread (as the kernels' bandwidth there), which preemption by other processes does not
+    inflate; from wall time otherwise."""
     buffer = torch.ones(64 * 2**20)  # 256 MiB, touched so every page is real memory
     k = cpu_kernels()
-    t = min(interleaved_times({"read": lambda: k.stream_sum(buffer)}, reps)[0]["read"])
+    wall, cpu = interleaved_times({"read": lambda: k.stream_sum(buffer)}, reps)
+    t = min(cpu["read"]) if torch.get_num_threads() == 1 else min(wall["read"])
     return buffer.numel() * 4 / t / 1e9
 
 
@@ -120,7 +123,7 @@ def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
-        bandwidth = read_bandwidth(5)
+        bandwidth = read_bandwidth(10)
         for tokens, label, rounds in ((1, "decode", reps), (PREFILL, f"prefill {PREFILL}", max(3, reps // 5))):
             x = torch.randn(tokens, n, generator=g).bfloat16()
             fns: dict[str, Callable[[], object]] = {"bf16 F.linear": lambda x=x: F.linear(x, w_bf16)}
@@ -144,8 +147,8 @@ def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch
                     "median_speedup_vs_bf16": statistics.median(times["bf16 F.linear"]) / statistics.median(ts),
                     "cpu_ms": None if cpu_s is None else cpu_s * 1e3,
                     "cpu_speedup_vs_bf16": None if cpu_s is None else min(cpu["bf16 F.linear"]) / cpu_s,
-                    "weight_gb_s": nbytes / s / 1e9, "read_bandwidth_gb_s": bandwidth,
-                    "fraction_of_read_bandwidth": nbytes / s / 1e9 / bandwidth,
+                    "weight_gb_s": nbytes / (s if cpu_s is None else cpu_s) / 1e9, "read_bandwidth_gb_s": bandwidth,
+                    "fraction_of_read_bandwidth": nbytes / (s if cpu_s is None else cpu_s) / 1e9 / bandwidth,
                 })
             print(f"{out}x{n} {threads}t {label}: " + ", ".join(f"{k} {min(v) * 1e3:.2f} ms" for k, v in times.items()),
                   flush=True)
@@ -197,8 +200,10 @@ if __name__ == "__main__":
     doc = {
         "protocol": (f"QuantLinear forward with bf16 activations vs F.linear with a bf16 weight; decode = 1 token "
                      f"({args.reps} rounds), prefill = {PREFILL} tokens ({max(3, args.reps // 5)} rounds); each round "
-                     f"times every variant once in a shuffled order; speedups and GB/s from the minimum time "
-                     f"(median columns alongside; CPU ms = the calling thread's CPU time, 1 thread only); GB/s = packed bytes (bf16: 2 bytes/weight) per call / time."),
+                     f"times every variant once in a shuffled order; speedups from the minimum wall time "
+                     f"(median columns alongside; CPU ms = the calling thread's CPU time, 1 thread only); GB/s = "
+                     f"packed bytes (bf16: 2 bytes/weight) per call / minimum time (CPU time at 1 thread, wall time "
+                     f"at 2), as for the streaming read."),
         "kernels": (f"sqllm_cpu, {cpu_kernels().isa()} decode kernels (AVX2 rows alongside where AVX-512 runs)"
                     if kernels_enabled() else "none"),
         "read_bandwidth_gb_s": bandwidth,
