@@ -1,6 +1,6 @@
 """Layer benchmark of the packed-weight kernels against bf16 ``F.linear`` on LLaMA-2-7B-shaped layers.
 
-    python benchmarks/kernels.py [--threads 1 2] [--reps 15] [--out kernels]   # results/NAME.{json,md}
+    python benchmarks/kernels.py [--threads 1 2] [--reps 15] [--no-prefill] [--out kernels]   # results/NAME.{json,md}
 
 For every layer shape (out x in: 4096x4096, 11008x4096, 4096x11008), format (LUT 3/4-bit, LUT 3-bit with
 0.45% outliers, SliM-LLM-style mixed 1/2/3-bit g64 averaging 2 bits, uniform 4-bit g128) and thread
@@ -116,7 +116,8 @@ def forced_avx2(fn: Callable[[], object]) -> object:
         return fn()
 
 
-def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch.Generator) -> list[dict]:
+def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch.Generator,
+                  prefill: bool = True) -> list[dict]:
     w_bf16 = (torch.randn(out, n, generator=g) * 0.02).bfloat16()
     modules = {fmt: QuantLinear.from_matrix(random_matrix(fmt, out, n, g), value_dtype=torch.float16)
                for fmt in FORMATS}
@@ -124,7 +125,8 @@ def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch
     for threads in threads_list:
         torch.set_num_threads(threads)
         bandwidth = read_bandwidth(10)
-        for tokens, label, rounds in ((1, "decode", reps), (PREFILL, f"prefill {PREFILL}", max(3, reps // 5))):
+        phases = [(1, "decode", reps)] + ([(PREFILL, f"prefill {PREFILL}", max(3, reps // 5))] if prefill else [])
+        for tokens, label, rounds in phases:
             x = torch.randn(tokens, n, generator=g).bfloat16()
             fns: dict[str, Callable[[], object]] = {"bf16 F.linear": lambda x=x: F.linear(x, w_bf16)}
             fns |= {fmt: (lambda m=m, x=x: m(x)) for fmt, m in modules.items()}
@@ -187,6 +189,7 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=15, help="decode rounds (prefill: a fifth, at least 3)")
     ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, comma separated")
     ap.add_argument("--out", default="kernels")
+    ap.add_argument("--no-prefill", action="store_true", help="decode only (many rounds on a loaded machine)")
     args = ap.parse_args()
     if cpu_kernels() is None:
         sys.exit("the compiled CPU kernels are unavailable here (no AVX2, no compiler, or SQLLM_KERNELS=0)")
@@ -195,11 +198,12 @@ if __name__ == "__main__":
     rows: list[dict] = []
     for shape in args.shapes.split(","):
         out, n = (int(v) for v in shape.split("x"))
-        rows += measure_shape(out, n, args.threads, args.reps, g)
+        rows += measure_shape(out, n, args.threads, args.reps, g, prefill=not args.no_prefill)
     bandwidth = {str(t): next(r["read_bandwidth_gb_s"] for r in rows if r["threads"] == t) for t in args.threads}
+    prefill = "no prefill" if args.no_prefill else f"prefill = {PREFILL} tokens ({max(3, args.reps // 5)} rounds)"
     doc = {
         "protocol": (f"QuantLinear forward with bf16 activations vs F.linear with a bf16 weight; decode = 1 token "
-                     f"({args.reps} rounds), prefill = {PREFILL} tokens ({max(3, args.reps // 5)} rounds); each round "
+                     f"({args.reps} rounds), {prefill}; each round "
                      f"times every variant once in a shuffled order; speedups from the minimum wall time "
                      f"(median columns alongside; CPU ms = the calling thread's CPU time, 1 thread only); GB/s = "
                      f"packed bytes (bf16: 2 bytes/weight) per call / minimum time (CPU time at 1 thread, wall time "
