@@ -160,7 +160,8 @@ __attribute__((always_inline)) inline void sweep16(const Weights& w, const Activ
     for (int i = 0; i < R; ++i) {
       // The same bytes two row blocks ahead, into L2: the hardware prefetchers follow R short interleaved
       // row streams poorly (cold 3-bit weights were read at half the streaming rate without).
-      _mm_prefetch(reinterpret_cast<const char*>(w.row(r + 2 * R + i) + at), _MM_HINT_T1);
+      const int64_t ahead = std::min(r + 2 * R + i, w.out - 1);  // addresses inside the buffer
+      _mm_prefetch(reinterpret_cast<const char*>(w.row(ahead) + at), _MM_HINT_T1);
       lanes[i] = planar16_lanes<B>(w.row(r + i) + at);
     }
   } else {
