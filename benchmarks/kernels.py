@@ -1,6 +1,6 @@
 """Layer benchmark of the packed-weight kernels against bf16 ``F.linear`` on LLaMA-2-7B-shaped layers.
 
-    python benchmarks/kernels.py [--threads 1 2] [--reps 15] [--out kernels]   # results/NAME.{json,md}
+    python benchmarks/kernels.py [--threads 1 2] [--reps 15] [--no-prefill] [--out kernels]   # results/NAME.{json,md}
 
 For every layer shape (out x in: 4096x4096, 11008x4096, 4096x11008), format (LUT 3/4-bit, LUT 3-bit with
 0.45% outliers, SliM-LLM-style mixed 1/2/3-bit g64 averaging 2 bits, uniform 4-bit g128) and thread
@@ -8,11 +8,13 @@ count, in one process: decode (1 token) and prefill (256 tokens) through ``Quant
 activations, next to ``F.linear`` with a bf16 weight. Every round times every variant once, in a
 shuffled order, so load from other processes hits all variants alike; the table reports the minimum
 (the least disturbed call: on a shared machine, preemption only ever adds time) and the median, and at
-one thread also the calling thread's CPU time, which preemption does not inflate. Achieved
-bandwidth counts the packed tensors (codes, tables or scales, bit map, outliers) read once per call,
-and is compared with the machine's streaming read bandwidth at the same thread count (a 256 MiB
-float32 buffer summed with AVX2 by the kernels' own ``stream_sum``). Weights are random: speed does
-not depend on the values.
+one thread also the calling thread's CPU time, which preemption does not inflate. Where the CPU has
+AVX-512, decode also times every format with the AVX2 kernels forced (rows marked ``[AVX2]``, column
+"x AVX2" = AVX2 time / default time). Achieved bandwidth counts the packed tensors (codes, tables or
+scales, bit map, outliers) read once per call, and is compared with the machine's streaming read
+bandwidth at the same thread count (a 256 MiB float32 buffer summed with AVX2 by the kernels' own
+``stream_sum``); at one thread both come from CPU time, at two from the minimum wall time. Weights are
+random: speed does not depend on the values.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sqllm.codes import LUTCodes, QuantizedMatrix, SparseOutliers, UniformCodes, expand_groups, fp16_grid
 from sqllm.nn import QuantLinear
-from sqllm.nn.kernels import cpu_kernels, kernels_enabled
+from sqllm.nn.kernels import cpu_isa, cpu_kernels, kernels_enabled
 from sqllm.report import git_commit, machine_info, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 PREFILL = 256
 FORMATS = ["LUT 3-bit", "LUT 4-bit", "LUT 3-bit + 0.45% sparse", "SliM mixed 2-bit g64", "uniform 4-bit g128"]
+AVX2 = " [AVX2]"  # suffix of the variants timed with the AVX2 kernels forced
 
 
 def random_matrix(fmt: str, out: int, n: int, g: torch.Generator) -> QuantizedMatrix:
@@ -98,41 +101,56 @@ def interleaved_times(
 
 
 def read_bandwidth(reps: int) -> float:
-    """Streaming read bandwidth in GB/s at the current torch thread count."""
+    """Streaming read bandwidth in GB/s at the current torch thread count: from the calling thread's CPU
+    time at one thread (as the kernels' bandwidth there), which preemption by other processes does not
+    inflate; from wall time otherwise."""
     buffer = torch.ones(64 * 2**20)  # 256 MiB, touched so every page is real memory
     k = cpu_kernels()
-    t = min(interleaved_times({"read": lambda: k.stream_sum(buffer)}, reps)[0]["read"])
+    wall, cpu = interleaved_times({"read": lambda: k.stream_sum(buffer)}, reps)
+    t = min(cpu["read"]) if torch.get_num_threads() == 1 else min(wall["read"])
     return buffer.numel() * 4 / t / 1e9
 
 
-def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch.Generator) -> list[dict]:
+def forced_avx2(fn: Callable[[], object]) -> object:
+    with cpu_isa("avx2"):
+        return fn()
+
+
+def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch.Generator,
+                  prefill: bool = True) -> list[dict]:
     w_bf16 = (torch.randn(out, n, generator=g) * 0.02).bfloat16()
     modules = {fmt: QuantLinear.from_matrix(random_matrix(fmt, out, n, g), value_dtype=torch.float16)
                for fmt in FORMATS}
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
-        bandwidth = read_bandwidth(5)
-        for tokens, label, rounds in ((1, "decode", reps), (PREFILL, f"prefill {PREFILL}", max(3, reps // 5))):
+        bandwidth = read_bandwidth(10)
+        phases = [(1, "decode", reps)] + ([(PREFILL, f"prefill {PREFILL}", max(3, reps // 5))] if prefill else [])
+        for tokens, label, rounds in phases:
             x = torch.randn(tokens, n, generator=g).bfloat16()
             fns: dict[str, Callable[[], object]] = {"bf16 F.linear": lambda x=x: F.linear(x, w_bf16)}
             fns |= {fmt: (lambda m=m, x=x: m(x)) for fmt, m in modules.items()}
+            if tokens == 1 and cpu_kernels().isa() == "avx512":
+                fns |= {fmt + AVX2: (lambda m=m, x=x: forced_avx2(lambda: m(x))) for fmt, m in modules.items()}
             with torch.inference_mode():
                 times, cpu = interleaved_times(fns, rounds)
             base = min(times["bf16 F.linear"])
             for name, ts in times.items():
                 s = min(ts)
                 cpu_s = min(cpu[name]) if threads == 1 else None  # other threads' work is not this thread's
-                nbytes = 2 * out * n if name == "bf16 F.linear" else packed_bytes(modules[name])
+                fmt = name.removesuffix(AVX2)
+                nbytes = 2 * out * n if name == "bf16 F.linear" else packed_bytes(modules[fmt])
+                avx2 = times.get(fmt + AVX2) if name in modules else None
                 rows.append({
                     "shape": f"{out}x{n}", "threads": threads, "phase": label, "tokens": tokens, "format": name,
-                    "bits_per_weight": 16.0 if name == "bf16 F.linear" else modules[name].bits_per_weight(),
+                    "bits_per_weight": 16.0 if name == "bf16 F.linear" else modules[fmt].bits_per_weight(),
                     "ms": s * 1e3, "median_ms": statistics.median(ts) * 1e3, "speedup_vs_bf16": base / s,
+                    "speedup_vs_avx2": None if avx2 is None else min(avx2) / s,
                     "median_speedup_vs_bf16": statistics.median(times["bf16 F.linear"]) / statistics.median(ts),
                     "cpu_ms": None if cpu_s is None else cpu_s * 1e3,
                     "cpu_speedup_vs_bf16": None if cpu_s is None else min(cpu["bf16 F.linear"]) / cpu_s,
-                    "weight_gb_s": nbytes / s / 1e9, "read_bandwidth_gb_s": bandwidth,
-                    "fraction_of_read_bandwidth": nbytes / s / 1e9 / bandwidth,
+                    "weight_gb_s": nbytes / (s if cpu_s is None else cpu_s) / 1e9, "read_bandwidth_gb_s": bandwidth,
+                    "fraction_of_read_bandwidth": nbytes / (s if cpu_s is None else cpu_s) / 1e9 / bandwidth,
                 })
             print(f"{out}x{n} {threads}t {label}: " + ", ".join(f"{k} {min(v) * 1e3:.2f} ms" for k, v in times.items()),
                   flush=True)
@@ -143,10 +161,11 @@ def write(rows: list[dict], doc: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")
     table = markdown_table(
-        ["layer (out x in)", "threads", "phase", "format", "bits/weight", "ms (min)", "x bf16 (min)",
+        ["layer (out x in)", "threads", "phase", "format", "bits/weight", "ms (min)", "x bf16 (min)", "x AVX2 (min)",
          "ms (median)", "x bf16 (median)", "CPU ms", "x bf16 (CPU)", "weights GB/s", "of read bandwidth"],
         [[r["shape"], r["threads"], r["phase"], r["format"], f"{r['bits_per_weight']:.2f}", f"{r['ms']:.2f}",
-          f"{r['speedup_vs_bf16']:.2f}", f"{r['median_ms']:.2f}", f"{r['median_speedup_vs_bf16']:.2f}",
+          f"{r['speedup_vs_bf16']:.2f}", "-" if r.get("speedup_vs_avx2") is None else f"{r['speedup_vs_avx2']:.2f}",
+          f"{r['median_ms']:.2f}", f"{r['median_speedup_vs_bf16']:.2f}",
           "-" if r["cpu_ms"] is None else f"{r['cpu_ms']:.2f}",
           "-" if r["cpu_speedup_vs_bf16"] is None else f"{r['cpu_speedup_vs_bf16']:.2f}",
           f"{r['weight_gb_s']:.1f}", f"{r['fraction_of_read_bandwidth']:.0%}"]
@@ -170,6 +189,7 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=15, help="decode rounds (prefill: a fifth, at least 3)")
     ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, comma separated")
     ap.add_argument("--out", default="kernels")
+    ap.add_argument("--no-prefill", action="store_true", help="decode only (many rounds on a loaded machine)")
     args = ap.parse_args()
     if cpu_kernels() is None:
         sys.exit("the compiled CPU kernels are unavailable here (no AVX2, no compiler, or SQLLM_KERNELS=0)")
@@ -178,14 +198,18 @@ if __name__ == "__main__":
     rows: list[dict] = []
     for shape in args.shapes.split(","):
         out, n = (int(v) for v in shape.split("x"))
-        rows += measure_shape(out, n, args.threads, args.reps, g)
+        rows += measure_shape(out, n, args.threads, args.reps, g, prefill=not args.no_prefill)
     bandwidth = {str(t): next(r["read_bandwidth_gb_s"] for r in rows if r["threads"] == t) for t in args.threads}
+    prefill = "no prefill" if args.no_prefill else f"prefill = {PREFILL} tokens ({max(3, args.reps // 5)} rounds)"
     doc = {
         "protocol": (f"QuantLinear forward with bf16 activations vs F.linear with a bf16 weight; decode = 1 token "
-                     f"({args.reps} rounds), prefill = {PREFILL} tokens ({max(3, args.reps // 5)} rounds); each round "
-                     f"times every variant once in a shuffled order; speedups and GB/s from the minimum time "
-                     f"(median columns alongside; CPU ms = the calling thread's CPU time, 1 thread only); GB/s = packed bytes (bf16: 2 bytes/weight) per call / time."),
-        "kernels": "AVX2 (sqllm_cpu_avx2)" if kernels_enabled() else "none",
+                     f"({args.reps} rounds), {prefill}; each round "
+                     f"times every variant once in a shuffled order; speedups from the minimum wall time "
+                     f"(median columns alongside; CPU ms = the calling thread's CPU time, 1 thread only); GB/s = "
+                     f"packed bytes (bf16: 2 bytes/weight) per call / minimum time (CPU time at 1 thread, wall time "
+                     f"at 2), as for the streaming read."),
+        "kernels": (f"sqllm_cpu, {cpu_kernels().isa()} decode kernels (AVX2 rows alongside where AVX-512 runs)"
+                    if kernels_enabled() else "none"),
         "read_bandwidth_gb_s": bandwidth,
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "machine": machine_info(), "commit": git_commit(str(ROOT)),

@@ -1,12 +1,14 @@
-"""The ``torch.ops.sqllm`` ops: the compiled CPU kernels against the pure-torch implementation and the
-dense reference on every layout (odd shapes, partial groups, empty sparse rows), the fallbacks, the
-op registrations (fake, autograd) and ``torch.compile`` of a packed model."""
+"""The ``torch.ops.sqllm`` ops: the compiled CPU kernels (AVX2, and AVX-512 where the CPU has it) against
+the pure-torch implementation and the dense reference on every layout (odd shapes, partial groups, empty
+sparse rows), the fallbacks, the op registrations (fake, autograd) and ``torch.compile`` of a packed
+model."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,6 +20,19 @@ from sqllm.nn.kernels import cpu_kernels, ops
 from test_layouts import lut_matrix, uniform_matrix
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX2, no C++ compiler, or SQLLM_KERNELS=0")
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test with the compiled decode kernels of each instruction set (AVX-512 where the CPU has
+    it; the layouts it does not take fall through to the AVX2 kernels, as in use)."""
+    try:
+        with kernels.cpu_isa(request.param):
+            yield request.param
+    except RuntimeError as exc:
+        if "no AVX-512" not in str(exc):
+            raise
+        pytest.skip("no AVX-512 F/BW/VL here")
 
 
 def term_scale(qm: QuantizedMatrix, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +61,7 @@ LUT_SHAPES = [(37, 100), (33, 577), (5, 9), (16, 64), (7, 200)]  # rows ending m
 @needs_kernels
 @pytest.mark.parametrize("bits", range(1, 9))  # 1..4: vector readers; wider: the scalar reader
 @pytest.mark.parametrize("shape", LUT_SHAPES)
-def test_lut_kernel_matches_reference(bits: int, shape: tuple[int, int]) -> None:
+def test_lut_kernel_matches_reference(bits: int, shape: tuple[int, int], isa: str) -> None:
     out, n = shape
     qm = lut_matrix(100 * bits + n, out, n, bits)
     t = pack_matrix(qm, "", torch.float32)
@@ -59,16 +74,18 @@ def test_lut_kernel_matches_reference(bits: int, shape: tuple[int, int]) -> None
 
 
 UNIFORM = [  # (out, n, group_size): partial last groups, per-channel, groups that split super-chunks,
-    # and group sizes the vector readers do not take (20, 12: the scalar reader)
+    # and group sizes the vector readers do not take (20, 12: the scalar reader). AVX-512 takes groups of
+    # 64k columns: g64 with a last group that ends mid-super-chunk (600) and one past the last column
+    # (300), g192 straddling 128-column super-chunks, g256 with a partial last group.
     (37, 100, 32), (37, 100, 100), (9, 600, 64), (11, 640, 128), (7, 200, 8), (5, 130, 256), (6, 72, 24),
-    (6, 100, 20), (5, 50, 12),
+    (6, 100, 20), (5, 50, 12), (4, 300, 64), (6, 448, 192), (3, 1000, 256),
 ]
 
 
 @needs_kernels
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("case", UNIFORM, ids=lambda c: f"{c[0]}x{c[1]}g{c[2]}")
-def test_uniform_kernel_matches_reference(bits: int, case: tuple[int, int, int]) -> None:
+def test_uniform_kernel_matches_reference(bits: int, case: tuple[int, int, int], isa: str) -> None:
     out, n, group_size = case
     qm = uniform_matrix(10 * bits + n + group_size, out, n, group_size, [bits])
     t = pack_matrix(qm, "", torch.float32)
@@ -83,15 +100,17 @@ def test_uniform_kernel_matches_reference(bits: int, case: tuple[int, int, int])
 
 
 @needs_kernels
-def test_uniform_kernel_reads_group_ids() -> None:
-    """A part whose groups use scattered columns of scales/zeros (as one width of a mixed layer does)."""
-    qm = uniform_matrix(7, 13, 192, 64, [3])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_uniform_kernel_reads_group_ids(group_size: int, isa: str) -> None:
+    """A part whose groups use scattered columns of scales/zeros (as one width of a mixed layer does),
+    among more columns than 16 (AVX-512 widens them 16 at a time)."""
+    qm = uniform_matrix(7, 13, 3 * group_size, group_size, [3])
     t = pack_matrix(qm, "", torch.float32)
-    scales = torch.randn(13, 7).half()
-    zeros = torch.randn(13, 7).half()
-    ids = torch.tensor([5, 0, 3])
-    x = torch.randn(4, 192)
-    args = (t["qweight"], scales, zeros, ids, 64, 3, 192)
+    scales = torch.randn(13, 21).half()
+    zeros = torch.randn(13, 21).half()
+    ids = torch.tensor([5, 20, 3])
+    x = torch.randn(4, 3 * group_size)
+    args = (t["qweight"], scales, zeros, ids, group_size, 3, 3 * group_size)
     expected = ops.uniform_mm_torch(x, *args)
     qm.dense.scales, qm.dense.zeros = scales[:, ids].float(), zeros[:, ids].float()
     assert_round_off(cpu_kernels().uniform_mm(x, *args), expected, term_scale(qm, x))
@@ -114,7 +133,7 @@ def test_csr_kernel_matches_reference(value_dtype: torch.dtype) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernels_take_half_activations(dtype: torch.dtype) -> None:
+def test_kernels_take_half_activations(dtype: torch.dtype, isa: str) -> None:
     """fp16/bf16 x is widened exactly; the product is the fp32 one of the widened x."""
     qm = uniform_matrix(2, 21, 256, 64, [4])
     t = pack_matrix(qm, "", torch.float32)
@@ -123,6 +142,27 @@ def test_kernels_take_half_activations(dtype: torch.dtype) -> None:
         x = torch.randn(m, 256).to(dtype)
         y = cpu_kernels().uniform_mm(x, t["qweight"], t["scales"], t["zeros"], ids, 64, 4, 256)
         assert_round_off(y, x.float() @ qm.dequantize().T, term_scale(qm, x))
+
+
+@needs_kernels
+def test_isa_choice_reaches_the_kernels() -> None:
+    """``cpu_isa`` switches the decode kernels and restores the previous choice; on an AVX-512 CPU the two
+    paths sum in different orders, so their outputs differ in the last bits (within round-off)."""
+    k = cpu_kernels()
+    qm = lut_matrix(1, 40, 577, 3)
+    t = pack_matrix(qm, "", torch.float32)
+    x = torch.randn(1, 577)
+    before = k.isa()
+    with kernels.cpu_isa("avx2"):
+        assert k.isa() == "avx2"
+        y2 = k.lut_mm(x, t["qweight"], t["lut"], 3, 577)
+    assert k.isa() == before
+    with pytest.raises(RuntimeError, match="isa must be 'avx2' or 'avx512', got 'sse'"):
+        k.set_isa("sse")
+    if before == "avx512":
+        y512 = k.lut_mm(x, t["qweight"], t["lut"], 3, 577)
+        assert not torch.equal(y512, y2)
+        assert_round_off(y512, y2, term_scale(qm, x))
 
 
 @needs_kernels
@@ -191,6 +231,15 @@ def test_without_kernels_the_ops_run_torch() -> None:
     )
     env = {**os.environ, "SQLLM_KERNELS": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@needs_kernels
+def test_kernels_env_chooses_avx2() -> None:
+    """``SQLLM_KERNELS=avx2`` loads the kernels with the AVX2 decoders chosen (a fresh process)."""
+    script = "from sqllm.nn.kernels import cpu_kernels\nassert cpu_kernels().isa() == 'avx2'\n"
+    env = {**os.environ, "SQLLM_KERNELS": "avx2", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
 
 

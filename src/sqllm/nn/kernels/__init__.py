@@ -1,14 +1,20 @@
 """Kernels for packed weights: the ``torch.ops.sqllm`` ops (:mod:`.ops`) and their compiled CPU backend.
 
-The CPU backend (``cpu_avx2.cpp``) needs an x86-64 CPU with AVX2, FMA and F16C (read from
-``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU qualifies) and a C++ compiler. The
-first CPU call of an op builds it with ``torch.utils.cpp_extension`` (a few minutes, once; cached by
-torch under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, keyed by the source's
-hash, in a folder named after it) and loads it; loading registers its C++ functions as the ops' CPU (and CPU autograd)
-implementations in the dispatcher, so later calls never pass through Python. Where the CPU, the
-compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels` returns None and the ops keep their
-pure-torch implementation. The C++ side takes every layout: the vector readers serve LUT codes of 1..4
-bits and uniform groups that are a multiple of 8 columns (or cover the row), a scalar reader the rest.
+The CPU backend (``cpu_avx2.cpp``, with ``cpu_avx512.cpp`` appended: one library) needs an x86-64 CPU
+with AVX2, FMA and F16C (read from ``torch.backends.cpu.get_cpu_capability()``; every AVX-512 CPU
+qualifies) and a C++ compiler. The first CPU call of an op builds it with ``torch.utils.cpp_extension``
+(a few minutes, once; cached by torch under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``, in a folder named after the sources' hash) and loads it; loading registers its C++
+functions as the ops' CPU (and CPU autograd) implementations in the dispatcher, so later calls never
+pass through Python. Where the CPU, the compiler or ``SQLLM_KERNELS=0`` rules it out, :func:`cpu_kernels`
+returns None and the ops keep their pure-torch implementation. The C++ side takes every layout: the
+vector readers serve LUT codes of 1..4 bits and uniform groups that are a multiple of 8 columns (or
+cover the row), a scalar reader the rest.
+
+Where the CPU also has AVX-512 F/BW/VL (checked at run time) and the compiler is GCC, decoding (1..8
+tokens) of LUT codes of 1..4 bits, and of uniform codes of 1..4 bits in groups of a multiple of 64
+columns (or one group per row), runs AVX-512 kernels; everything else runs the AVX2 kernels.
+``SQLLM_KERNELS=avx2`` or :func:`cpu_isa` keeps the AVX2 kernels everywhere.
 
 Importing this package also registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton
 imported on first use); ``SQLLM_KERNELS=triton`` sends CPU tensors to them too (under
@@ -33,14 +39,14 @@ from . import ops, triton_ops  # triton_ops registers the CUDA implementations
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_avx2.cpp")
-FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum"]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_avx2.cpp", "cpu_avx512.cpp")]
+FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum", "isa", "set_isa"]
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
 
 def kernels_enabled() -> bool:
     """False when ``SQLLM_KERNELS`` is ``0`` (pure torch) or ``triton`` (Triton everywhere), or the CPU
-    lacks AVX2 (torch's capability tells)."""
+    lacks AVX2 (torch's capability tells). ``SQLLM_KERNELS=avx2`` enables them without AVX-512."""
     if os.environ.get("SQLLM_KERNELS", "1") in ("0", "triton"):
         return False
     return torch.backends.cpu.get_cpu_capability() in AVX2_CAPABILITIES
@@ -53,14 +59,14 @@ def cpu_kernels() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load_inline
 
-    source = SOURCE.read_text()
+    source = "\n".join(path.read_text() for path in SOURCES)
     log.info("sqllm: building the CPU kernels (once; cached by torch)")
     try:
-        return load_inline(
+        module = load_inline(
             # One build folder per source version: checkouts of different versions on one machine
             # would otherwise rebuild over each other's module (and wait on each other's lock).
-            name=f"sqllm_cpu_avx2_{hashlib.sha256(source.encode()).hexdigest()[:12]}",
-            cpp_sources=[source],
+            name=f"sqllm_cpu_{hashlib.sha256(source.encode()).hexdigest()[:12]}",
+            cpp_sources=[source],  # the sources concatenated: one translation unit
             functions=FUNCTIONS,
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -69,6 +75,9 @@ def cpu_kernels() -> ModuleType | None:
     except Exception as exc:  # no compiler, no headers, no ninja: the torch path still works
         log.warning("sqllm: CPU kernels unavailable (%s: %s); using the torch path", type(exc).__name__, exc)
         return None
+    if os.environ.get("SQLLM_KERNELS") == "avx2":
+        module.set_isa("avx2")
+    return module
 
 
 def kernels_registered() -> bool:
@@ -83,6 +92,21 @@ def torch_path() -> Iterator[None]:
     implementation and is removed on exit; other devices are unaffected."""
     with _cpu_implementations(ops.lut_mm_torch, ops.uniform_mm_torch, ops.csr_mm_torch):
         yield
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str) -> Iterator[None]:
+    """Within this block the compiled decode kernels use instruction set ``name`` (``"avx2"``, or
+    ``"avx512"`` where the CPU has AVX-512 F/BW/VL; RuntimeError otherwise), in every thread; tests and
+    benchmarks compare the two. Needs the compiled kernels (:func:`cpu_kernels`)."""
+    module = cpu_kernels()
+    if module is None:
+        raise RuntimeError("the compiled CPU kernels are not loaded")
+    previous = module.set_isa(name)
+    try:
+        yield
+    finally:
+        module.set_isa(previous)
 
 
 @contextlib.contextmanager

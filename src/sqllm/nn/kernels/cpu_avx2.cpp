@@ -90,10 +90,12 @@ struct Activations {
   const float* gsum;
 };
 
-enum class Order { kColumns, kPlanar, kNibbles };
+// kPlanar16: the AVX-512 decoders' planar order (cpu_avx512.cpp), super-chunks of 128 codes in 16 lanes.
+enum class Order { kColumns, kPlanar, kNibbles, kPlanar16 };
 
 inline int64_t position(Order order, int64_t j) {
   if (order == Order::kPlanar) return j / kSuper * kSuper + 8 * (j % 8) + (j % kSuper) / 8;
+  if (order == Order::kPlanar16) return j / 128 * 128 + 16 * (j % 8) + (j % 128) / 8;
   if (order == Order::kNibbles) return j / 16 * 16 + 8 * (j % 2) + (j % 16) / 2;
   return j;
 }
@@ -468,9 +470,9 @@ void with_tokens(int64_t m, F&& f) {
 int64_t row_grain(int64_t n) { return std::max<int64_t>(8, 32768 / std::max<int64_t>(n, 1)); }
 
 // x [m, n] (any float dtype) in fp32 [m, stride], zero-padded, in `order`; plus [m, segments] group sums
-// of x (column order) when `w` is uniform.
+// of x (column order) when `w` is uniform and `group_sums` is set.
 std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, const Weights& w, int64_t stride,
-                                                     Order order) {
+                                                     Order order, bool group_sums = true) {
   const int64_t m = x.size(0), n = x.size(1);
   const auto xf = x.to(torch::kFloat32).contiguous();
   auto xp = torch::zeros({m, stride}, xf.options());
@@ -484,7 +486,7 @@ std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, cons
     }
   }
   torch::Tensor gsum;
-  if (w.lut == nullptr) {
+  if (w.lut == nullptr && group_sums) {
     const int64_t n_seg = w.segments();
     gsum = torch::zeros({m, n_seg}, xf.options());
     float* g = gsum.data_ptr<float>();
@@ -494,12 +496,16 @@ std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, cons
   return {xp, gsum};
 }
 
+// The AVX-512 decoders (cpu_avx512.cpp, appended to this unit by the loader): y [m, out] for m <= 8
+// tokens; false, with y untouched, when the CPU or the layout rules them out (or set_isa chose AVX2).
+bool decode_avx512(const torch::Tensor& x, const Weights& w, float* y);
 
 // Decode or prefill for one packed tensor: [m, out] fp32.
 torch::Tensor matmul(const torch::Tensor& x, const Weights& w) {
   const int64_t m = x.size(0), out = w.out;
   auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
   if (m == 0 || out == 0) return y;
+  if (m <= kMaxTokens && decode_avx512(x, w, y.data_ptr<float>())) return y;
   const bool lut = w.lut != nullptr;
   if (m <= kMaxTokens && vector_layout(w)) {
     Kernel kernel;
@@ -559,6 +565,7 @@ Weights codes_of(const torch::Tensor& qweight, int64_t bits, int64_t n) {
                  static_cast<int>(bits)};
 }
 
+// Rows [r0, r1) of the CSR outliers times xt [in, m] into yt [out, m].
 template <typename V>
 void csr_rows(const int32_t* crow, const int32_t* col, const V* val, const float* xt, int64_t m, float* yt,
               int64_t r0, int64_t r1) {
@@ -570,6 +577,22 @@ void csr_rows(const int32_t* crow, const int32_t* col, const V* val, const float
       const float* src = xt + static_cast<int64_t>(col[k]) * m;
       for (int64_t t = 0; t < m; ++t) dst[t] += v * src[t];
     }
+  }
+}
+
+// The same for M <= 8 tokens (decode), the M sums in registers: summing into yt, which xt may alias as
+// far as the compiler knows, puts a store and a reload in the chain of every addition (3x slower).
+template <int M, typename V>
+void csr_rows_decode(const int32_t* crow, const int32_t* col, const V* val, const float* xt, float* yt, int64_t r0,
+                     int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[M] = {};
+    for (int32_t k = crow[r]; k < crow[r + 1]; ++k) {
+      const float v = static_cast<float>(val[k]);
+      const float* src = xt + static_cast<int64_t>(col[k]) * M;
+      for (int t = 0; t < M; ++t) acc[t] += v * src[t];
+    }
+    std::copy(acc, acc + M, yt + r * M);
   }
 }
 
@@ -744,6 +767,15 @@ torch::Tensor csr_mm(torch::Tensor x, torch::Tensor crow, torch::Tensor col, tor
   const int32_t* crow_p = crow.data_ptr<int32_t>();
   const int32_t* col_p = col.data_ptr<int32_t>();
   auto run = [&](const auto* val_p) {
+    if (m >= 1 && m <= kMaxTokens) {
+      with_tokens(m, [&](auto tokens) {
+        at::parallel_for(0, out, 256, [&](int64_t r0, int64_t r1) {
+          constexpr int M = decltype(tokens)::value;
+          csr_rows_decode<M>(crow_p, col_p, val_p, xt.data_ptr<float>(), yt.data_ptr<float>(), r0, r1);
+        });
+      });
+      return;
+    }
     at::parallel_for(0, out, 256, [&](int64_t r0, int64_t r1) {
       csr_rows(crow_p, col_p, val_p, xt.data_ptr<float>(), m, yt.data_ptr<float>(), r0, r1);
     });

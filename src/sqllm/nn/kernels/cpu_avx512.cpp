@@ -1,0 +1,335 @@
+// AVX-512 decode kernels (1..8 tokens). The loader appends this file to cpu_avx2.cpp (one translation
+// unit: it uses that file's Weights, Activations and helpers) and matmul() there calls decode_avx512()
+// first. The code below is compiled for AVX-512 F/BW/VL by a target pragma while the rest of the unit
+// stays AVX2, and decode_avx512() runs it only when the CPU reports those extensions, so the library
+// still loads and runs on AVX2-only CPUs. set_isa("avx2") sends every call to the AVX2 kernels (tests
+// compare both paths; benchmarks time both).
+//
+// One reader and one lookup serve every layout taken here (LUT codes of 1..4 bits; uniform codes of
+// 1..4 bits whose groups are a multiple of 64 columns or cover the row):
+// * Planar reader, 16 lanes: a super-chunk of 128 codes is 16*B bytes; lane l of a zmm register takes
+//   the B bytes of codes [8l, 8l+8), so code 8l+k is (lane >> k*B). x is permuted once per call to
+//   match (Order::kPlanar16: position 16k+l of a super-chunk holds column 8l+k), so step k of a
+//   super-chunk is one 64-byte load of x per token.
+// * Lookup in a 16-entry fp32 table held in a register, by vpermps (which reads an index's low 4 bits,
+//   so the bits of the next codes above need no mask): entry i is the weight of code (i mod 2**B).
+//   A LUT row's table holds its fp16 entries widened. A uniform group's table holds s * (c - z) for
+//   each code c, the reference's own arithmetic, so no zero-point correction is needed. Where groups of
+//   64 columns split a super-chunk, the table holds the codes themselves and each half's scale and
+//   zero point apply once per super-chunk (with the half's sum of x), as the AVX2 kernels do.
+// Each 16 weights thus cost a shift, a lookup and one fp32 FMA per token; R rows share each load of x.
+// On 1..3-bit LUT codes that is 1.2-1.3x the AVX2 kernels' speed per core (two 512-bit ports on Intel
+// against three 256-bit ones), on 4-bit LUT and uniform codes about 2x.
+// Reads never pass the end of `qweight` (masked loads at its end); software prefetches run ahead of them.
+
+#include <atomic>
+#include <string>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define SQLLM_AVX512 1
+#else
+#define SQLLM_AVX512 0  // the target pragma below is GCC's; other compilers keep the AVX2 kernels
+#endif
+
+namespace {
+
+// Whether decode_avx512 may run: the CPU has AVX-512 F/BW/VL (and the OS saves zmm state, which
+// __builtin_cpu_supports checks) and set_isa has not chosen AVX2.
+bool cpu_has_avx512() {
+#if SQLLM_AVX512
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> avx512_chosen{true};
+
+constexpr int64_t kSuper16 = 128;  // codes per super-chunk of the 16-lane planar reader
+
+enum class Kernel16 { kLut, kUniform, kUniformHalves };
+
+}  // namespace
+
+#if SQLLM_AVX512
+// Only the functions defined up to pop_options may use AVX-512; decode_avx512 (after it) checks the CPU
+// before it calls them.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+namespace {
+
+// Bytes that the load of a super-chunk reads: its 16*B (B = 3: a whole register, 48 of them codes).
+template <int B>
+constexpr int64_t kLoad16 = B == 3 ? 64 : 16 * B;
+
+// A super-chunk from its first byte p as 16 lanes, lane l holding codes [8l, 8l+8) in its low 8*B bits.
+// kTail (the end of the buffer, where only `left` bytes exist): a masked load reads nothing past them.
+template <int B, bool kTail = false>
+inline __m512i planar16_lanes(const uint8_t* p, int64_t left = 0) {
+  __m512i v;
+  if constexpr (kTail) {
+    v = _mm512_maskz_loadu_epi8(left >= 64 ? ~__mmask64{0} : (left <= 0 ? 0 : (__mmask64{1} << left) - 1), p);
+  } else if constexpr (B == 1) {
+    v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (B == 2) {
+    v = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    v = _mm512_loadu_si512(p);
+  }
+  if constexpr (B == 1) {
+    return _mm512_cvtepu8_epi32(_mm512_castsi512_si128(v));
+  } else if constexpr (B == 2) {
+    return _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));
+  } else if constexpr (B == 3) {
+    // 128-bit lane q takes dwords 3q..3q+3 (bytes 12q..12q+15), then lane l bytes 3l..3l+2.
+    const __m512i d = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12), v);
+    const __m512i ctl = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+    return _mm512_shuffle_epi8(d, ctl);
+  } else {
+    return v;
+  }
+}
+
+// (i mod 2**B) for i = 0..15, as int32 lanes.
+template <int B>
+inline __m512i codes16() {
+  return _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                          _mm512_set1_epi32((1 << B) - 1));
+}
+
+// The table of a LUT row of 2**B fp16 entries: entry i = lut[i mod 2**B].
+template <int B>
+inline __m512 lut_table16(const at::Half* lut) {
+  const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (1 << B)) - 1), lut);
+  return _mm512_permutexvar_ps(codes16<B>(), _mm512_cvtph_ps(h));
+}
+
+// The table of a uniform group of scale s and zero point z: entry i = s * ((i mod 2**B) - z).
+template <int B>
+inline __m512 group_table16(float s, float z) {
+  return _mm512_mul_ps(_mm512_set1_ps(s), _mm512_sub_ps(_mm512_cvtepi32_ps(codes16<B>()), _mm512_set1_ps(z)));
+}
+
+// Scales and zero points of rows [r, r + R) in fp32, for every column of `scales`: a table then costs
+// two broadcasts, where widening one fp16 value at a time for each group would cost more than the
+// group's lookups (the groups of a mixed-width part are scattered over the columns, hence whole rows).
+template <int R>
+struct GroupParams {
+  float* s;  // [R, n_groups_total]; z follows
+  int64_t stride;
+
+  GroupParams(const Weights& w, int64_t r, float* scratch) : s(scratch), stride(w.n_groups_total) {
+    for (int i = 0; i < R; ++i) {
+      widen(w.scales + (r + i) * stride, s + i * stride);
+      widen(w.zeros + (r + i) * stride, s + (R + i) * stride);
+    }
+  }
+  void widen(const at::Half* src, float* dst) const {
+    for (int64_t g = 0; g < stride; g += 16) {
+      const __mmask16 m = stride - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (stride - g)) - 1);
+      _mm512_mask_storeu_ps(dst + g, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, src + g)));
+    }
+  }
+  float scale(const Weights& w, int i, int64_t g) const { return s[i * stride + w.gid[g]]; }
+  float zero(const Weights& w, int i, int64_t g) const { return s[(R + i) * stride + w.gid[g]]; }
+};
+
+template <int M, int R>
+struct Acc16 {
+  __m512 v[R][M];
+  Acc16() {
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < M; ++t) v[i][t] = _mm512_setzero_ps();
+  }
+  void store(float* y, int64_t out, int64_t r) const {
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < M; ++t) y[t * out + r + i] = _mm512_reduce_add_ps(v[i][t]);
+  }
+};
+
+// Super-chunk `sc` of rows [r, r + R) against M tokens, into acc; `lookup(i, idx)` turns row i's lanes,
+// shifted so that the current 16 columns' codes sit in the low bits, into 16 fp32 weights.
+template <int B, int M, int R, class Lookup>
+__attribute__((always_inline)) inline void sweep16(const Weights& w, const Activations& a, int64_t r, int64_t sc,
+                                                   Acc16<M, R>& acc, Lookup lookup) {
+  __m512i lanes[R];
+  const int64_t at = sc * 16 * B;
+  if (w.avail(r + R - 1) >= at + kLoad16<B>) {  // the last row has the fewest bytes after it
+    for (int i = 0; i < R; ++i) {
+      // The same bytes two row blocks ahead, into L2: the hardware prefetchers follow R short interleaved
+      // row streams poorly (cold 3-bit weights were read at half the streaming rate without).
+      const int64_t ahead = std::min(r + 2 * R + i, w.out - 1);  // addresses inside the buffer
+      _mm_prefetch(reinterpret_cast<const char*>(w.row(ahead) + at), _MM_HINT_T1);
+      lanes[i] = planar16_lanes<B>(w.row(r + i) + at);
+    }
+  } else {
+    for (int i = 0; i < R; ++i) lanes[i] = planar16_lanes<B, true>(w.row(r + i) + at, w.avail(r + i) - at);
+  }
+  const float* xs = a.x + sc * kSuper16;
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k) {
+    __m512 xv[M];
+    for (int t = 0; t < M; ++t) xv[t] = _mm512_loadu_ps(xs + t * a.stride + 16 * k);
+    for (int i = 0; i < R; ++i) {
+      const __m512 wv = lookup(i, _mm512_srli_epi32(lanes[i], k * B));
+      for (int t = 0; t < M; ++t) acc.v[i][t] = _mm512_fmadd_ps(wv, xv[t], acc.v[i][t]);
+    }
+  }
+}
+
+// LUT rows [r, r + R), B-bit codes.
+template <int B, int M, int R>
+void lut_block16(const Weights& w, const Activations& a, float* y, int64_t r) {
+  const int64_t n_sc = (w.n + kSuper16 - 1) / kSuper16;
+  __m512 table[R];
+  for (int i = 0; i < R; ++i) table[i] = lut_table16<B>(w.lut + (r + i) * (1 << B));
+  Acc16<M, R> acc;
+  for (int64_t sc = 0; sc < n_sc; ++sc)
+    sweep16<B>(w, a, r, sc, acc, [&](int i, __m512i idx) { return _mm512_permutexvar_ps(idx, table[i]); });
+  acc.store(y, w.out, r);
+}
+
+// Uniform rows [r, r + R), B-bit codes, groups a multiple of 128 columns (or one group per row): one
+// table per row and group.
+template <int B, int M, int R>
+void uniform_block16(const Weights& w, const Activations& a, float* scratch, float* y, int64_t r) {
+  const int64_t n_sc = (w.n + kSuper16 - 1) / kSuper16, n_seg = w.segments();
+  const int64_t seg_sc = n_seg == 1 ? n_sc : w.group_size / kSuper16;
+  const GroupParams<R> params(w, r, scratch);
+  Acc16<M, R> acc;
+  for (int64_t seg = 0; seg < n_seg; ++seg) {
+    __m512 table[R];
+    for (int i = 0; i < R; ++i) table[i] = group_table16<B>(params.scale(w, i, seg), params.zero(w, i, seg));
+    const int64_t sc1 = std::min(n_sc, (seg + 1) * seg_sc);
+    for (int64_t sc = seg * seg_sc; sc < sc1; ++sc)
+      sweep16<B>(w, a, r, sc, acc, [&](int i, __m512i idx) { return _mm512_permutexvar_ps(idx, table[i]); });
+  }
+  acc.store(y, w.out, r);
+}
+
+// Uniform rows [r, r + R), B-bit codes, groups a multiple of 64 columns, so that each half super-chunk
+// lies in one group. Tables would differ between the halves (an index bit to set per lookup), so here
+// the lookup gives the code itself and the groups enter per super-chunk, as
+// y = sum_h s_h (sum_j c_j x_j - z_h X_h) over halves h, X_h their sums of x (`a.gsum`: [m, n_sc, 16],
+// lanes 0 and 8 of each super-chunk, the others zero).
+template <int B, int M, int R>
+void uniform_half_block16(const Weights& w, const Activations& a, float* scratch, float* y, int64_t r) {
+  const int64_t n_sc = (w.n + kSuper16 - 1) / kSuper16, last = w.segments() - 1;
+  const __m512 codes = _mm512_cvtepi32_ps(codes16<B>());
+  const GroupParams<R> params(w, r, scratch);
+  Acc16<M, R> total;
+  for (int64_t sc = 0; sc < n_sc; ++sc) {
+    Acc16<M, R> acc;
+    sweep16<B>(w, a, r, sc, acc, [&](int, __m512i idx) { return _mm512_permutexvar_ps(idx, codes); });
+    // A half past the last column (the upper half of a row's last super-chunk) has zero sums.
+    const int64_t g0 = 2 * sc * 64 / w.group_size, g1 = std::min(last, (2 * sc + 1) * 64 / w.group_size);
+    for (int i = 0; i < R; ++i) {
+      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(params.scale(w, i, g0)), 0xFF00,
+                                          _mm512_set1_ps(params.scale(w, i, g1)));
+      const __m512 z = _mm512_mask_mov_ps(_mm512_set1_ps(params.zero(w, i, g0)), 0xFF00,
+                                          _mm512_set1_ps(params.zero(w, i, g1)));
+      const __m512 sz = _mm512_mul_ps(s, z);
+      for (int t = 0; t < M; ++t) {
+        const __m512 sums = _mm512_loadu_ps(a.gsum + (t * n_sc + sc) * 16);
+        total.v[i][t] = _mm512_fnmadd_ps(sz, sums, _mm512_fmadd_ps(acc.v[i][t], s, total.v[i][t]));
+      }
+    }
+  }
+  total.store(y, w.out, r);
+}
+
+template <int M, int B>
+void decode16_rows(Kernel16 kernel, const Weights& w, const Activations& a, float* y, int64_t r0, int64_t r1) {
+  constexpr int R = M <= 1 ? 8 : (M <= 4 ? 4 : 2);  // R x M accumulators, R tables and R lanes in registers
+  switch (kernel) {
+    case Kernel16::kLut:
+      row_blocks<R>(r0, r1, [&](int64_t r) { lut_block16<B, M, R>(w, a, y, r); },
+                    [&](int64_t r) { lut_block16<B, M, 1>(w, a, y, r); });
+      break;
+    case Kernel16::kUniform:
+    case Kernel16::kUniformHalves: {
+      std::vector<float> scratch(2 * R * w.n_groups_total);  // GroupParams of R rows
+      float* p = scratch.data();
+      if (kernel == Kernel16::kUniform) {
+        row_blocks<R>(r0, r1, [&](int64_t r) { uniform_block16<B, M, R>(w, a, p, y, r); },
+                      [&](int64_t r) { uniform_block16<B, M, 1>(w, a, p, y, r); });
+      } else {
+        row_blocks<R>(r0, r1, [&](int64_t r) { uniform_half_block16<B, M, R>(w, a, p, y, r); },
+                      [&](int64_t r) { uniform_half_block16<B, M, 1>(w, a, p, y, r); });
+      }
+      break;
+    }
+  }
+}
+
+template <int M>
+void decode16(Kernel16 kernel, const Weights& w, const Activations& a, float* y, int64_t r0, int64_t r1) {
+  switch (w.bits) {
+    case 1: decode16_rows<M, 1>(kernel, w, a, y, r0, r1); break;
+    case 2: decode16_rows<M, 2>(kernel, w, a, y, r0, r1); break;
+    case 3: decode16_rows<M, 3>(kernel, w, a, y, r0, r1); break;
+    default: decode16_rows<M, 4>(kernel, w, a, y, r0, r1); break;
+  }
+}
+
+// y [m, out] for the m tokens of `a`, rows split over threads.
+void decode16_call(Kernel16 kernel, const Weights& w, const Activations& a, int64_t m, float* y) {
+  with_tokens(m, [&](auto tokens) {
+    constexpr int M = decltype(tokens)::value;
+    at::parallel_for(0, w.out, row_grain(w.n), [&](int64_t r0, int64_t r1) { decode16<M>(kernel, w, a, y, r0, r1); });
+  });
+}
+
+}  // namespace
+#pragma GCC pop_options
+#endif  // SQLLM_AVX512
+
+namespace {
+
+bool decode_avx512(const torch::Tensor& x, const Weights& w, float* y) {
+#if SQLLM_AVX512
+  if (!avx512_chosen.load(std::memory_order_relaxed) || !cpu_has_avx512() || w.bits > 4) return false;
+  Kernel16 kernel;
+  if (w.lut != nullptr) {
+    kernel = Kernel16::kLut;
+  } else if (w.segments() == 1 || w.group_size % kSuper16 == 0) {
+    kernel = Kernel16::kUniform;
+  } else if (w.group_size % 64 == 0) {
+    kernel = Kernel16::kUniformHalves;
+  } else {
+    return false;
+  }
+  const int64_t m = x.size(0), n_sc = (w.n + kSuper16 - 1) / kSuper16, stride = n_sc * kSuper16;
+  const auto xp = activations(x, w, stride, Order::kPlanar16, /*group_sums=*/false).first;
+  torch::Tensor halves;  // kUniformHalves: [m, n_sc, 16], lanes 0 and 8 the sums of x over each half
+  if (kernel == Kernel16::kUniformHalves) {
+    halves = torch::zeros({m, n_sc, 16}, xp.options());
+    const float* src = xp.data_ptr<float>();
+    float* dst = halves.data_ptr<float>();
+    for (int64_t i = 0; i < m * stride; ++i) dst[i / kSuper16 * 16 + i % 16 / 8 * 8] += src[i];  // lane l = i % 16
+  }
+  const Activations a{xp.data_ptr<float>(), stride, halves.defined() ? halves.data_ptr<float>() : nullptr};
+  decode16_call(kernel, w, a, m, y);
+  return true;
+#else
+  (void)x, (void)w, (void)y;
+  return false;
+#endif
+}
+
+}  // namespace
+
+// The instruction set of the decode kernels: "avx512" where the CPU has AVX-512 F/BW/VL, else "avx2".
+std::string isa() { return avx512_chosen.load() && cpu_has_avx512() ? "avx512" : "avx2"; }
+
+// Chooses the decode kernels ("avx2", or "avx512" where the CPU has it) for every later call, in every
+// thread; returns the previous choice. Tests and benchmarks use it to compare the two paths.
+std::string set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "isa must be 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK(name == "avx2" || cpu_has_avx512(), "this CPU (or compiler) has no AVX-512 F/BW/VL");
+  const std::string previous = isa();
+  avx512_chosen.store(name == "avx512");
+  return previous;
+}
