@@ -33,9 +33,6 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# Run as a script, this folder comes first on sys.path, where transformers' `import kernels` (the Hugging
-# Face package) would find benchmarks/kernels.py.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "src"))
 
 # None of these imports Triton: the kernels module is imported on the first product, after main() has

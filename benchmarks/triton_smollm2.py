@@ -32,9 +32,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this folder comes first on sys.path, where transformers' `import kernels` (the Hugging
-# Face package) would find benchmarks/kernels.py.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sqllm.api import load_quantized

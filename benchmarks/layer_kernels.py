@@ -1,6 +1,6 @@
 """Layer benchmark of the packed-weight kernels against bf16 ``F.linear`` on LLaMA-2-7B-shaped layers.
 
-    python benchmarks/kernels.py [--threads 1 2] [--reps 15] [--no-prefill] [--out kernels]   # results/NAME.{json,md}
+    python benchmarks/layer_kernels.py [--threads 1 2] [--reps 15] [--no-prefill] [--out kernels]   # results/NAME.{json,md}
 
 For every layer shape (out x in: 4096x4096, 11008x4096, 4096x11008), format (LUT 3/4-bit, LUT 3-bit with
 0.45% outliers, SliM-LLM-style mixed 1/2/3-bit g64 averaging 2 bits, uniform 4-bit g128) and thread
