@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -104,3 +105,17 @@ def test_real_calibration_file(wiki_valid, smollm2_path):
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     w = calibration_windows(tok, str(wiki_valid), 4, 512, seed=0)
     assert w.shape == (4, 512) and int(w.max()) < tok.vocab_size
+
+
+@pytest.mark.real
+def test_concurrent_gguf_conversion_keeps_the_finished_folder(smollm2_path, tmp_path):
+    """Two processes converting the same GGUF: the one that renames second keeps the first's folder."""
+    from sqllm.models import ALIASES, _convert_gguf, resolve_alias
+
+    assert "smollm2-135m" in ALIASES
+    dest = tmp_path / "converted"
+    shutil.copytree(smollm2_path, dest)  # what the first process put in place
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    _convert_gguf(resolve_alias("smollm2-135m"), dest)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["converted"]  # no temporary folder left behind
