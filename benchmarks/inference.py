@@ -19,10 +19,11 @@ import random
 from pathlib import Path
 
 from common import CALIB, MODEL, RESULTS, ROOT, WIKI_VALID
+from sqllm import api
 from sqllm.api import quantize, save_quantized
 from sqllm.eval.bench import disk_bytes, measure, packed_linear_bytes
 from sqllm.models import cache_dir, load_model, resolve_model_path
-from sqllm.nn.kernels import kernels_enabled
+from sqllm.nn.kernels import cpu_kernels
 from sqllm.report import git_commit, machine_info, markdown_table
 
 PREFILL, DECODE = 256, 32
@@ -79,7 +80,7 @@ def embedding_dtype(path: str) -> str:
 
 
 def packed_row(label: str, path: str, threads: int) -> dict:
-    r = measure(path, prefill=PREFILL, decode=DECODE, threads=threads)
+    r = measure(api.load_model, path, prefill=PREFILL, decode=DECODE, threads=threads)
     qc = json.loads(open(f"{path}/config.json").read())["quantization_config"]
     return {"label": label, **r, "disk_bytes": disk_bytes(path), "bits_per_weight": qc["bits_per_weight"]["total"],
             "bits_by_part": qc["bits_per_weight"], "packed_linear_bytes": packed_linear_bytes(path),
@@ -100,7 +101,8 @@ if __name__ == "__main__":
     unknown = set(given) - {label for label, _, _ in CHECKPOINTS}
     if unknown:
         ap.error(f"--checkpoint labels {sorted(unknown)} are not rows; rows are {[c[0] for c in CHECKPOINTS]}")
-    kernel_path = "AVX2 kernels" if kernels_enabled() else "torch (no AVX2)"
+    module = cpu_kernels()
+    kernel_path = f"{module.isa().upper()} kernels" if module is not None else "torch (no AVX2)"
     jobs: list[tuple[str, dict]] = [(label, {"dtype": dtype}) for dtype, label in (("float32", "fp32"), ("bfloat16", "bf16"))]
     for label, method, options in CHECKPOINTS:
         if given and label not in given:
@@ -115,7 +117,7 @@ if __name__ == "__main__":
         for i in order.sample(range(len(jobs)), len(jobs)):
             label, job = jobs[i]
             if "dtype" in job:
-                r = measure(base, dtype=job["dtype"], prefill=PREFILL, decode=DECODE, threads=args.threads)
+                r = measure(api.load_model, base, dtype=job["dtype"], prefill=PREFILL, decode=DECODE, threads=args.threads)
                 row = {"label": label, **r, "disk_bytes": disk_bytes(base),
                        "bits_per_weight": 32 if job["dtype"] == "float32" else 16, "path": "torch",
                        "embedding_dtype": job["dtype"]}
