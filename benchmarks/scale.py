@@ -179,7 +179,10 @@ EVAL = {"seqlen": 256, "windows": 1}
 RUNS = {
     "squeezellm-3bit": ["--method", "squeezellm", "--bits", "3"],
     "gptq-4bit-g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
+    # no calibration: the quickest whole pass over a model's weights (read, quantize, write)
+    "rtn-4bit-g128": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
 }
+DEFAULT_RUNS = ["squeezellm-3bit", "gptq-4bit-g128"]
 
 
 def measured(argv: list[str], log: Path) -> dict:
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--dest", type=Path, default=BIG)
     r = sub.add_parser("run", help="quantize and evaluate built checkpoints, one child process per step")
     r.add_argument("shape", choices=list(SHAPES))
-    r.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    r.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS)
     r.add_argument("--out", type=Path, default=BIG / "out")
     a = p.parse_args(argv)
     if a.cmd == "build":
