@@ -17,7 +17,6 @@ For every packed checkpoint:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -52,13 +51,9 @@ def new_llm(path: str, dtype: str):
 
 
 def close(llm) -> None:
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    from sqllm.serving.vllm_plugin import close_llm
 
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    destroy_model_parallel()
-    destroy_distributed_environment()
-    gc.collect()
+    close_llm(llm)
 
 
 def vllm_window_ppl(llm, window: list[int]) -> float:

@@ -7,7 +7,6 @@ two heads of 64, one key/value head) with a byte-level tokenizer, so no model do
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ vllm = pytest.importorskip("vllm")
 from sqllm.api import load_quantized, quantize, save_quantized
 from sqllm.errors import InvalidConfig
 from sqllm.nn import QuantLinear
+from sqllm.serving.vllm_plugin import close_llm as close
 
 pytestmark = pytest.mark.vllm
 
@@ -89,17 +89,6 @@ def checkpoints(tmp_path_factory, calib_file) -> dict[str, Path]:
 
 def new_llm(path: Path, **kwargs):
     return vllm.LLM(model=str(path), **{**LLM_ARGS, **kwargs})
-
-
-def close(llm) -> None:
-    """Free an in-process engine so the next test can build one."""
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    destroy_model_parallel()
-    destroy_distributed_environment()
-    gc.collect()
 
 
 def sqllm_logprobs(path: Path, ids: list[int]) -> torch.Tensor:

@@ -212,3 +212,17 @@ class SqllmLinearMethod(LinearMethodBase):
     def dequantize_weight(self, layer: nn.Module) -> Tensor:
         """This rank's weight ``[sum(output_partition_sizes), in_per_rank]`` float32 (for re-quantization)."""
         return torch.cat([m.dequantize_weight() for m in layer.sqllm_linears])
+
+
+def close_llm(llm: Any) -> None:
+    """Shut down an in-process ``vllm.LLM`` and its distributed state, so that another can be built in the
+    same process (tests and benchmarks build one per checkpoint)."""
+    import gc
+
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    gc.collect()
