@@ -222,7 +222,6 @@ def close_llm(llm: Any) -> None:
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
     llm.llm_engine.engine_core.shutdown()
-    del llm
     destroy_model_parallel()
     destroy_distributed_environment()
     gc.collect()
