@@ -40,6 +40,7 @@ from . import ops, triton_ops  # triton_ops registers the CUDA implementations
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_avx2.cpp", "cpu_avx512.cpp")]
+HEADERS = [Path(__file__).with_name("fma_sweep.h")]  # included by both sources (each width once)
 FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum", "isa", "set_isa"]
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
@@ -60,13 +61,15 @@ def cpu_kernels() -> ModuleType | None:
     from torch.utils.cpp_extension import load_inline
 
     source = "\n".join(path.read_text() for path in SOURCES)
+    headers = "".join(path.read_text() for path in HEADERS)
     log.info("sqllm: building the CPU kernels (once; cached by torch)")
     try:
         module = load_inline(
             # One build folder per source version: checkouts of different versions on one machine
             # would otherwise rebuild over each other's module (and wait on each other's lock).
-            name=f"sqllm_cpu_{hashlib.sha256(source.encode()).hexdigest()[:12]}",
+            name=f"sqllm_cpu_{hashlib.sha256((source + headers).encode()).hexdigest()[:12]}",
             cpp_sources=[source],  # the sources concatenated: one translation unit
+            extra_include_paths=[str(HEADERS[0].parent)],
             functions=FUNCTIONS,
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

@@ -200,14 +200,11 @@ inline __m256 lookup16(__m256i idx, __m256 lo, __m256 hi) {
 // ----------------------------------------------------------------------------------------------------
 // Decode kernels: rows [r, r + R) for M tokens; y[t * out + row].
 
-template <int M, int R>
-struct Acc {
-  __m256 v[R][M];
-  Acc() {
-    for (int i = 0; i < R; ++i)
-      for (int t = 0; t < M; ++t) v[i][t] = _mm256_setzero_ps();
-  }
-};
+namespace v256 {
+#define SQLLM_VEC_WIDTH 256
+#include "fma_sweep.h"
+}  // namespace v256
+using v256::Acc;
 
 // Super-chunks [sc0, sc1) of planar codes of rows [r, r + R) against M tokens, into acc; `decode(i, lanes)`
 // turns row i's code lanes, shifted so that the current 8 columns' codes sit in the low B bits, into
@@ -218,16 +215,7 @@ __attribute__((always_inline)) inline void planar_sweep(const Weights& w, const 
   for (int64_t sc = sc0; sc < sc1; ++sc) {
     __m256i lanes[R];
     for (int i = 0; i < R; ++i) lanes[i] = planar_lanes<B>(w.row(r + i), w.avail(r + i), sc);
-    const float* xs = a.x + sc * kSuper;
-#pragma GCC unroll 8
-    for (int k = 0; k < 8; ++k) {
-      __m256 xv[M];
-      for (int t = 0; t < M; ++t) xv[t] = _mm256_loadu_ps(xs + t * a.stride + 8 * k);
-      for (int i = 0; i < R; ++i) {
-        const __m256 wv = decode(i, _mm256_srli_epi32(lanes[i], k * B));
-        for (int t = 0; t < M; ++t) acc.v[i][t] = _mm256_fmadd_ps(wv, xv[t], acc.v[i][t]);
-      }
-    }
+    v256::fma_super_chunk<B>(lanes, a.x + sc * kSuper, a.stride, acc, decode);
   }
 }
 
@@ -239,8 +227,7 @@ inline void lut_planar_block(const Weights& w, const Activations& a, float* y, i
   for (int i = 0; i < R; ++i) table[i] = lut8_table(w.lut + (r + i) * (1 << B), B);
   Acc<M, R> acc;
   planar_sweep<B>(w, a, r, 0, n_sc, acc, [&](int i, __m256i lanes) { return lookup8(lanes, table[i]); });
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < M; ++t) y[t * w.out + r + i] = hsum(acc.v[i][t]);
+  acc.store(y, w.out, r);
 }
 
 // LUT, 4-bit codes, nibble reader.
@@ -275,8 +262,7 @@ inline void lut4_block(const Weights& w, const Activations& a, float* y, int64_t
       }
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < M; ++t) y[t * w.out + r + i] = hsum(acc.v[i][t]);
+  acc.store(y, w.out, r);
 }
 
 // Uniform, 1..4-bit codes, planar reader; each group spans `seg_sc` super-chunks.

@@ -136,18 +136,14 @@ struct GroupParams {
   float zero(const Weights& w, int i, int64_t g) const { return s[(R + i) * stride + w.gid[g]]; }
 };
 
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+namespace v512 {
+#define SQLLM_VEC_WIDTH 512
+#include "fma_sweep.h"
+}  // namespace v512
 template <int M, int R>
-struct Acc16 {
-  __m512 v[R][M];
-  Acc16() {
-    for (int i = 0; i < R; ++i)
-      for (int t = 0; t < M; ++t) v[i][t] = _mm512_setzero_ps();
-  }
-  void store(float* y, int64_t out, int64_t r) const {
-    for (int i = 0; i < R; ++i)
-      for (int t = 0; t < M; ++t) y[t * out + r + i] = _mm512_reduce_add_ps(v[i][t]);
-  }
-};
+using Acc16 = v512::Acc<M, R>;
 
 // Super-chunk `sc` of rows [r, r + R) against M tokens, into acc; `lookup(i, idx)` turns row i's lanes,
 // shifted so that the current 16 columns' codes sit in the low bits, into 16 fp32 weights.
@@ -167,16 +163,7 @@ __attribute__((always_inline)) inline void sweep16(const Weights& w, const Activ
   } else {
     for (int i = 0; i < R; ++i) lanes[i] = planar16_lanes<B, true>(w.row(r + i) + at, w.avail(r + i) - at);
   }
-  const float* xs = a.x + sc * kSuper16;
-#pragma GCC unroll 8
-  for (int k = 0; k < 8; ++k) {
-    __m512 xv[M];
-    for (int t = 0; t < M; ++t) xv[t] = _mm512_loadu_ps(xs + t * a.stride + 16 * k);
-    for (int i = 0; i < R; ++i) {
-      const __m512 wv = lookup(i, _mm512_srli_epi32(lanes[i], k * B));
-      for (int t = 0; t < M; ++t) acc.v[i][t] = _mm512_fmadd_ps(wv, xv[t], acc.v[i][t]);
-    }
-  }
+  v512::fma_super_chunk<B>(lanes, a.x + sc * kSuper16, a.stride, acc, lookup);
 }
 
 // LUT rows [r, r + R), B-bit codes.
