@@ -19,11 +19,13 @@ from sqllm.formats.layouts import pack_matrix
 from test_cli import _tiny_folder
 
 CALIB = dict(nsamples=4, calib_seqlen=32, seed=0)
-METHODS = {
-    "gptq": dict(bits=3, group_size=32),
-    "squeezellm": dict(bits=3, outlier_pct=0.5),
-    "rtn": dict(bits=4, group_size=32),
-    "slim": dict(bits=3, group_size=32),
+RUNS = {  # id: (method, options)
+    "gptq": ("gptq", dict(bits=3, group_size=32)),
+    "squeezellm": ("squeezellm", dict(bits=3, outlier_pct=0.5)),
+    # a model-wide plan: the Fisher pass runs first, then blocks in forward order
+    "squeezellm-mixed": ("squeezellm", dict(bits=4, outlier_pct=0.5, mixed=True)),
+    "rtn": ("rtn", dict(bits=4, group_size=32)),
+    "slim": ("slim", dict(bits=3, group_size=32)),
 }
 
 
@@ -34,24 +36,26 @@ def text(tmp_path) -> Path:
     return path
 
 
-def _quantize(folder, out, method, text, **kwargs):
+def _quantize(folder, out, run, text, **kwargs):
+    method, options = RUNS[run]
     engine = api.EngineOptions(batch_size=3, progress=False)
     calibration = api.Calibration(str(text), CALIB["nsamples"], CALIB["calib_seqlen"], CALIB["seed"])
     return api.quantize_checkpoint(str(folder), out, method, calibration=calibration, engine=engine, progress=False,
-                                   **METHODS[method], **kwargs)
+                                   **options, **kwargs)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_streamed_equals_in_memory_bit_for_bit(tmp_path, text, method):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_streamed_equals_in_memory_bit_for_bit(tmp_path, text, run):
     folder = _tiny_folder(tmp_path)
     model, tok = api.load_model(str(folder))
+    method, options = RUNS[run]
     want = api.quantize(model, tok, method, calib=str(text), engine=api.EngineOptions(batch_size=3, progress=False),
-                        progress=False, **CALIB, **METHODS[method])
-    summary = _quantize(folder, tmp_path / "out", method, text)
+                        progress=False, **CALIB, **options)
+    summary = _quantize(folder, tmp_path / "out", run, text)
     stored = read_tensors(tmp_path / "out")
     for name, qm in want.matrices.items():
         for key, t in pack_matrix(qm, f"{name}.", torch.float32).items():
@@ -92,34 +96,35 @@ def _kill_while_assembling(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "method, kill, finished",
+    "run, kill, finished",
     [("gptq", _kill_after_first_block, 1), ("squeezellm", _kill_after_first_block, 1),  # forward, reverse order
-     ("squeezellm", _kill_while_assembling, 2)],
+     ("squeezellm-mixed", _kill_after_first_block, 1), ("squeezellm", _kill_while_assembling, 2)],
 )
-def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, method, kill, finished, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, run, kill, finished, monkeypatch):
     folder = _tiny_folder(tmp_path)
-    _quantize(folder, tmp_path / "whole", method, text)
+    method = RUNS[run][0]
+    _quantize(folder, tmp_path / "whole", run, text)
 
     out = tmp_path / "resumed"
     kill(monkeypatch)
     with pytest.raises(_Killed):
-        _quantize(folder, out, method, text)
+        _quantize(folder, out, run, text)
     monkeypatch.undo()
     work = work_folder_for(out)
     assert not out.exists() and len(list((work / "blocks").glob("*.safetensors"))) == finished
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".resumed.tmp")]
-    code = main(["quantize", str(folder), "--method", method, "--output", str(out), *_cli_options(method, text)])
+    code = main(["quantize", str(folder), "--method", method, "--output", str(out), *_cli_options(run, text)])
     assert code == 2  # an unfinished work folder is never reused without --resume
-    _quantize(folder, out, method, text, resume=True)
+    _quantize(folder, out, run, text, resume=True)
     assert _files(out) == _files(tmp_path / "whole")
     assert not work.exists()
 
 
-def _cli_options(method: str, text: Path) -> list[str]:
+def _cli_options(run: str, text: Path) -> list[str]:
     flags = {"bits": "--bits", "group_size": "--group-size", "outlier_pct": "--outliers"}  # gptq, squeezellm
     argv = ["--calib", str(text), "--nsamples", "4", "--calib-seqlen", "32", "--batch-size", "3"]
-    for k, v in METHODS[method].items():
-        argv += [flags[k], str(v)]
+    for k, v in RUNS[run][1].items():
+        argv += ["--mixed"] if k == "mixed" else [flags[k], str(v)]
     return argv
 
 

@@ -14,7 +14,14 @@ from sqllm.errors import InvalidConfig
 from sqllm.methods import LayerStats, get_method
 from sqllm.nn import QuantLinear
 from sqllm.quant.kmeans import weighted_kmeans
-from sqllm.quant.squeezellm import WIDTHS, allocate_row_bits, iqr_threshold, row_cost_bits, squeezellm_quantize
+from sqllm.quant.squeezellm import (
+    WIDTHS,
+    allocate_row_bits,
+    iqr_threshold,
+    plan_row_bits,
+    row_cost_bits,
+    squeezellm_quantize,
+)
 
 
 def _matrix(out: int = 48, n_in: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,3 +279,89 @@ def test_mixed_budget_is_checked_against_every_linear_up_front():
     with pytest.raises(InvalidConfig, match=r"below what 2-bit rows reach.*q_proj \(in=64\)"):
         cfg.check_input_widths({"model.layers.0.self_attn.q_proj": 64})  # 2 + 72/64 bits per weight > 3
     SqueezeLLMConfig(3).check_input_widths({"model.layers.0.self_attn.q_proj": 64})  # uniform: no budget
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_over_rows_of_several_lengths_is_within_one_upgrade_of_the_best(seed):
+    """Rows of matrices with different input widths share one budget: it holds, and the result is within
+    one upgrade of the brute-force optimum over all width choices."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([64, 64, 128, 128, 192, 64])
+    drops = torch.rand(6, 3, generator=gen) * torch.rand(6, 1, generator=gen) * 10
+    errors = drops.flip(1).cumsum(1).flip(1)
+    cost = torch.stack([row_cost_bits(int(n)) for n in lengths])  # [rows, widths]
+    total = int(lengths.sum())
+    for budget in torch.linspace(float(cost[:, 0].sum()) / total, float(cost[:, -1].sum()) / total, 6,
+                                 dtype=torch.float64).tolist():
+        widths = allocate_row_bits(errors, lengths, budget)
+        idx = torch.searchsorted(torch.tensor(WIDTHS), widths)
+        assert float(cost.gather(1, idx[:, None]).sum()) <= budget * total
+        ours = float(errors.double().gather(1, idx[:, None]).sum())
+        best = min(
+            float(errors.double().gather(1, torch.tensor(c)[:, None]).sum())
+            for c in itertools.product(range(3), repeat=6)
+            if float(cost.gather(1, torch.tensor(c)[:, None]).sum()) <= budget * total
+        )
+        assert ours <= best + float((errors[:, :-1] - errors[:, 1:]).sum(1).max())
+
+
+def _two_layers(scale: float) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Two matrices of different widths; the second's Fisher is ``scale`` times larger (a sensitive layer)."""
+    w1, f1 = _matrix(out=32, n_in=256, seed=11)
+    w2, f2 = _matrix(out=48, n_in=384, seed=12)
+    return [("a.weight", w1, f1), ("b.weight", w2, f2 * scale)]
+
+
+def test_model_wide_plan_moves_bits_to_the_sensitive_layer_and_lowers_the_total_error():
+    cfg = SqueezeLLMConfig(3, mixed=True)
+    layers = _two_layers(100.0)
+    plan = plan_row_bits(iter(layers), cfg)
+    planned = {n: squeezellm_quantize(w, f, cfg, row_bits=plan[n]) for n, w, f in layers}
+    alone = {n: squeezellm_quantize(w, f, cfg) for n, w, f in layers}  # each matrix spends its own budget
+    bits = lambda qms: sum(sum(q.dense.storage_bits().values()) for q in qms.values())
+    n_weights = sum(w.numel() for _, w, _ in layers)
+    assert bits(planned) <= 3.0 * n_weights and bits(alone) <= 3.0 * n_weights
+    mean_width = lambda q: float(q.dense.row_bits.double().mean())
+    assert mean_width(planned["b.weight"]) > mean_width(alone["b.weight"])
+    assert mean_width(planned["a.weight"]) < mean_width(alone["a.weight"])
+    err = lambda qms: sum(float((f * (qms[n].dequantize() - w) ** 2).sum()) for n, w, f in layers)
+    assert err(planned) < err(alone)
+
+
+def test_a_plan_of_each_matrix_own_widths_reproduces_the_unplanned_result_exactly():
+    """Rows are solved independently, so solving only each row's planned width gives the same tables
+    and codes as solving every width and keeping that one."""
+    cfg = SqueezeLLMConfig(3, sensitive_pct=0.5, outlier_pct=1.0, mixed=True)
+    w, fisher = _two_layers(1.0)[1][1:]
+    alone = squeezellm_quantize(w, fisher, cfg)
+    again = squeezellm_quantize(w, fisher, cfg, row_bits=alone.dense.row_bits)
+    assert torch.equal(again.dense.row_bits, alone.dense.row_bits)
+    assert torch.equal(again.dense.codes, alone.dense.codes) and torch.equal(again.dense.lut, alone.dense.lut)
+    assert torch.equal(again.dequantize(), alone.dequantize())
+    with pytest.raises(ValueError, match="mixed tables off"):
+        squeezellm_quantize(w, fisher, SqueezeLLMConfig(3), row_bits=alone.dense.row_bits)
+
+
+def test_engine_solves_each_linear_at_the_widths_of_one_model_wide_plan():
+    from conftest import tiny_model
+    from sqllm.engine.loop import EngineOptions, quantize_blocks
+    from sqllm.models import arch_spec, linear_names
+
+    model = tiny_model("llama")
+    names = linear_names(model)
+    gen = torch.Generator().manual_seed(0)
+    # block 1's Fisher 1000x block 0's: a model-wide budget gives block 1 the wide tables
+    fisher = {n: torch.rand(model.get_submodule(n).weight.shape, generator=gen) * (1000.0 if ".1." in n else 1.0)
+              for n in names}
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    cfg = SqueezeLLMConfig(4, mixed=True)
+    res = quantize_blocks(model, arch_spec(model), get_method("squeezellm"), cfg, fisher=fisher,
+                          opts=EngineOptions(progress=False))
+    plan = plan_row_bits(((n, weights[n], fisher[n]) for n in names), cfg)
+    for n in names:
+        assert torch.equal(res[n].dense.row_bits, plan[n]), n
+        assert torch.equal(res[n].dequantize(), squeezellm_quantize(weights[n], fisher[n], cfg, plan[n]).dequantize())
+    total_bits = sum(sum(q.dense.storage_bits().values()) for q in res.values())
+    assert total_bits <= 4.0 * sum(w.numel() for w in weights.values())
+    width = lambda block: float(torch.cat([res[n].dense.row_bits for n in names if f".{block}." in n]).double().mean())
+    assert width(1) > width(0)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
@@ -407,7 +407,7 @@ def quantize_checkpoint(
         assert calibration is not None
         windows = dist.shard_windows(calibration.windows(tokenizer))
         record = calibration.record()
-    fisher_table = None
+    fisher_table: Callable[[list[str]], dict[str, Tensor]] | dict[str, Tensor] | None = None
     if spec.fisher and fisher is not None:
         from .engine.fisher import fisher_reader
 
@@ -425,6 +425,15 @@ def quantize_checkpoint(
     work = WorkState(work_folder_for(out), settings, resume=resume) if dist.is_main() else None
     clock = StageClock()
     clock.seconds["prepare"] = time.perf_counter() - start  # skeleton, shard index, tokenizer, windows
+    if fisher_table is None and spec.plan is not None and spec.plan(cfg) is not None:
+        # A model-wide plan reads every linear's Fisher before any block is solved: the streamed Fisher
+        # pass runs first and its table stays in memory (4 bytes per weight; a Fisher file from
+        # `sqllm sensitivity` avoids that on large models).
+        from .engine.fisher import streamed_fisher_dict
+
+        assert windows is not None
+        fisher_table = streamed_fisher_dict(parts, windows, amp=engine.fisher_amp, batch_size=engine.batch_size,
+                                            progress=progress, clock=clock)
     try:
         quantize_parts(parts, spec, cfg, sink=_block_shard_sink(parts, work), windows=windows,
                        fisher=fisher_table, opts=engine, work=work, clock=clock)

@@ -104,7 +104,7 @@ class SqueezeLLMConfig:
     outlier_pct: float = option(0.0, "percent of largest-magnitude weights kept exact", flag="--outliers")
     outlier_range: float | None = option(None, "outlier threshold factor r of the IQR rule")
     mixed: bool = option(False, "mixed-precision tables: each row gets 2, 3 or 4 bits by Fisher-weighted error, "
-                                "averaging at most --bits bits per weight, tables included")
+                                "averaging at most --bits bits per weight over all linears, tables included")
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4):

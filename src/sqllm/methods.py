@@ -11,7 +11,7 @@ a block stage runs in the engine after a block's linears are solved (block-level
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -87,6 +87,12 @@ class LayerStats:
     hessian: Tensor | None = None
     inputs: Tensor | None = None
     fisher: Tensor | None = None
+    plan: Any = None  # what the method's model-wide plan decided for this linear (MethodSpec.plan)
+
+
+# ``(layers) -> {full linear name: decision}`` over ``(full name, w [out, in], fisher [out, in])`` of
+# every linear, streamed one at a time
+Planner = Callable[[Iterable[tuple[str, Tensor, Tensor]]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,9 @@ class MethodSpec:
     fisher:      whether it needs the model-level diagonal Fisher
     block_stage: ``(cfg, StageOptions) -> BlockStage`` run after a block's linears are solved, with the
                  block's full-precision outputs (block-level training); None for none
+    plan:        ``cfg -> Planner | None``: where the config asks for one, a pass over every linear's
+                 weight and Fisher before any is solved, whose per-linear decisions reach the solver as
+                 ``LayerStats.plan`` (a model-wide bit budget); needs the Fisher up front
     """
 
     name: str
@@ -116,6 +125,7 @@ class MethodSpec:
     layer_stats: tuple[LayerStatistic, ...] = ()
     fisher: bool = False
     block_stage: Callable[[Any, StageOptions], BlockStage] | None = field(default=None)
+    plan: Callable[[Any], Planner | None] | None = None
 
     @property
     def needs_windows(self) -> bool:
@@ -144,14 +154,23 @@ def _gptq(w: Tensor, stats: LayerStats, cfg: GPTQConfig) -> QuantizedMatrix:
 def _squeezellm(w: Tensor, stats: LayerStats, cfg: SqueezeLLMConfig) -> QuantizedMatrix:
     from .quant.squeezellm import squeezellm_quantize
 
-    return squeezellm_quantize(w, stats.fisher, cfg)
+    return squeezellm_quantize(w, stats.fisher, cfg, row_bits=stats.plan)
 
 
 def _squeezellm_plus(w: Tensor, stats: LayerStats, cfg: SqueezeLLMPlusConfig) -> QuantizedMatrix:
     from .quant.squeezellm_plus import squeezellm_plus_quantize
 
     assert stats.fisher is not None and stats.hessian is not None
-    return squeezellm_plus_quantize(w, stats.fisher, stats.hessian, cfg)
+    return squeezellm_plus_quantize(w, stats.fisher, stats.hessian, cfg, row_bits=stats.plan)
+
+
+def _row_bits_plan(cfg: SqueezeLLMConfig) -> Planner | None:
+    """Mixed-precision tables: one bit budget over every row of every linear (quant.squeezellm)."""
+    if not cfg.mixed:
+        return None
+    from .quant.squeezellm import plan_row_bits
+
+    return lambda layers: plan_row_bits(layers, cfg)
 
 
 def _slim(w: Tensor, stats: LayerStats, cfg: SliMConfig) -> QuantizedMatrix:
@@ -175,10 +194,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("rtn", RTNConfig, _rtn, "round-to-nearest min-max, per channel or group"),
         MethodSpec("gptq", GPTQConfig, _gptq, "GPTQ, Hessian error feedback", layer_stats=(HESSIAN,)),
         MethodSpec("squeezellm", SqueezeLLMConfig, _squeezellm, "Fisher-weighted k-means LUTs + dense-and-sparse",
-                   fisher=True),
+                   fisher=True, plan=_row_bits_plan),
         MethodSpec("squeezellm+", SqueezeLLMPlusConfig, _squeezellm_plus,
                    "SqueezeLLM's LUTs refined against the Fisher-weighted layer output error",
-                   layer_stats=(HESSIAN,), fisher=True),
+                   layer_stats=(HESSIAN,), fisher=True, plan=_row_bits_plan),
         MethodSpec("slim", SliMConfig, _slim, "SliM-LLM mixed-precision groups", layer_stats=(HESSIAN, INPUTS)),
         MethodSpec("slim+", SliMPlusConfig, _slim, "SliM-LLM + learnable weight clipping",
                    layer_stats=(HESSIAN, INPUTS), block_stage=_lwc_stage),

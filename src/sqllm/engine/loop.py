@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +153,7 @@ def _collect(
 
 def _solve_group(
     parts: ModelParts, b: int, group: tuple[str, ...], stats: dict[str, LayerStats], method: MethodSpec, cfg: Any,
-    fisher: Mapping[str, Tensor] | None, bar: tqdm, share: bool,
+    fisher: Mapping[str, Tensor] | None, bar: tqdm, share: bool, plans: Mapping[str, Any] | None = None,
 ) -> dict[str, QuantizedMatrix]:
     """Solve each linear of ``group`` in block ``b`` and write its dequantized weight back.
 
@@ -169,6 +169,8 @@ def _solve_group(
             st.name = full
             if fisher is not None:
                 st.fisher = fisher[full].to(layer.weight.device)
+            if plans is not None:
+                st.plan = plans[full]
             qm = method.solve(layer.weight.data.float(), st, cfg)
             layer.weight.data = qm.dequantize().to(layer.weight.dtype).to(layer.weight.device)
             results[full] = qm
@@ -181,9 +183,10 @@ def _solve_group(
 
 def _forward_order(
     parts: ModelParts, method: MethodSpec, cfg: Any, windows: Tensor | None, fisher: FisherTable | None,
-    opts: EngineOptions, sink: BlockSink, work: Any, clock: StageClock,
+    opts: EngineOptions, sink: BlockSink, work: Any, clock: StageClock, plans: Mapping[str, Any] | None,
 ) -> None:
-    """Blocks from first to last, each calibrated on the quantized outputs of the ones before."""
+    """Blocks from first to last, each calibrated on the quantized outputs of the ones before; ``plans``:
+    the method's model-wide decisions by full linear name (``LayerStats.plan``)."""
     stage_opts = StageOptions(seed=opts.seed, progress=opts.progress)
     stage = method.block_stage(cfg, stage_opts) if method.block_stage else None
     groups = parts.arch.sequential if getattr(cfg, "true_sequential", True) else (parts.arch.linears,)
@@ -204,7 +207,7 @@ def _forward_order(
             with clock("load"):
                 parts.load(names)
             try:
-                _forward_block(parts, b, method, cfg, groups, inputs, fisher, stage, opts, sink, clock, bar)
+                _forward_block(parts, b, method, cfg, groups, inputs, fisher, stage, opts, sink, clock, bar, plans)
             finally:
                 parts.release(names)
             if work is not None:
@@ -214,7 +217,7 @@ def _forward_order(
 def _forward_block(
     parts: ModelParts, b: int, method: MethodSpec, cfg: Any, groups: tuple[tuple[str, ...], ...],
     inputs: BlockInputs | None, fisher: FisherTable | None, stage: BlockStage | None, opts: EngineOptions,
-    sink: BlockSink, clock: StageClock, bar: tqdm,
+    sink: BlockSink, clock: StageClock, bar: tqdm, plans: Mapping[str, Any] | None = None,
 ) -> None:
     """Calibrate, solve, refine and propagate the loaded block ``b``; ``inputs.hidden`` becomes its
     quantized outputs."""
@@ -228,7 +231,7 @@ def _forward_block(
                      else {n: LayerStats(name=n) for n in group})
         with clock("solve"):
             results.update(_solve_group(parts, b, group, stats, method, cfg, block_fisher, bar,
-                                        share=inputs is not None))
+                                        share=inputs is not None, plans=plans))
     if stage is not None:
         assert inputs is not None and fp_out is not None  # a block stage makes the method need windows
         with clock("block stage"):
@@ -308,14 +311,38 @@ def quantize_parts(
         return clock
     if method.needs_windows and windows is None:
         raise ValueError(f"method {method.name!r} needs calibration windows")
+    planner = method.plan(cfg) if method.plan is not None else None
     if method.fisher and fisher is None:
+        if planner is not None:
+            raise ValueError(f"{method.name!r} with a model-wide plan needs the Fisher table up front")
         if windows is None:
             raise ValueError(f"method {method.name!r} needs calibration windows or a Fisher table")
         _reverse_fisher_order(parts, method, cfg, windows, opts, sink, work, clock)
     else:
         table = FisherTable(parts, fisher) if method.fisher and fisher is not None else None
-        _forward_order(parts, method, cfg, windows, table, opts, sink, work, clock)
+        plans = None
+        if planner is not None:
+            assert table is not None
+            with clock("plan"):
+                plans = planner(_weights_and_fisher(parts, table))
+        _forward_order(parts, method, cfg, windows, table, opts, sink, work, clock, plans)
     return clock
+
+
+def _weights_and_fisher(parts: ModelParts, table: FisherTable) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """``(full name, w [out, in] float32, fisher [out, in])`` of every linear, one block in memory at a time."""
+    for b in range(parts.n_blocks):
+        names = parts.names_under((parts.block_name(b),))
+        parts.load(names)
+        try:
+            block, block_fisher = parts.block(b), table.block(b)
+            for name in parts.arch.linears:
+                full = f"{parts.block_name(b)}.{name}"
+                layer = block.get_submodule(name)
+                assert isinstance(layer, nn.Linear)
+                yield full, layer.weight.data.float(), block_fisher[full]
+        finally:
+            parts.release(names)
 
 
 def quantize_blocks(

@@ -8,9 +8,13 @@
   zero weight in k-means, so they no longer stretch the tables.
 
 * Ours: with ``mixed``, rows (output channels) get tables of 2, 3 or 4 bits, allocated to minimise the
-  matrix's Fisher-weighted k-means error within a budget of ``bits`` bits per weight, tables and the
-  width map included (:func:`allocate_row_bits`): sensitive rows get wide tables, insensitive ones
-  narrow tables.
+  Fisher-weighted k-means error within a budget of ``bits`` bits per weight, tables and the width map
+  included (:func:`allocate_row_bits`): sensitive rows get wide tables, insensitive ones narrow tables.
+  The error of §3.1 (Eq. 3) is the second-order estimate of the loss change, ``1/2 sum F (w - q)**2``,
+  so errors of different matrices are in the same unit and one budget can serve the whole model:
+  :func:`plan_row_bits` allocates across every linear (sensitive layers get more bits), and the
+  solver takes each matrix's widths from that plan (``row_bits``); without a plan, each matrix spends
+  the budget on its own rows.
 
 Every extracted value gets the dense code of its row's table entry nearest 0 (the cheapest place to
 park it) and the sparse part stores ``original - entry``, so ``dense + sparse`` equals the original
@@ -19,6 +23,7 @@ bit for bit at every extracted position (checked, see :func:`_exact_sparse`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -112,27 +117,36 @@ def row_cost_bits(n_in: int) -> Tensor:
     return torch.tensor([lut_row_bits(n_in, b) for b in WIDTHS], dtype=torch.float64)
 
 
-def allocate_row_bits(errors: Tensor, n_in: int, budget: float) -> Tensor:
-    """Widths ``[out]`` (values of :data:`WIDTHS`) minimising ``sum_r errors[r, width_r]`` subject to an
+def _row_costs(n_in: Tensor) -> Tensor:
+    """``[rows, len(WIDTHS)]`` bits each row costs at each width, for rows of ``n_in: [rows]`` weights."""
+    widths, inverse = torch.unique(n_in, return_inverse=True)
+    return torch.stack([row_cost_bits(int(n)) for n in widths.tolist()])[inverse]
+
+
+def allocate_row_bits(errors: Tensor, n_in: int | Tensor, budget: float) -> Tensor:
+    """Widths ``[rows]`` (values of :data:`WIDTHS`) minimising ``sum_r errors[r, width_r]`` subject to an
     average of at most ``budget`` bits per weight (:func:`row_cost_bits`).
 
-    errors: [out, len(WIDTHS)] each row's error at each width. Every row starts at the narrowest width;
-    upgrades are taken in order of error saved per bit on each row's lower convex hull (a row whose
-    second upgrade saves more per bit than its first gets both as one), as long as they fit: optimal
-    for the bits spent, and less than one row's upgrade of the budget is left unspent.
+    errors: [rows, len(WIDTHS)] each row's error at each width;  n_in: the rows' length, one for all or
+    ``[rows]`` (the rows of several matrices). Every row starts at the narrowest width; upgrades are
+    taken in order of error saved per bit on each row's lower convex hull (a row whose second upgrade
+    saves more per bit than its first gets both as one), as long as they fit: optimal for the bits
+    spent, and less than one row's upgrade of the budget is left unspent.
     Raises InvalidConfig when even the narrowest tables exceed the budget.
     """
     out = errors.shape[0]
-    cost = row_cost_bits(n_in)
-    spare = budget * out * n_in - out * float(cost[0])
+    lengths = torch.as_tensor(n_in, dtype=torch.int64).expand(out)
+    cost = _row_costs(lengths)  # [rows, len(WIDTHS)]
+    spare = budget * float(lengths.sum()) - float(cost[:, 0].sum())
     if spare < 0:
         raise InvalidConfig(
             f"a budget of {budget} bits per weight is below what {WIDTHS[0]}-bit rows reach: "
-            f"{float(cost[0]) / n_in:.3f} bits per weight with their tables for {n_in} inputs; raise --bits"
+            f"{float(cost[:, 0].sum()) / float(lengths.sum()):.3f} bits per weight with their tables for rows of "
+            f"{sorted(set(lengths.tolist()))} inputs; raise --bits"
         )
     e = errors.double()
-    gain = e[:, :-1] - e[:, 1:]  # [out, 2] error saved by each upgrade
-    step = torch.diff(cost).expand(out, -1)  # [out, 2] its bits
+    gain = e[:, :-1] - e[:, 1:]  # [rows, 2] error saved by each upgrade
+    step = torch.diff(cost, dim=1)  # [rows, 2] its bits
     ratio = gain / step
     merged = ratio[:, 1] > ratio[:, 0]  # not convex: the hull goes straight to the widest
     ratio = torch.where(merged[:, None], (gain.sum(1) / step.sum(1))[:, None].expand(-1, 2), ratio)
@@ -149,14 +163,55 @@ def allocate_row_bits(errors: Tensor, n_in: int, budget: float) -> Tensor:
     return torch.tensor(WIDTHS, dtype=torch.int64)[upgrades]
 
 
-def _mixed_tables(w: Tensor, weight: Tensor, budget: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Tables of every width for every row, then :func:`allocate_row_bits` on their Fisher-weighted
-    k-means errors. Returns (lut [out, 2**max(WIDTHS)] with +inf past each row's width, codes, row_bits)."""
+def row_width_errors(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig) -> Tensor:
+    """``[out, len(WIDTHS)]``: each row's Fisher-weighted k-means error at each table width, the values
+    that ``cfg`` extracts left out, as :func:`squeezellm_quantize` leaves them out."""
+    _check_inputs(w, fisher, cfg)
+    w = w.float()
+    sensitive, outliers = extraction_masks(w, fisher, cfg)
+    weight = _kmeans_weight(w, fisher, sensitive | outliers)
+    return _width_errors(w, weight)[1]
+
+
+def _width_errors(w: Tensor, weight: Tensor) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    """Tables and codes of every width for every row, and their errors ``[out, len(WIDTHS)]``."""
     tables = [weighted_kmeans(w, weight, 2**b, fp16=True) for b in WIDTHS]
-    errors = torch.stack([weighted_kmeans_objective(w, weight, *t) for t in tables], dim=1)
-    row_bits = allocate_row_bits(errors, w.shape[1], budget)
+    return tables, torch.stack([weighted_kmeans_objective(w, weight, *t) for t in tables], dim=1)
+
+
+def plan_row_bits(layers: Iterable[tuple[str, Tensor, Tensor | None]], cfg: SqueezeLLMConfig) -> dict[str, Tensor]:
+    """One budget of ``cfg.bits`` bits per weight over every matrix of ``layers`` (``(name, w [out, in],
+    fisher [out, in])``, e.g. all linears of a model): ``{name: row widths [out]}`` by
+    :func:`allocate_row_bits` on all rows together. Only each row's errors are kept between matrices,
+    so the matrices may stream through one at a time."""
+    names, errors, lengths = [], [], []
+    for name, w, fisher in layers:
+        names.append((name, w.shape[0]))
+        errors.append(row_width_errors(w, fisher, cfg))
+        lengths.append(torch.full((w.shape[0],), w.shape[1], dtype=torch.int64))
+    if not names:
+        return {}
+    bits = allocate_row_bits(torch.cat(errors), torch.cat(lengths), cfg.bits)
+    return {name: part for (name, _), part in zip(names, bits.split([n for _, n in names]))}
+
+
+def _mixed_tables(w: Tensor, weight: Tensor, budget: float, row_bits: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Each row's table at its width: ``row_bits [out]`` from a model-wide plan, or (None) the matrix's
+    own :func:`allocate_row_bits` on its rows' errors at every width. Returns (lut [out, 2**max(WIDTHS)]
+    with +inf past each row's width, codes, row_bits)."""
     lut = torch.full((w.shape[0], 2 ** max(WIDTHS)), float("inf"))
     codes = torch.zeros_like(w, dtype=torch.uint8)
+    if row_bits is None:
+        tables, errors = _width_errors(w, weight)
+        row_bits = allocate_row_bits(errors, w.shape[1], budget)
+    else:
+        if row_bits.shape != (w.shape[0],) or not bool(torch.isin(row_bits, torch.tensor(WIDTHS)).all()):
+            raise ValueError(f"row_bits must be [{w.shape[0]}] widths among {WIDTHS}, got {tuple(row_bits.shape)}")
+        for b in WIDTHS:
+            rows = torch.nonzero(row_bits == b).flatten()
+            if len(rows):  # only each row's own width is solved
+                lut[rows, : 2**b], codes[rows] = weighted_kmeans(w[rows], weight[rows], 2**b, fp16=True)
+        return lut, codes, row_bits
     for b, (c, q) in zip(WIDTHS, tables):
         rows = row_bits == b
         lut[rows, : 2**b] = c[rows]
@@ -202,8 +257,12 @@ def _check_inputs(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig) -> No
         raise InvalidConfig("Fisher information must be finite and >= 0 (a sum of squared gradients)")
 
 
-def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig) -> QuantizedMatrix:
-    """Quantize ``w: [out, in]`` with Fisher ``fisher: [out, in]`` (None: unweighted k-means).
+def squeezellm_quantize(
+    w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig, row_bits: Tensor | None = None
+) -> QuantizedMatrix:
+    """Quantize ``w: [out, in]`` with Fisher ``fisher: [out, in]`` (None: unweighted k-means); with
+    ``cfg.mixed``, ``row_bits: [out]`` are the row widths of a model-wide plan (:func:`plan_row_bits`;
+    None: the matrix allocates its own).
 
     Returns ``QuantizedMatrix(dense=LUTCodes(codes [out, in] uint8, lut [out, 2**bits] fp16-exact),
     sparse=SparseOutliers | None, info)``; ``info`` counts the extracted values (and their percentage of
@@ -216,9 +275,10 @@ def squeezellm_quantize(w: Tensor, fisher: Tensor | None, cfg: SqueezeLLMConfig)
     extracted = sensitive | outliers
     weight = _kmeans_weight(w, fisher, extracted)
     # Codes are assigned to the fp16-rounded table, so a stored fp16 LUT reproduces this matrix exactly.
-    row_bits = None
+    if row_bits is not None and not cfg.mixed:
+        raise ValueError("row_bits (a mixed-precision plan) given with mixed tables off")
     if cfg.mixed:
-        lut, codes, row_bits = _mixed_tables(w, weight, cfg.bits)
+        lut, codes, row_bits = _mixed_tables(w, weight, cfg.bits, row_bits)
     else:
         lut, codes = weighted_kmeans(w, weight, 2**cfg.bits, fp16=True)
     lut, codes, zeroed = _exact_sparse(w, extracted, lut, codes)

@@ -203,10 +203,13 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def squeezellm_plus_quantize(w: Tensor, fisher: Tensor, hessian: Tensor, cfg: SqueezeLLMPlusConfig) -> QuantizedMatrix:
-    """SqueezeLLM on ``w: [out, in]`` with ``fisher: [out, in]`` (mixed-precision tables too), then
-    :func:`refine_tables` against the layer's Fisher-weighted output error (``hessian: [in, in] =
-    2/n X^T X``), the rows of each table width together.
+def squeezellm_plus_quantize(
+    w: Tensor, fisher: Tensor, hessian: Tensor, cfg: SqueezeLLMPlusConfig, row_bits: Tensor | None = None
+) -> QuantizedMatrix:
+    """SqueezeLLM on ``w: [out, in]`` with ``fisher: [out, in]`` (mixed-precision tables too, their row
+    widths ``row_bits: [out]`` from a model-wide plan where given), then :func:`refine_tables` against
+    the layer's Fisher-weighted output error (``hessian: [in, in] = 2/n X^T X``), the rows of each
+    table width together.
 
     Returns the same kind of result as :func:`~sqllm.quant.squeezellm.squeezellm_quantize` (LUT codes
     plus exact sparse outliers); ``info`` adds the refinement's numbers.
@@ -214,11 +217,13 @@ def squeezellm_plus_quantize(w: Tensor, fisher: Tensor, hessian: Tensor, cfg: Sq
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match weight {tuple(w.shape)}")
     with _single_threaded():
-        return _refined(w, fisher, hessian, cfg)
+        return _refined(w, fisher, hessian, cfg, row_bits)
 
 
-def _refined(w: Tensor, fisher: Tensor, hessian: Tensor, cfg: SqueezeLLMPlusConfig) -> QuantizedMatrix:
-    start = squeezellm_quantize(w, fisher, cfg)
+def _refined(
+    w: Tensor, fisher: Tensor, hessian: Tensor, cfg: SqueezeLLMPlusConfig, row_bits: Tensor | None
+) -> QuantizedMatrix:
+    start = squeezellm_quantize(w, fisher, cfg, row_bits)
     w = w.float()
     extracted = torch.zeros_like(w, dtype=torch.bool)
     if start.sparse is not None:
