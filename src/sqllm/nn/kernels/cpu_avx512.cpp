@@ -1,9 +1,9 @@
 // AVX-512 decode kernels (1..8 tokens) and the bf16 prefill. The loader appends this file to
 // cpu_avx2.cpp (one translation unit: it uses that file's Weights, Activations and helpers) and matmul()
-// there calls decode_avx512() or prefill_bf16() first. The code below is compiled for AVX-512 F/BW/VL by a target pragma while the rest of the unit
-// stays AVX2, and decode_avx512() runs it only when the CPU reports those extensions, so the library
-// still loads and runs on AVX2-only CPUs. set_isa("avx2") sends every call to the AVX2 kernels (tests
-// compare both paths; benchmarks time both).
+// there calls decode_avx512() or prefill_bf16() first. The code below is compiled for AVX-512 F/BW/VL
+// by a target pragma while the rest of the unit stays AVX2, and decode_avx512() and prefill_bf16() run
+// it only when the CPU reports those extensions, so the library still loads and runs on AVX2-only CPUs.
+// set_isa("avx2") sends every call to the AVX2 kernels (tests compare both paths; benchmarks time both).
 //
 // One reader and one lookup serve every layout taken here (LUT codes of 1..4 bits; uniform codes of
 // 1..4 bits whose groups are a multiple of 64 columns or cover the row):
@@ -405,32 +405,39 @@ torch::Tensor prefill_bf16_call(const torch::Tensor& x, const Weights& w, int64_
     xp = torch::zeros({m, stride}, bf16).index_copy_(1, pos, xp);
   }
   const int64_t k = planar ? stride : w.n;  // the columns the matmul sums over
-  auto yb = torch::empty({m, out}, bf16);
-  const int64_t rows = std::max<int64_t>(1, std::min(tile_rows, out));
-  auto tile = torch::empty({rows, stride}, bf16);
-  auto* tile_p = reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>());
-  for (int64_t start = 0; start < out; start += rows) {
-    const int64_t stop = std::min(out, start + rows);
-    at::parallel_for(start, stop, row_grain(w.n), [&](int64_t r0, int64_t r1) {
-      uint16_t* dst = tile_p + (r0 - start) * stride;
+  auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
+  const int64_t rows = std::max<int64_t>(1, std::min(tile_rows, out)), n_tiles = (out + rows - 1) / rows;
+  // Each thread takes whole tiles, dequantizes one into its own buffer, multiplies it (torch's matmul
+  // runs single-threaded inside the region) and widens the product into y's columns: the threads meet
+  // once per call, as F.linear's do. With a
+  // barrier per tile instead (dequantize in parallel, then a parallel matmul), a thread preempted on a
+  // loaded machine stalled the other at every tile: 2 threads ran 6x slower than 1.
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // as in the calling thread: no autograd for the matmuls
+    auto tile = torch::empty({rows, stride}, bf16);
+    auto yt = torch::empty({m, rows}, bf16);
+    auto* tile_p = reinterpret_cast<uint16_t*>(tile.data_ptr<at::BFloat16>());
+    std::vector<float> row32(planar ? 0 : stride);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t start = t * rows, stop = std::min(out, start + rows);
       if (!planar) {
-        std::vector<float> row32(stride);
-        bf16_column_rows(w, dst, stride, r0, r1, row32.data());
-        return;
+        bf16_column_rows(w, tile_p, stride, start, stop, row32.data());
+      } else {
+        switch (w.bits) {
+          case 1: bf16_planar_rows<1>(w, tile_p, stride, start, stop); break;
+          case 2: bf16_planar_rows<2>(w, tile_p, stride, start, stop); break;
+          case 3: bf16_planar_rows<3>(w, tile_p, stride, start, stop); break;
+          default: bf16_planar_rows<4>(w, tile_p, stride, start, stop); break;
+        }
       }
-      switch (w.bits) {
-        case 1: bf16_planar_rows<1>(w, dst, stride, r0, r1); break;
-        case 2: bf16_planar_rows<2>(w, dst, stride, r0, r1); break;
-        case 3: bf16_planar_rows<3>(w, dst, stride, r0, r1); break;
-        default: bf16_planar_rows<4>(w, dst, stride, r0, r1); break;
-      }
-    });
-    // y[:, start:stop] = x tile^T in place (a strided output BLAS takes); this orientation ran faster
-    // than tile x^T for every token count measured (at 9 tokens over 2x).
-    auto dst_cols = yb.narrow(1, start, stop - start);
-    at::mm_out(dst_cols, xp.narrow(1, 0, k), tile.narrow(0, 0, stop - start).narrow(1, 0, k).t());
-  }
-  return yb.to(torch::kFloat32);
+      // x tile^T: this orientation ran faster than tile x^T for every token count measured (at 9 tokens
+      // over 2x).
+      auto yt_cols = yt.narrow(1, 0, stop - start);
+      at::mm_out(yt_cols, xp.narrow(1, 0, k), tile.narrow(0, 0, stop - start).narrow(1, 0, k).t());
+      y.narrow(1, start, stop - start).copy_(yt_cols);
+    }
+  });
+  return y;
 }
 
 }  // namespace
