@@ -315,15 +315,46 @@ inline __m512i bf16_table32(__m512 table16) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
 }
 
-// Where column j sits in a bf16 tile row of bf16_planar_rows: in its super-chunk, the store of steps k
-// and k + 1 (k even) holds column 8l + k in 16-bit lane 2l and 8l + k + 1 in lane 2l + 1.
-inline int64_t pair16_position(int64_t j) {
-  const int64_t c = j % kSuper16, l = c / 8, k = c % 8;
-  return j - c + 32 * (k / 2) + 2 * l + k % 2;
+// x [m, n] bf16 in the column order of bf16_planar_rows' tiles: xp [m, n_sc * 128], zero past column n.
+// In its super-chunk, the store of steps k and k + 1 (k even) holds column 8l + k in 16-bit lane 2l and
+// 8l + k + 1 in lane 2l + 1: as dwords (column pairs), output dword 16(k/2) + l is input dword 4l + k/2,
+// a 16 x 4 transpose (two two-register permutes and a blend per 16 dwords; a torch gather or strided
+// copy took 4% of a 256-token prefill).
+torch::Tensor pair16_activations(const torch::Tensor& x, int64_t n_sc) {
+  const int64_t m = x.size(0), n = x.size(1), stride = n_sc * kSuper16;
+  const auto xc = x.contiguous();
+  auto xp = torch::empty({m, stride}, xc.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  auto* dst = reinterpret_cast<uint16_t*>(xp.data_ptr<at::BFloat16>());
+  __m512i idx[4];
+  for (int kk = 0; kk < 4; ++kk) {
+    alignas(64) int32_t v[16];
+    for (int l = 0; l < 16; ++l) v[l] = (4 * l + kk) % 32;  // lanes 8..15 read the second register pair
+    idx[kk] = _mm512_load_si512(v);
+  }
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t sc = 0; sc < n_sc; ++sc) {
+      const uint16_t* in = src + t * n + sc * kSuper16;
+      const int64_t valid = n - sc * kSuper16;
+      __m512i r[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t left = std::clamp<int64_t>(valid - 32 * q, 0, 32);
+        const __mmask32 mask = left == 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << left) - 1);
+        r[q] = _mm512_maskz_loadu_epi16(mask, in + 32 * q);
+      }
+      uint16_t* o = dst + t * stride + sc * kSuper16;
+      for (int kk = 0; kk < 4; ++kk) {
+        const __m512i lo = _mm512_permutex2var_epi32(r[0], idx[kk], r[1]);
+        const __m512i hi = _mm512_permutex2var_epi32(r[2], idx[kk], r[3]);
+        _mm512_storeu_si512(o + 32 * kk, _mm512_mask_blend_epi32(0xFF00, lo, hi));
+      }
+    }
+  }
+  return xp;
 }
 
 // Rows [r0, r1) of a B-bit weight the planar reader takes (LUT rows; uniform groups of a multiple of
-// 64 columns or one per row), in bf16, into dst [r1 - r0, stride] in pair16_position order (stride =
+// 64 columns or one per row), in bf16, into dst [r1 - r0, stride] in pair16_activations' order (stride =
 // the super-chunks' columns). Two steps of the planar reader's lanes (codes 8l + k and 8l + k + 1)
 // interleave into 32 16-bit indices, so 32 weights cost two shifts, a blend, one vpermw lookup in a bf16
 // table held in a register, and one store. A uniform row takes one table per half super-chunk (64
@@ -397,13 +428,8 @@ torch::Tensor prefill_bf16_call(const torch::Tensor& x, const Weights& w, int64_
   const bool planar = bf16_planar_layout(w);
   const int64_t stride = planar ? (w.n + kSuper16 - 1) / kSuper16 * kSuper16 : (w.n + kChunk - 1) / kChunk * kChunk;
   const auto bf16 = x.options().dtype(torch::kBFloat16);
-  torch::Tensor xp = x.contiguous();  // [m, stride] in the tile's column order, zero in the padding
-  if (planar) {
-    auto pos = torch::empty({w.n}, x.options().dtype(torch::kLong));
-    int64_t* pos_p = pos.data_ptr<int64_t>();
-    for (int64_t j = 0; j < w.n; ++j) pos_p[j] = pair16_position(j);
-    xp = torch::zeros({m, stride}, bf16).index_copy_(1, pos, xp);
-  }
+  // [m, stride] in the tile's column order, zero in the padding
+  const torch::Tensor xp = planar ? pair16_activations(x, stride / kSuper16) : x.contiguous();
   const int64_t k = planar ? stride : w.n;  // the columns the matmul sums over
   auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
   const int64_t rows = std::max<int64_t>(1, std::min(tile_rows, out)), n_tiles = (out + rows - 1) / rows;
