@@ -30,7 +30,7 @@
 // rounded to nearest bf16 (each table entry rounded once), so the result is the reference's up to bf16
 // round-off (tests/test_prefill.py states the bound). fp32 and fp16 x keep the fp32 path (fp16 x would
 // lose bits in bf16). On a 2-core AMD EPYC (AVX-512 BF16, no AMX) the matmul runs at F.linear's speed
-// and the dequantization adds 5-8% to it: 256-token prefill of one-part layers at 0.92-0.95x bf16
+// and the dequantization adds about 5% to it: 256-token prefill of one-part layers at 0.94-0.96x bf16
 // F.linear per core, from 0.15-0.2x with fp32 tiles (benchmarks/results/kernels-prefill.md).
 
 #include <atomic>
