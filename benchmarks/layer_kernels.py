@@ -1,11 +1,14 @@
 """Layer benchmark of the packed-weight kernels against bf16 ``F.linear`` on LLaMA-2-7B-shaped layers.
 
-    python benchmarks/layer_kernels.py [--threads 1 2] [--reps 15] [--no-prefill] [--out kernels]   # results/NAME.{json,md}
+    python benchmarks/layer_kernels.py [--threads 1 2] [--reps 15] [--no-prefill | --no-decode] [--out kernels]
+    # writes results/NAME.{json,md}
 
 For every layer shape (out x in: 4096x4096, 11008x4096, 4096x11008), format (LUT 3/4-bit, LUT 3-bit with
-0.45% outliers, SliM-LLM-style mixed 1/2/3-bit g64 averaging 2 bits, uniform 4-bit g128) and thread
-count, in one process: decode (1 token) and prefill (256 tokens) through ``QuantLinear`` with bf16
-activations, next to ``F.linear`` with a bf16 weight. Every round times every variant once, in a
+0.45% outliers, mixed-width LUT rows of 3 and 4 bits, SliM-LLM-style mixed 1/2/3-bit g64 averaging 2
+bits, uniform 4-bit g128) and thread count, in one process: decode (1 token) and prefill (256 tokens)
+through ``QuantLinear`` with bf16 activations, next to ``F.linear`` with a bf16 weight. Prefill runs the
+kernels' bf16 path where the CPU multiplies bf16 natively (weights dequantized into bf16 tiles, torch's
+bf16 matmul), as a bf16 model would. Every round times every variant once, in a
 shuffled order, so load from other processes hits all variants alike; the table reports the minimum
 (the least disturbed call: on a shared machine, preemption only ever adds time) and the median, and at
 one thread also the calling thread's CPU time, which preemption does not inflate. Where the CPU has
@@ -43,12 +46,19 @@ from sqllm.report import git_commit, machine_info, markdown_table
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 PREFILL = 256
-FORMATS = ["LUT 3-bit", "LUT 4-bit", "LUT 3-bit + 0.45% sparse", "SliM mixed 2-bit g64", "uniform 4-bit g128"]
+FORMATS = ["LUT 3-bit", "LUT 4-bit", "LUT 3-bit + 0.45% sparse", "LUT rows 3/4-bit", "SliM mixed 2-bit g64",
+           "uniform 4-bit g128"]
 AVX2 = " [AVX2]"  # suffix of the variants timed with the AVX2 kernels forced
 
 
 def random_matrix(fmt: str, out: int, n: int, g: torch.Generator) -> QuantizedMatrix:
     """Random codes of ``fmt`` for an ``[out, n]`` weight (tables fp16-representable, as stored)."""
+    if fmt.startswith("LUT rows"):  # half the rows at each width; tables padded with +inf past a row's width
+        row_bits = torch.tensor([3, 4])[torch.randint(0, 2, (out,), generator=g)]
+        codes = (torch.rand(out, n, generator=g) * 2.0 ** row_bits[:, None]).floor().to(torch.uint8)
+        lut = fp16_grid(torch.randn(out, 16, generator=g) * 0.02)
+        lut[torch.arange(16) >= (1 << row_bits)[:, None]] = float("inf")
+        return QuantizedMatrix(LUTCodes(codes, lut, 4, row_bits.long()), None)
     if fmt.startswith("LUT"):
         bits = int(fmt[4])
         codes = torch.randint(0, 1 << bits, (out, n), generator=g, dtype=torch.uint8)
@@ -117,7 +127,7 @@ def forced_avx2(fn: Callable[[], object]) -> object:
 
 
 def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch.Generator,
-                  prefill: bool = True) -> list[dict]:
+                  prefill: bool = True, decode: bool = True) -> list[dict]:
     w_bf16 = (torch.randn(out, n, generator=g) * 0.02).bfloat16()
     modules = {fmt: QuantLinear.from_matrix(random_matrix(fmt, out, n, g), value_dtype=torch.float16)
                for fmt in FORMATS}
@@ -125,7 +135,8 @@ def measure_shape(out: int, n: int, threads_list: list[int], reps: int, g: torch
     for threads in threads_list:
         torch.set_num_threads(threads)
         bandwidth = read_bandwidth(10)
-        phases = [(1, "decode", reps)] + ([(PREFILL, f"prefill {PREFILL}", max(3, reps // 5))] if prefill else [])
+        phases = ([(1, "decode", reps)] if decode else []) + (
+            [(PREFILL, f"prefill {PREFILL}", max(3, reps // 5))] if prefill else [])
         for tokens, label, rounds in phases:
             x = torch.randn(tokens, n, generator=g).bfloat16()
             fns: dict[str, Callable[[], object]] = {"bf16 F.linear": lambda x=x: F.linear(x, w_bf16)}
@@ -189,7 +200,9 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=15, help="decode rounds (prefill: a fifth, at least 3)")
     ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, comma separated")
     ap.add_argument("--out", default="kernels")
-    ap.add_argument("--no-prefill", action="store_true", help="decode only (many rounds on a loaded machine)")
+    phase = ap.add_mutually_exclusive_group()
+    phase.add_argument("--no-prefill", action="store_true", help="decode only (many rounds on a loaded machine)")
+    phase.add_argument("--no-decode", action="store_true", help="prefill only")
     args = ap.parse_args()
     if cpu_kernels() is None:
         sys.exit("the compiled CPU kernels are unavailable here (no AVX2, no compiler, or SQLLM_KERNELS=0)")
@@ -198,18 +211,20 @@ if __name__ == "__main__":
     rows: list[dict] = []
     for shape in args.shapes.split(","):
         out, n = (int(v) for v in shape.split("x"))
-        rows += measure_shape(out, n, args.threads, args.reps, g, prefill=not args.no_prefill)
+        rows += measure_shape(out, n, args.threads, args.reps, g, prefill=not args.no_prefill,
+                              decode=not args.no_decode)
     bandwidth = {str(t): next(r["read_bandwidth_gb_s"] for r in rows if r["threads"] == t) for t in args.threads}
     prefill = "no prefill" if args.no_prefill else f"prefill = {PREFILL} tokens ({max(3, args.reps // 5)} rounds)"
+    decode = "no decode" if args.no_decode else f"decode = 1 token ({args.reps} rounds)"
     doc = {
-        "protocol": (f"QuantLinear forward with bf16 activations vs F.linear with a bf16 weight; decode = 1 token "
-                     f"({args.reps} rounds), {prefill}; each round "
+        "protocol": (f"QuantLinear forward with bf16 activations vs F.linear with a bf16 weight; {decode}, "
+                     f"{prefill}; each round "
                      f"times every variant once in a shuffled order; speedups from the minimum wall time "
                      f"(median columns alongside; CPU ms = the calling thread's CPU time, 1 thread only); GB/s = "
                      f"packed bytes (bf16: 2 bytes/weight) per call / minimum time (CPU time at 1 thread, wall time "
                      f"at 2), as for the streaming read."),
-        "kernels": (f"sqllm_cpu, {cpu_kernels().isa()} decode kernels (AVX2 rows alongside where AVX-512 runs)"
-                    if kernels_enabled() else "none"),
+        "kernels": (f"sqllm_cpu, {cpu_kernels().isa()} decode kernels (AVX2 rows alongside where AVX-512 runs), "
+                    f"{'bf16' if cpu_kernels().prefill_in_bf16() else 'fp32'} prefill" if kernels_enabled() else "none"),
         "read_bandwidth_gb_s": bandwidth,
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "machine": machine_info(), "commit": git_commit(str(ROOT)),

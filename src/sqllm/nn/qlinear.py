@@ -138,7 +138,7 @@ class QuantLinear(nn.Module):
             for b, rows in self._width_rows(x2.device):
                 yb = torch.ops.sqllm.lut_mm(x2, getattr(self, f"qweight_r{b}"), getattr(self, f"lut_r{b}"), b,
                                             self.in_features)
-                y = y.index_copy(1, rows, yb)
+                y.index_copy_(1, rows, yb)
         elif meta.kind == "lut":
             y = torch.ops.sqllm.lut_mm(x2, self.qweight, self.lut, meta.bits, self.in_features)
         else:
@@ -149,9 +149,9 @@ class QuantLinear(nn.Module):
                 yp = torch.ops.sqllm.uniform_mm(
                     xp, getattr(self, p.buffer), self.scales, self.zeros, p.group_ids, meta.group_size, p.bits, p.n
                 )
-                y = yp if y is None else y + yp
+                y = yp if y is None else y.add_(yp)  # in place: one [m, out] buffer, not one per part
         if meta.nnz:
-            y = y + torch.ops.sqllm.csr_mm(x2, self.sp_crow, self.sp_col, self.sp_val)
+            y = y.add_(torch.ops.sqllm.csr_mm(x2, self.sp_crow, self.sp_col, self.sp_val))
         return y
 
     def _width_rows(self, device: torch.device) -> list[tuple[int, Tensor]]:

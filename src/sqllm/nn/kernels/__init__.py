@@ -16,6 +16,13 @@ tokens) of LUT codes of 1..4 bits, and of uniform codes of 1..4 bits in groups o
 columns (or one group per row), runs AVX-512 kernels; everything else runs the AVX2 kernels.
 ``SQLLM_KERNELS=avx2`` or :func:`cpu_isa` keeps the AVX2 kernels everywhere.
 
+Prefill (9+ tokens) of bf16 x, where the CPU also has AVX-512 BF16 or AMX and AVX-512 is chosen,
+dequantizes the weight into bf16 tiles and multiplies them with torch's bf16 matmul: the weights are
+rounded to bf16 (the precision of a bf16 model's own linears), the output is the op's fp32. fp32 and fp16
+x keep the fp32 path. The module's ``prefill_in_bf16()`` tells whether that path runs here;
+``set_prefill(min_tokens, tile_bytes)`` sets its token threshold (never below 9) and tile size (values
+<= 0 keep a setting) and returns the previous ones, for tests and benchmarks.
+
 Importing this package also registers the Triton implementations for CUDA (:mod:`.triton_ops`, Triton
 imported on first use); ``SQLLM_KERNELS=triton`` sends CPU tensors to them too (under
 ``TRITON_INTERPRET=1``), and keeps the compiled CPU kernels unloaded.
@@ -41,7 +48,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_avx2.cpp", "cpu_avx512.cpp")]
 HEADERS = [Path(__file__).with_name("fma_sweep.h")]  # included by both sources (each width once)
-FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum", "isa", "set_isa"]
+FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum", "isa", "set_isa", "set_prefill", "prefill_in_bf16"]
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
 

@@ -23,7 +23,8 @@
 // group: y = sum_g s_g (sum_j c_j x_j - z_g sum_j x_j). Every kernel accumulates in fp32 with FMA.
 //
 // Decode (1..8 tokens) keeps R rows x M tokens of accumulators in registers so one load of x serves R
-// rows; prefill dequantizes tiles of rows with the chunk reader and multiplies them with torch's BLAS.
+// rows; prefill dequantizes tiles of rows with the chunk reader and multiplies them with torch's BLAS
+// (in fp32; bf16 x on CPUs with AVX-512 and native bf16 takes the bf16 prefill of cpu_avx512.cpp).
 // Rows are split over threads with at::parallel_for. Reads never pass the end of `qweight`: a read that
 // would is served from a zeroed copy of the bytes left. Code positions past `n` meet zero-padded x.
 #include <torch/extension.h>
@@ -486,12 +487,20 @@ std::pair<torch::Tensor, torch::Tensor> activations(const torch::Tensor& x, cons
 // tokens; false, with y untouched, when the CPU or the layout rules them out (or set_isa chose AVX2).
 bool decode_avx512(const torch::Tensor& x, const Weights& w, float* y);
 
+// The bf16 prefill (cpu_avx512.cpp): y [m, out] fp32 for bf16 x of enough tokens, through bf16 tiles
+// of the weight and torch's bf16 matmul; undefined where the CPU, the dtype or set_isa rule it out.
+torch::Tensor prefill_bf16(const torch::Tensor& x, const Weights& w);
+
 // Decode or prefill for one packed tensor: [m, out] fp32.
 torch::Tensor matmul(const torch::Tensor& x, const Weights& w) {
   const int64_t m = x.size(0), out = w.out;
   auto y = torch::empty({m, out}, x.options().dtype(torch::kFloat32));
   if (m == 0 || out == 0) return y;
   if (m <= kMaxTokens && decode_avx512(x, w, y.data_ptr<float>())) return y;
+  if (m > kMaxTokens) {
+    auto yb = prefill_bf16(x, w);
+    if (yb.defined()) return yb;
+  }
   const bool lut = w.lut != nullptr;
   if (m <= kMaxTokens && vector_layout(w)) {
     Kernel kernel;

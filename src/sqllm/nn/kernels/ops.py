@@ -21,8 +21,11 @@ Contracts (``words(n, b) = ceil(n * b / 32)``, codes packed by :func:`sqllm.form
   sparse tensor so that ``torch.compile`` sees one opaque call and the CPU kernels can fuse nothing
   they do not own.
 
-Every implementation accumulates in float32. The first CPU call loads the compiled kernels
-(:func:`sqllm.nn.kernels.cpu_kernels`), which then serve every later CPU call;
+Every implementation accumulates in float32. The compiled CPU kernels multiply bf16 ``x`` of 9+ tokens
+(prefill) by the weights rounded to bf16 where the CPU multiplies bf16 natively
+(:mod:`sqllm.nn.kernels`): the reference's result up to bf16 round-off, as a bf16 model's own linears.
+The first CPU call loads the compiled kernels (:func:`sqllm.nn.kernels.cpu_kernels`), which then serve
+every later CPU call;
 :func:`sqllm.nn.kernels.torch_path` or ``SQLLM_KERNELS=0`` keeps the pure-torch implementation.
 """
 
