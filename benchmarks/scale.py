@@ -204,7 +204,7 @@ def run_shape(name: str, runs: list[str], out_root: Path) -> list[dict]:
     """Quantize the random ``name`` model with each of ``runs`` and evaluate the packed output."""
     import json as _json
 
-    from sqllm.report import git_commit
+    from sqllm.report import git_commit, machine_info
 
     ckpt = BIG / f"llama-{name}-random"
     rows = []
@@ -212,7 +212,7 @@ def run_shape(name: str, runs: list[str], out_root: Path) -> list[dict]:
         out = out_root / f"{name}-{run}"
         qjson, ejson = out_root / f"{name}-{run}.quantize.json", out_root / f"{name}-{run}.eval.json"
         row = {"shape": name, "params": SHAPES[name].n_params(), "run": run, "commit": git_commit(str(ROOT)),
-               "load_average": os.getloadavg()[0], "calibration": CALIB, "eval": EVAL}
+               "load_average": os.getloadavg()[0], "cpu": machine_info()["cpu"], "calibration": CALIB, "eval": EVAL}
         cli = [sys.executable, "-m", "sqllm.cli"]
         q = measured([*cli, "quantize", str(ckpt), *RUNS[run], "--calib", str(WIKI / "wiki.valid.tokens"),
                       "--nsamples", str(CALIB["nsamples"]), "--calib-seqlen", str(CALIB["calib_seqlen"]),
@@ -255,19 +255,21 @@ def _save_row(row: dict) -> None:
     gib = 1 / 1024
     table = markdown_table(
         ["shape", "params", "run", "bits/weight", "quantize s", "quantize peak RSS GiB", "eval s", "eval peak RSS GiB",
-         "stages (s)", "load avg"],
+         "stages (s)", "load avg", "CPU"],
         [[r["shape"], f"{r['params'] / 1e9:.2f}B", r["run"], f"{r.get('bits_per_weight', float('nan')):.3f}",
           f"{r['quantize']['seconds']:.0f}", f"{r['quantize']['peak_rss_mib'] * gib:.2f}",
           f"{r['eval'].get('seconds', float('nan')):.0f}", f"{r['eval'].get('peak_rss_mib', float('nan')) * gib:.2f}",
-          ", ".join(f"{k} {v:.0f}" for k, v in r.get("stages", {}).items()), f"{r['load_average']:.1f}"]
+          ", ".join(f"{k} {v:.0f}" for k, v in r.get("stages", {}).items()), f"{r['load_average']:.1f}",
+          r.get("cpu", "-")]
          for r in rows])
     m = doc["machine"]
     md = (f"# Large models: random LLaMA-shaped bf16 checkpoints quantized from disk\n\n{table}\n\n"
           f"Calibration: {CALIB['nsamples']} windows x {CALIB['calib_seqlen']} tokens of wiki.valid.tokens; "
           f"evaluation: {EVAL['windows']} window(s) x {EVAL['seqlen']} tokens of wiki.test.raw (perplexity of random "
           f"weights is meaningless; the runs measure memory and time). Peak RSS is each child process's own "
-          f"(wait4). Vocabulary 49152 (SmolLM2's tokenizer). Machine: {m['cpu']}, {m['cores']} cores, "
-          f"torch {m['torch']}, shared with other jobs (load average at each run's start in the table).\n")
+          f"(wait4). Vocabulary 49152 (SmolLM2's tokenizer). Machines: {m['cores']} cores, torch {m['torch']}, "
+          f"the CPU of each run in the table (the machine under this project changes between sessions), "
+          f"shared with other jobs (load average at each run's start in the table).\n")
     (RESULTS / "scale.md").write_text(md)
 
 
