@@ -25,6 +25,7 @@ METHODS = {
     "rtn": dict(bits=4, group_size=32),
     "slim": dict(bits=3, group_size=32),
 }
+STREAMED_FISHER = {"resident_fisher_bytes": 0}  # the tiny model would otherwise be loaded whole for its Fisher
 
 
 @pytest.fixture
@@ -34,8 +35,8 @@ def text(tmp_path) -> Path:
     return path
 
 
-def _quantize(folder, out, method, text, **kwargs):
-    engine = api.EngineOptions(batch_size=3, progress=False)
+def _quantize(folder, out, method, text, engine_options=None, **kwargs):
+    engine = api.EngineOptions(batch_size=3, progress=False, **(engine_options or {}))
     calibration = api.Calibration(str(text), CALIB["nsamples"], CALIB["calib_seqlen"], CALIB["seed"])
     return api.quantize_checkpoint(str(folder), out, method, calibration=calibration, engine=engine, progress=False,
                                    **METHODS[method], **kwargs)
@@ -45,13 +46,13 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_streamed_equals_in_memory_bit_for_bit(tmp_path, text, method):
+@pytest.mark.parametrize("method, engine_options", [(m, {}) for m in METHODS] + [("squeezellm", STREAMED_FISHER)])
+def test_streamed_equals_in_memory_bit_for_bit(tmp_path, text, method, engine_options):
     folder = _tiny_folder(tmp_path)
     model, tok = api.load_model(str(folder))
     want = api.quantize(model, tok, method, calib=str(text), engine=api.EngineOptions(batch_size=3, progress=False),
                         progress=False, **CALIB, **METHODS[method])
-    summary = _quantize(folder, tmp_path / "out", method, text)
+    summary = _quantize(folder, tmp_path / "out", method, text, engine_options)
     stored = read_tensors(tmp_path / "out")
     for name, qm in want.matrices.items():
         for key, t in pack_matrix(qm, f"{name}.", torch.float32).items():
@@ -92,25 +93,29 @@ def _kill_while_assembling(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "method, kill, finished",
-    [("gptq", _kill_after_first_block, 1), ("squeezellm", _kill_after_first_block, 1),  # forward, reverse order
-     ("squeezellm", _kill_while_assembling, 2)],
+    "method, kill, finished, engine_options",
+    [("gptq", _kill_after_first_block, 1, {}),  # forward order
+     ("squeezellm", _kill_after_first_block, 1, STREAMED_FISHER),  # reverse order (streamed Fisher)
+     ("squeezellm", _kill_after_first_block, 1, {}),  # resident Fisher kept in the work folder, forward order
+     ("squeezellm", _kill_while_assembling, 2, {})],
 )
-def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, method, kill, finished, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, method, kill, finished, engine_options,
+                                                  monkeypatch):
     folder = _tiny_folder(tmp_path)
-    _quantize(folder, tmp_path / "whole", method, text)
+    _quantize(folder, tmp_path / "whole", method, text, engine_options)
 
     out = tmp_path / "resumed"
     kill(monkeypatch)
     with pytest.raises(_Killed):
-        _quantize(folder, out, method, text)
+        _quantize(folder, out, method, text, engine_options)
     monkeypatch.undo()
     work = work_folder_for(out)
     assert not out.exists() and len(list((work / "blocks").glob("*.safetensors"))) == finished
+    assert (work / "fisher.safetensors").is_file() == (method == "squeezellm" and not engine_options)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".resumed.tmp")]
     code = main(["quantize", str(folder), "--method", method, "--output", str(out), *_cli_options(method, text)])
     assert code == 2  # an unfinished work folder is never reused without --resume
-    _quantize(folder, out, method, text, resume=True)
+    _quantize(folder, out, method, text, engine_options, resume=True)
     assert _files(out) == _files(tmp_path / "whole")
     assert not work.exists()
 

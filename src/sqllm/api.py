@@ -374,6 +374,7 @@ def quantize_checkpoint(
     import resource
 
     from .engine import distributed as dist
+    from .engine.loop import fisher_resident
     from .engine.resume import WorkState, work_folder_for
     from .engine.stream import StreamedModel, check_device
 
@@ -420,7 +421,8 @@ def quantize_checkpoint(
         "model": _model_fingerprint(path), "method": method, "config": config_to_dict(cfg),
         "calibration": record, "sqllm_version": __version__,
         "engine": {"batch_size": engine.batch_size, "input_rows": engine.input_rows, "seed": engine.seed,
-                   "device": device.type, "fisher_amp": _amp_name(engine.fisher_amp)},
+                   "device": device.type, "fisher_amp": _amp_name(engine.fisher_amp),
+                   "fisher_pass": "resident" if fisher_resident(parts, engine) else "streamed"},
     }
     work = WorkState(work_folder_for(out), settings, resume=resume) if dist.is_main() else None
     clock = StageClock()

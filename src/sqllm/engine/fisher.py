@@ -139,7 +139,8 @@ def compute_fisher(
 
     def square_into_accumulator(p: Tensor) -> None:
         assert p.grad is not None  # the hook runs once the gradient is accumulated
-        acc[id(p)].add_(p.grad.float().square())
+        g = p.grad.float()
+        acc[id(p)].addcmul_(g, g)  # one pass, no temporary for the square
         p.grad = None
 
     device = getattr(model, "device", None) or (params[0].device if params else torch.device("cpu"))
@@ -199,7 +200,8 @@ def _backward_block(
 
     def square_into_accumulator(p: Tensor) -> None:
         assert p.grad is not None  # the hook runs once the gradient is accumulated
-        by_param[id(p)].add_(p.grad.float().square())
+        g = p.grad.float()
+        by_param[id(p)].addcmul_(g, g)
         p.grad = None
 
     params = list(weights.values())
