@@ -1,11 +1,14 @@
 """The Fisher pass on SmolLM2: whole-model vs streamed, float32 vs bfloat16 autocast, side by side.
 
-For each of the four passes, the seconds per 2048-token window (the same windows for all), and for the
-bf16 passes how far their Fisher tables are from the fp32 ones: relative L2 distance per linear, and the
-overlap of the top ``SENSITIVE`` % positions (SqueezeLLM's sensitive values). Writes
+For each pass (all four by default, or those named with ``--passes``), the seconds per 2048-token window
+(the same windows for all), and for the bf16 passes how far their Fisher tables are from the fp32 ones:
+relative L2 distance per linear, and the overlap of the top ``SENSITIVE`` % positions (SqueezeLLM's
+sensitive values). The whole-model pass is what ``sqllm quantize`` runs for a model that fits
+``EngineOptions.resident_fisher_bytes`` (SmolLM2 does); larger models stream. Writes
 ``benchmarks/results/fisher_pass.{json,md}``.
 
     python benchmarks/fisher_pass.py --windows 2
+    python benchmarks/fisher_pass.py --windows 2 --passes "whole-model fp32" "whole-model bf16"
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sqllm.report import git_commit, machine_info, markdown_table
 RESULTS = ROOT / "benchmarks" / "results"
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 SENSITIVE = 0.05
+PASSES = ("whole-model fp32", "whole-model bf16", "streamed fp32", "streamed bf16")
 
 
 def top_overlap(a: torch.Tensor, b: torch.Tensor, pct: float) -> float:
@@ -52,18 +56,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=list(PASSES))
     a = p.parse_args()
     path = resolve_model_path("smollm2-135m")
     model, tok = load_model(path)
     windows = calibration_windows(tok, str(WIKI_VALID), a.windows, a.seqlen, 0)
     names = linear_names(model)
-    passes = {
+    everything = {
         "whole-model fp32": lambda: compute_fisher(model, names, windows, progress=False),
         "whole-model bf16": lambda: compute_fisher(model, names, windows, amp=torch.bfloat16, progress=False),
         "streamed fp32": lambda: streamed_fisher_dict(StreamedModel(path), windows, progress=False),
         "streamed bf16": lambda: streamed_fisher_dict(StreamedModel(path), windows, amp=torch.bfloat16,
                                                       progress=False),
     }
+    passes = {label: everything[label] for label in a.passes}
     load = os.getloadavg()[0]
     tables, rows = {}, []
     for label, run in passes.items():
@@ -72,10 +78,12 @@ def main() -> None:
         rows.append({"pass": label, "seconds_per_window": (time.perf_counter() - start) / a.windows})
         print(rows[-1], flush=True)
     for row in rows:
-        ref = tables[row["pass"].replace("bf16", "fp32")]
-        row.update(compare(ref, tables[row["pass"]]) if "bf16" in row["pass"] else {})
-    same = compare(tables["whole-model fp32"], tables["streamed fp32"])
+        ref = tables.get(row["pass"].replace("bf16", "fp32"))
+        row.update(compare(ref, tables[row["pass"]]) if "bf16" in row["pass"] and ref is not None else {})
+    both = "whole-model fp32" in tables and "streamed fp32" in tables
+    same = compare(tables["whole-model fp32"], tables["streamed fp32"]) if both else None
     doc = {"machine": machine_info(), "commit": git_commit(str(ROOT)), "load_average_at_start": load,
+           "load_average_at_end": os.getloadavg()[0],
            "protocol": {"model": "smollm2-135m", "windows": a.windows, "seqlen": a.seqlen,
                         "calibration": "wiki.valid.tokens, seed 0", "sensitive_pct": SENSITIVE},
            "rows": rows, "streamed_vs_whole_fp32": same}
@@ -88,11 +96,13 @@ def main() -> None:
           f"{r['top_overlap_mean']:.3f} / {r['top_overlap_min']:.3f}" if "rel_l2_mean" in r else ""]
          for r in rows])
     m = doc["machine"]
+    streamed = (f" Streamed fp32 vs whole-model fp32: relative L2 {same['rel_l2_max']:.2e} at most (round-off)."
+                if same is not None else "")
     md = (f"# Fisher pass on SmolLM2: whole-model vs streamed, fp32 vs bf16 autocast\n\n{table}\n\n"
-          f"{a.windows} windows x {a.seqlen} tokens of wiki.valid.tokens, the same for every pass. Streamed fp32 vs "
-          f"whole-model fp32: relative L2 {same['rel_l2_max']:.2e} at most (round-off). Machine: {m['cpu']}, "
-          f"{m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), load average {load:.1f} at the "
-          f"start. Commit {doc['commit']}.\n")
+          f"{a.windows} windows x {a.seqlen} tokens of wiki.valid.tokens, the same for every pass.{streamed} "
+          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), load average "
+          f"{load:.1f} at the start, {doc['load_average_at_end']:.1f} at the end (shared machine). "
+          f"Commit {doc['commit']}.\n")
     (RESULTS / "fisher_pass.md").write_text(md)
     print(md)
 

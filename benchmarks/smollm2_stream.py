@@ -5,7 +5,8 @@
 2. The same quantization in memory (``api.quantize``: whole-model Fisher, in-memory block loop), its
    packed tensors compared with the streamed output's, and its perplexity over the same 40 windows.
 
-Writes ``benchmarks/results/smollm2_stream.{json,md}``.
+Writes ``benchmarks/results/smollm2_stream.{json,md}``; with ``--streamed-only`` only step 1 runs and
+writes ``benchmarks/results/smollm2-P-<bits>bit.{json,md}`` (stage by stage, with the load average).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("/work/big/out"))
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--fisher-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--streamed-only", action="store_true",
+                   help="skip the in-memory engine (step 2): time and evaluate `sqllm quantize` alone")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     out = a.out / f"smollm2-squeezellm-{a.bits}bit-P"
@@ -48,14 +52,20 @@ def main() -> None:
     load = os.getloadavg()[0]
     q = measured([*cli, "quantize", "smollm2-135m", "--method", "squeezellm", "--bits", str(a.bits),
                   "--calib", str(CALIB), "--nsamples", str(P["nsamples"]), "--calib-seqlen", str(P["calib_seqlen"]),
+                  "--fisher-dtype", a.fisher_dtype,
                   "--output", str(out), "--overwrite", "--json", str(out) + ".quantize.json"],
                  a.out / f"{out.name}.quantize.log")
+    loads = [os.getloadavg()[0]]  # after the quantization, then after the evaluation
     summary = json.loads(Path(str(out) + ".quantize.json").read_text())
     e = measured([*cli, "eval", str(out), "--ppl", str(TEST), "--windows", str(WINDOWS), "--json",
                   str(out) + ".eval.json"], a.out / f"{out.name}.eval.log")
+    loads.append(os.getloadavg()[0])
     streamed = {"quantize": q, "stages": summary["stages"], "bits_per_weight": summary["bits_per_weight"]["total"],
                 "eval": e, "perplexity": json.loads(Path(str(out) + ".eval.json").read_text())["perplexity"]}
     print("streamed", streamed, flush=True)
+    if a.streamed_only:
+        write_streamed_only(a, summary, streamed, [load, *loads])
+        return
 
     model, tok = api.load_model("smollm2-135m")
     start = time.perf_counter()
@@ -87,6 +97,30 @@ def main() -> None:
           f"the first {WINDOWS} windows of 2048 tokens of wiki.test.raw. Machine: {m['cpu']}, {m['cores']} cores, "
           f"torch {m['torch']}, load average {load:.1f} at the start (shared machine). Commit {doc['commit']}.\n")
     (RESULTS / "smollm2_stream.md").write_text(md)
+    print(md)
+
+
+def write_streamed_only(a: argparse.Namespace, summary: dict, streamed: dict, loads: list[float]) -> None:
+    """``benchmarks/results/smollm2-P-<bits>bit.{json,md}``: the whole `sqllm quantize` run, its stages and
+    its perplexity, with the load average (1 min) at its start, after the quantization and after the eval."""
+    name = f"smollm2-P-{a.bits}bit"
+    doc = {"machine": machine_info(), "commit": git_commit(str(ROOT)), "load_average": loads,
+           "protocol": {"calibration": P, "eval_windows": WINDOWS, "bits": a.bits, "fisher_dtype": a.fisher_dtype},
+           **streamed, "summary": summary}
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    q = streamed["quantize"]
+    rows = [[stage, f"{sec:.1f}"] for stage, sec in streamed["stages"].items()]
+    rows += [["whole `sqllm quantize` (wall, child process)", f"{q['seconds']:.1f}"]]
+    m = doc["machine"]
+    md = (f"# SmolLM2 SqueezeLLM {a.bits}-bit under protocol P: `sqllm quantize` stage by stage\n\n"
+          f"{markdown_table(['stage', 'seconds'], rows)}\n\n"
+          f"Perplexity over the first {WINDOWS} windows of 2048 tokens of wiki.test.raw: "
+          f"{streamed['perplexity']:.3f} ({streamed['bits_per_weight']:.3f} bits/weight). Calibration "
+          f"{P['nsamples']} x {P['calib_seqlen']} tokens of wiki.valid.tokens (seed 0), `--fisher-dtype "
+          f"{a.fisher_dtype}`; peak RSS {q['peak_rss_mib'] / 1024:.2f} GiB. Machine: {m['cpu']}, {m['cores']} cores, "
+          f"torch {m['torch']}; load average (1 min) {loads[0]:.1f} at the start, {loads[1]:.1f} after the "
+          f"quantization, {loads[2]:.1f} after the eval (shared machine). Commit {doc['commit']}.\n")
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
 

@@ -67,6 +67,26 @@ def test_gradient_checkpointing_gives_the_same_fisher(llama_and_reference):
     assert not model.training and not model.is_activation_checkpointing
 
 
+def test_bf16_pass_equals_per_window_autocast_bit_for_bit():
+    """Casting the weights once for the whole pass changes no bit: the reference enters autocast per window
+    (each weight cast again every window) and squares each window's float32 gradient."""
+    model = _tiny_llama()
+    weights = [model.get_submodule(n).weight for n in NAMES]
+    for p in model.parameters():
+        p.requires_grad_(any(p is w for w in weights))
+    want = {n: torch.zeros_like(w) for n, w in zip(NAMES, weights)}
+    for window in _windows():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=window[None], labels=window[None], use_cache=False).loss
+        loss.backward()
+        for n, w in zip(NAMES, weights):
+            want[n] += w.grad.float() ** 2
+            w.grad = None
+    got = compute_fisher(model, NAMES, _windows(), amp=torch.bfloat16, progress=False)
+    for n in NAMES:
+        assert torch.equal(got[n], want[n]), n
+
+
 def test_unknown_linear_and_bad_windows_are_rejected(llama_and_reference):
     model, _ = llama_and_reference
     with pytest.raises(InvalidConfig, match="model.layers.9.mlp.up_proj"):

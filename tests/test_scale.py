@@ -27,6 +27,7 @@ RUNS = {  # id: (method, options)
     "rtn": ("rtn", dict(bits=4, group_size=32)),
     "slim": ("slim", dict(bits=3, group_size=32)),
 }
+STREAMED_FISHER = {"resident_fisher_bytes": 0}  # the tiny model would otherwise be loaded whole for its Fisher
 
 
 @pytest.fixture
@@ -36,9 +37,9 @@ def text(tmp_path) -> Path:
     return path
 
 
-def _quantize(folder, out, run, text, **kwargs):
+def _quantize(folder, out, run, text, engine_options=None, **kwargs):
     method, options = RUNS[run]
-    engine = api.EngineOptions(batch_size=3, progress=False)
+    engine = api.EngineOptions(batch_size=3, progress=False, **(engine_options or {}))
     calibration = api.Calibration(str(text), CALIB["nsamples"], CALIB["calib_seqlen"], CALIB["seed"])
     return api.quantize_checkpoint(str(folder), out, method, calibration=calibration, engine=engine, progress=False,
                                    **options, **kwargs)
@@ -48,14 +49,15 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("run", list(RUNS))
-def test_streamed_equals_in_memory_bit_for_bit(tmp_path, text, run):
+@pytest.mark.parametrize("run, engine_options", [(r, {}) for r in RUNS] + [
+    ("squeezellm", STREAMED_FISHER), ("squeezellm-mixed", STREAMED_FISHER)])
+def test_streamed_equals_in_memory_bit_for_bit(tmp_path, text, run, engine_options):
     folder = _tiny_folder(tmp_path)
     model, tok = api.load_model(str(folder))
     method, options = RUNS[run]
     want = api.quantize(model, tok, method, calib=str(text), engine=api.EngineOptions(batch_size=3, progress=False),
                         progress=False, **CALIB, **options)
-    summary = _quantize(folder, tmp_path / "out", run, text)
+    summary = _quantize(folder, tmp_path / "out", run, text, engine_options)
     stored = read_tensors(tmp_path / "out")
     for name, qm in want.matrices.items():
         for key, t in pack_matrix(qm, f"{name}.", torch.float32).items():
@@ -96,26 +98,31 @@ def _kill_while_assembling(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "run, kill, finished",
-    [("gptq", _kill_after_first_block, 1), ("squeezellm", _kill_after_first_block, 1),  # forward, reverse order
-     ("squeezellm-mixed", _kill_after_first_block, 1), ("squeezellm", _kill_while_assembling, 2)],
+    "run, kill, finished, engine_options",
+    [("gptq", _kill_after_first_block, 1, {}),  # forward order
+     ("squeezellm", _kill_after_first_block, 1, STREAMED_FISHER),  # reverse order (streamed Fisher)
+     ("squeezellm", _kill_after_first_block, 1, {}),  # resident Fisher kept in the work folder, forward order
+     ("squeezellm-mixed", _kill_after_first_block, 1, STREAMED_FISHER),  # streamed Fisher, then a model-wide plan
+     ("squeezellm", _kill_while_assembling, 2, {})],
 )
-def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, run, kill, finished, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_bytes(tmp_path, text, run, kill, finished, engine_options,
+                                                  monkeypatch):
     folder = _tiny_folder(tmp_path)
     method = RUNS[run][0]
-    _quantize(folder, tmp_path / "whole", run, text)
+    _quantize(folder, tmp_path / "whole", run, text, engine_options)
 
     out = tmp_path / "resumed"
     kill(monkeypatch)
     with pytest.raises(_Killed):
-        _quantize(folder, out, run, text)
+        _quantize(folder, out, run, text, engine_options)
     monkeypatch.undo()
     work = work_folder_for(out)
     assert not out.exists() and len(list((work / "blocks").glob("*.safetensors"))) == finished
+    assert (work / "fisher.safetensors").is_file() == (method == "squeezellm" and not engine_options)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".resumed.tmp")]
     code = main(["quantize", str(folder), "--method", method, "--output", str(out), *_cli_options(run, text)])
     assert code == 2  # an unfinished work folder is never reused without --resume
-    _quantize(folder, out, run, text, resume=True)
+    _quantize(folder, out, run, text, engine_options, resume=True)
     assert _files(out) == _files(tmp_path / "whole")
     assert not work.exists()
 

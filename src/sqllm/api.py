@@ -374,6 +374,7 @@ def quantize_checkpoint(
     import resource
 
     from .engine import distributed as dist
+    from .engine.loop import fisher_resident
     from .engine.resume import WorkState, work_folder_for
     from .engine.stream import StreamedModel, check_device
 
@@ -420,15 +421,17 @@ def quantize_checkpoint(
         "model": _model_fingerprint(path), "method": method, "config": config_to_dict(cfg),
         "calibration": record, "sqllm_version": __version__,
         "engine": {"batch_size": engine.batch_size, "input_rows": engine.input_rows, "seed": engine.seed,
-                   "device": device.type, "fisher_amp": _amp_name(engine.fisher_amp)},
+                   "device": device.type, "fisher_amp": _amp_name(engine.fisher_amp),
+                   "fisher_pass": "resident" if fisher_resident(parts, engine) else "streamed"},
     }
     work = WorkState(work_folder_for(out), settings, resume=resume) if dist.is_main() else None
     clock = StageClock()
     clock.seconds["prepare"] = time.perf_counter() - start  # skeleton, shard index, tokenizer, windows
-    if fisher_table is None and spec.plan is not None and spec.plan(cfg) is not None:
-        # A model-wide plan reads every linear's Fisher before any block is solved: the streamed Fisher
-        # pass runs first and its table stays in memory (4 bytes per weight; a Fisher file from
-        # `sqllm sensitivity` avoids that on large models).
+    if (fisher_table is None and spec.fisher and spec.plan is not None and spec.plan(cfg) is not None
+            and not fisher_resident(parts, engine)):
+        # A model-wide plan reads every linear's Fisher before any block is solved, and this model is too
+        # large for the whole-model pass: the streamed Fisher pass runs first and its table stays in
+        # memory (4 bytes per weight; a Fisher file from `sqllm sensitivity` avoids that).
         from .engine.fisher import streamed_fisher_dict
 
         assert windows is not None

@@ -139,18 +139,22 @@ def compute_fisher(
 
     def square_into_accumulator(p: Tensor) -> None:
         assert p.grad is not None  # the hook runs once the gradient is accumulated
-        acc[id(p)].add_(p.grad.float().square())
+        g = p.grad.float()
+        acc[id(p)].addcmul_(g, g)  # one pass, no temporary for the square
         p.grad = None
 
-    device = getattr(model, "device", None) or (params[0].device if params else torch.device("cpu"))
+    device = torch.device(getattr(model, "device", None) or (params[0].device if params else "cpu"))
     with _only_these_require_grad(model, params), _gradient_mode(model, grad_checkpointing), torch.enable_grad():
         hooks = [p.register_post_accumulate_grad_hook(square_into_accumulator) for p in params]
         try:
-            for window in tqdm(windows, desc="Fisher", unit="window", disable=not progress):
-                ids = window.unsqueeze(0).to(device)
-                with _autocast(torch.device(device), amp):
+            # One autocast context around every window: its cast cache keeps each target weight's
+            # low-precision copy until the pass ends, so weights are cast once, not once per window.
+            with _autocast(device, amp):
+                for window in tqdm(windows, desc="Fisher", unit="window", disable=not progress):
+                    ids = window.unsqueeze(0).to(device)
                     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
+                    with _autocast(device, None):  # backward outside autocast (nested: keeps the cache)
+                        loss.backward()
         finally:
             for h in hooks:
                 h.remove()
@@ -199,7 +203,8 @@ def _backward_block(
 
     def square_into_accumulator(p: Tensor) -> None:
         assert p.grad is not None  # the hook runs once the gradient is accumulated
-        by_param[id(p)].add_(p.grad.float().square())
+        g = p.grad.float()
+        by_param[id(p)].addcmul_(g, g)
         p.grad = None
 
     params = list(weights.values())
@@ -207,15 +212,16 @@ def _backward_block(
     with _only_these_require_grad(block, params), torch.enable_grad():
         hooks = [p.register_post_accumulate_grad_hook(square_into_accumulator) for p in params]
         try:
-            for w in range(x.shape[0]):
-                xw = x[w : w + 1].detach().requires_grad_(need_input_grad)
-                with _autocast(x.device, amp):
+            with _autocast(x.device, amp):  # one context: the block's weights are cast once (see compute_fisher)
+                for w in range(x.shape[0]):
+                    xw = x[w : w + 1].detach().requires_grad_(need_input_grad)
                     out = block_output(block(xw, **kwargs))
-                wanted = params + ([xw] if need_input_grad else [])
-                torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=wanted)
-                if need_input_grad:
-                    assert xw.grad is not None
-                    input_grads.append(xw.grad.float())
+                    wanted = params + ([xw] if need_input_grad else [])
+                    with _autocast(x.device, None):
+                        torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=wanted)
+                    if need_input_grad:
+                        assert xw.grad is not None
+                        input_grads.append(xw.grad.float())
         finally:
             for h in hooks:
                 h.remove()

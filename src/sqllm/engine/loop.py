@@ -78,6 +78,10 @@ class EngineOptions:
     device:          where each block is moved while it is calibrated
     fisher_amp:      autocast dtype of the Fisher pass's forward and backward (None: float32)
     activation_budget: bytes of block inputs the streamed Fisher keeps in memory; the rest go to disk
+    resident_fisher_bytes: a model whose weights take at most this many bytes in the compute dtype is
+                     loaded whole for its Fisher pass, which then computes each window forward and
+                     backward once; a larger one streams (each block computed twice, see
+                     :func:`~sqllm.engine.fisher.streamed_fisher`)
 
     Whether a block's linears are solved group by group (true-sequential) is the method's own option
     (``cfg.true_sequential`` where the config has it).
@@ -90,12 +94,15 @@ class EngineOptions:
     progress: bool = True
     fisher_amp: torch.dtype | None = None
     activation_budget: int = 2 * 1024**3
+    resident_fisher_bytes: int = 2 * 1024**3
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise InvalidConfig(f"batch_size={self.batch_size} must be >= 1 (calibration windows per forward)")
         if self.input_rows < 1:
             raise InvalidConfig(f"input_rows={self.input_rows} must be >= 1")
+        if self.resident_fisher_bytes < 0:
+            raise InvalidConfig(f"resident_fisher_bytes={self.resident_fisher_bytes} must be >= 0")
 
 
 class StageClock:
@@ -270,6 +277,37 @@ def _reverse_fisher_order(
                 work.block_done(b, grad_in, direction="reverse")
 
 
+def fisher_resident(parts: ModelParts, opts: EngineOptions) -> bool:
+    """Whether the Fisher pass loads the whole model (its weights fit ``opts.resident_fisher_bytes``
+    in the compute dtype) rather than streaming it block by block."""
+    n = sum(p.numel() for p in parts.model.parameters())  # tied weights counted once
+    return n * parts.dtype.itemsize <= opts.resident_fisher_bytes
+
+
+def _resident_fisher(
+    parts: ModelParts, windows: Tensor, opts: EngineOptions, work: Any, clock: StageClock
+) -> Mapping[str, Tensor] | Callable[[list[str]], dict[str, Tensor]]:
+    """The Fisher table of a model small enough to load whole: every part loaded at once, each window
+    one forward and one backward (:func:`~sqllm.engine.fisher.compute_fisher`), no block computed twice.
+
+    With a work folder the table is kept there, so that a killed run resumes in forward order without
+    a second gradient pass; a resumed run reads it back. Returns the table or a reader of it."""
+    from .fisher import compute_fisher, fisher_reader, save_fisher
+
+    names = [f"{parts.block_name(b)}.{n}" for b in range(parts.n_blocks) for n in parts.arch.linears]
+    if work is not None and work.fisher_path.is_file():
+        shapes = {n: tuple(parts.model.get_submodule(n).weight.shape) for n in names}
+        return fisher_reader(work.fisher_path, shapes)
+    with clock("fisher"), parts.loaded(parts.tensor_names()):
+        table = compute_fisher(parts.model, names, windows, amp=opts.fisher_amp, progress=opts.progress)
+    if work is not None:
+        with clock("write"):
+            tmp = work.fisher_path.with_name(work.fisher_path.name + ".partial")
+            save_fisher(tmp, table, {"windows": list(windows.shape)})
+            tmp.replace(work.fisher_path)
+    return table
+
+
 class FisherTable:
     """Per-block view of a Fisher table: a dict ``{full linear name: [out, in]}`` or a lazy reader
     (``block(b)`` returns the block's entries)."""
@@ -302,7 +340,8 @@ def quantize_parts(
     windows: ``[n, L]`` calibration tokens (this rank's share under data parallelism); needed when the
              method collects layer statistics, has a block stage, or computes its Fisher
     fisher:  for Fisher methods, a table ``{full linear name: [out, in]}`` or a reader ``names -> table``;
-             None computes it with the streamed Fisher pass, solving each block as its Fisher is done
+             None computes it: the whole model at once when it fits ``opts.resident_fisher_bytes``,
+             else with the streamed Fisher pass, solving each block as its Fisher is done
     work:    a :class:`~sqllm.engine.resume.WorkState` to record progress in and resume from
     Returns the clock with the seconds spent per stage.
     """
@@ -313,19 +352,22 @@ def quantize_parts(
         raise ValueError(f"method {method.name!r} needs calibration windows")
     planner = method.plan(cfg) if method.plan is not None else None
     if method.fisher and fisher is None:
-        if planner is not None:
-            raise ValueError(f"{method.name!r} with a model-wide plan needs the Fisher table up front")
         if windows is None:
             raise ValueError(f"method {method.name!r} needs calibration windows or a Fisher table")
-        _reverse_fisher_order(parts, method, cfg, windows, opts, sink, work, clock)
-    else:
-        table = FisherTable(parts, fisher) if method.fisher and fisher is not None else None
-        plans = None
-        if planner is not None:
-            assert table is not None
-            with clock("plan"):
-                plans = planner(_weights_and_fisher(parts, table))
-        _forward_order(parts, method, cfg, windows, table, opts, sink, work, clock, plans)
+        if fisher_resident(parts, opts):
+            fisher = _resident_fisher(parts, windows, opts, work, clock)
+        elif planner is not None:
+            raise ValueError(f"{method.name!r} with a model-wide plan needs the Fisher table up front")
+        else:
+            _reverse_fisher_order(parts, method, cfg, windows, opts, sink, work, clock)
+            return clock
+    table = FisherTable(parts, fisher) if method.fisher and fisher is not None else None
+    plans = None
+    if planner is not None:
+        assert table is not None
+        with clock("plan"):
+            plans = planner(_weights_and_fisher(parts, table))
+    _forward_order(parts, method, cfg, windows, table, opts, sink, work, clock, plans)
     return clock
 
 

@@ -11,6 +11,8 @@
   block of the streamed Fisher's reverse sweep (reverse order);
 * ``blocks/``: the finished blocks' packed shards (written by the caller's sink);
 * ``activations/``: block inputs the streamed Fisher pass spilled to disk.
+* ``fisher.safetensors``: the Fisher table of a resident Fisher pass (a model small enough to load
+  whole), which a resumed run reads instead of computing it again.
 
 Every file is written to a temporary name and renamed, so a kill leaves either the old or the new
 version. A block's shard is written before the state that marks it finished: a kill in between redoes
@@ -98,6 +100,11 @@ class WorkState:
     @property
     def activation_dir(self) -> Path:
         return self.folder / "activations"
+
+    @property
+    def fisher_path(self) -> Path:
+        """Where a resident Fisher pass keeps its table for a resumed run."""
+        return self.folder / "fisher.safetensors"
 
     @property
     def done(self) -> set[int]:
