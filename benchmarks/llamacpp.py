@@ -7,13 +7,21 @@ bundled Q4_1 GGUF by dequantizing every tensor with ``gguf`` (``f32_gguf``): the
 fp32 model, so nobody re-quantizes Q4_1 blocks directly. Each format is measured next to sqllm packed
 checkpoints of similar bits/weight (made with the ``sqllm`` CLI under ``--ckpt-dir`` when missing):
 
-* prompt tokens/s (a 256-token prompt) and decode tokens/s (32 greedy tokens after an 8-token prompt),
-  batch 1, ``--threads`` threads, best of ``--repeats`` (the machine is shared);
+* prompt tokens/s (a 256-token prompt) and decode tokens/s (32 greedy tokens after an 8-token prompt,
+  whose forward counts as in ``generate``), batch 1, ``--threads`` threads, best of ``--repeats`` rounds
+  that each measure every model once (the machine is shared: a load swing then hits every row alike);
 * perplexity with sqllm's protocol: the same token ids (SmolLM2's tokenizer, no BOS), non-overlapping
   2048-token windows of WikiText-2 test, logits from llama.cpp over each whole window;
 * bits/weight of the quantized linears (the block matrices, as sqllm counts) and of the whole file.
 
     python benchmarks/llamacpp.py [--threads 2] [--windows 40] [--repeats 3]   # results/llamacpp.{json,md}
+    python benchmarks/llamacpp.py --only sqllm --ppl-only --skip-missing      # perplexities ahead of the run
+
+Perplexity is deterministic, so every result is cached in ``results/llamacpp-ppl.jsonl`` by the model's
+file sizes and config, with its per-window NLLs: a later run over the same or fewer windows reads it
+(the table names those rows), so a slow machine can score the models beside other work and keep the
+speed rows of the final run. Each row is written out as soon as it is measured, and a row that fails
+becomes one "not run" line with its reason.
 
 The helpers (``f32_gguf``, ``quantize_gguf``, ``gguf_bits``, ``gguf_perplexity``) also serve
 ``benchmarks/peers.py``. sqllm rows run QuantLinear's default path: the compiled kernels where the CPU
@@ -30,7 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -312,31 +320,30 @@ def cached_perplexity(path: Path, windows: int, compute: Any) -> dict[str, Any]:
     return {**res, "ppl_from_cache": False}
 
 
-def gguf_row(label: str, ftype: str, pure: bool, tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
-    """One llama.cpp row: quantize (or the F32 start point when ``ftype`` is F32), size, speed, perplexity."""
+Row = tuple[dict[str, Any], Callable[[], dict[str, float]]]  # a table row and one speed measurement of it
+
+
+def gguf_row(label: str, ftype: str, pure: bool, tokens: torch.Tensor, args: argparse.Namespace) -> Row:
+    """One llama.cpp row: quantize (or the F32 start point when ``ftype`` is F32), size, perplexity."""
     path, qsec = (f32_gguf(), 0.0) if ftype == "F32" else quantize_gguf(ftype, pure=pure, threads=args.threads)
     row = {"label": label, "engine": "llama.cpp", "path": str(path), "quant_seconds": qsec, **gguf_bits(path)}
-    if not args.ppl_only:
-        row.update(gguf_speed(path, args.threads, args.prompt, args.decode, args.repeats))
     row.update(cached_perplexity(path, args.windows, lambda: gguf_perplexity(path, tokens, args.windows, args.threads)))
-    return row
+    return row, lambda: gguf_speed(path, args.threads, args.prompt, args.decode, 1)
 
 
-def sqllm_row(label: str, folder: Path, cli_args: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """One sqllm row: the packed checkpoint (made when missing), size, speed, perplexity."""
+def sqllm_row(label: str, folder: Path, cli_args: list[str], args: argparse.Namespace) -> Row:
+    """One sqllm row: the packed checkpoint (made when missing), size, perplexity."""
     folder, made = sqllm_checkpoint(folder, cli_args)
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     row = {"label": label, "engine": f"sqllm ({sqllm_compute_path()})", "path": str(folder),
            "quant_seconds": made, "linears": qc["bits_per_weight"]["total"], "file": None,
            "tensor_types": {"layout": f"{qc['method']} {qc['bits']}-bit, "
                             + (f"g{qc['group_size']}" if qc.get("group_size") else "LUT per row")
-                            + (f", {qc['sparse_pct']}% sparse fp16" if qc.get("sparse_pct") else "")},
+                            + (f", {qc['sparse_pct']:.2f}% sparse fp16" if qc.get("sparse_pct") else "")},
            "file_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
-    if not args.ppl_only:
-        row.update(sqllm_speed(folder, args.threads, args.prompt, args.decode, args.repeats))
     windows = args.sqllm_windows or args.windows
     row.update(cached_perplexity(folder, windows, lambda: sqllm_perplexity(folder, windows)))
-    return row
+    return row, lambda: sqllm_speed(folder, args.threads, args.prompt, args.decode, 1)
 
 
 def main() -> None:
@@ -350,6 +357,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--skip-missing", action="store_true", help="skip sqllm checkpoints that do not exist yet")
+    ap.add_argument("--formats", nargs="+", default=["F32"] + [f for _, f, _ in SPEED_FORMATS],
+                    help="llama.cpp file types to run (F32: the unquantized start point, run last)")
     ap.add_argument("--only", choices=["all", "llamacpp", "sqllm"], default="all", help="which engine's rows to run")
     ap.add_argument("--ppl-only", action="store_true",
                     help=f"only compute (and cache in {PPL_CACHE.name}) perplexities; no speed, no result files")
@@ -365,35 +374,51 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     failed: list[str] = []  # one line per format that could not run, with the reason
     ckpt = Path(args.ckpt_dir)
-    jobs: list[tuple[str, Any]] = []
-    for label, ftype, pure in [("F32 (start point)", "F32", False)] + SPEED_FORMATS if args.only != "sqllm" else []:
+    gguf_jobs: list[tuple[str, Any]] = []
+    for label, ftype, pure in SPEED_FORMATS + [("F32 (start point)", "F32", False)] if args.only != "sqllm" else []:
+        if ftype not in args.formats:
+            continue
         if missing:
             failed.append(f"llama.cpp {label}: {missing}")
             continue
-        jobs.append((f"llama.cpp {label}", lambda label=label, ftype=ftype, pure=pure:
-                     gguf_row(f"llama.cpp {label}", ftype, pure, tokens, args)))
+        gguf_jobs.append((f"llama.cpp {label}", lambda label=label, ftype=ftype, pure=pure:
+                          gguf_row(f"llama.cpp {label}", ftype, pure, tokens, args)))
+    sqllm_jobs: list[tuple[str, Any]] = []
     for label, name, cli_args in SQLLM_CHECKPOINTS if args.only != "llamacpp" else []:
         if args.skip_missing and not (ckpt / name / "config.json").is_file():
             failed.append(f"{label}: {ckpt / name} does not exist yet (--skip-missing)")
             continue
-        jobs.append((label, lambda label=label, name=name, cli_args=cli_args: sqllm_row(label, ckpt / name, cli_args, args)))
-    for label, job in jobs:
-        load_row = os.getloadavg()[0]
+        sqllm_jobs.append((label, lambda label=label, name=name, cli_args=cli_args:
+                           sqllm_row(label, ckpt / name, cli_args, args)))
+    # the F32 start point (last in gguf_jobs when asked for) runs after everything else: the slowest
+    # llama.cpp row, a reference rather than a contender
+    f32 = [job for job in gguf_jobs if job[0].endswith("(start point)")]
+    jobs = [job for job in gguf_jobs if job not in f32] + sqllm_jobs + f32
+    speeds: list[Callable[[], dict[str, float]]] = []
+    for label, job in jobs:  # first every model's file and perplexity, no clock involved
         try:
-            row = job()
+            row, speed = job()
         except Exception as exc:  # the table reports the format as not run, with this reason, and goes on
             failed.append(f"{label}: {type(exc).__name__}: {exc}")
             print(failed[-1], flush=True)
             continue
-        row["loadavg_1min_at_start"] = load_row
-        rows.append(row)
-        speed = "" if args.ppl_only else f", prompt {row['prompt_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s"
-        print(f"{row['label']}: {row['linears']:.3f} b/w, ppl {row['perplexity']:.2f} ({row['windows']} windows)"
-              f"{speed}, load {load_row:.1f}", flush=True)
-        if not args.ppl_only:
-            write(rows, failed, args, load_start)  # after every row, so an interrupted run keeps what it measured
-    if not args.ppl_only:
-        write(rows, failed, args, load_start, final=True)
+        rows.append({**row, "prompt_tok_s": 0.0, "decode_tok_s": 0.0, "speed_rounds": []})
+        speeds.append(speed)
+        print(f"{row['label']}: {row['linears']:.3f} b/w, ppl {row['perplexity']:.2f} ({row['windows']} windows)",
+              flush=True)
+    if args.ppl_only:
+        return
+    # then the speed in rounds, every model once per round: a load swing on the shared machine hits
+    # every row alike instead of whichever model it happened to fall on, and each row keeps its best round
+    for rnd in range(args.repeats):
+        for row, speed in zip(rows, speeds):
+            res = {**speed(), "loadavg_1min": os.getloadavg()[0]}
+            row["speed_rounds"].append(res)
+            row["prompt_tok_s"] = max(row["prompt_tok_s"], res["prompt_tok_s"])
+            row["decode_tok_s"] = max(row["decode_tok_s"], res["decode_tok_s"])
+            print(f"round {rnd + 1} {row['label']}: prompt {res['prompt_tok_s']:.0f} tok/s, decode "
+                  f"{res['decode_tok_s']:.1f} tok/s, load {res['loadavg_1min']:.1f}", flush=True)
+        write(rows, failed, args, load_start, final=rnd == args.repeats - 1)  # a cut-short run keeps its rounds
 
 
 def _types_cell(row: dict[str, Any]) -> str:
@@ -421,10 +446,10 @@ def write(rows: list[dict[str, Any]], failed: list[str], args: argparse.Namespac
     (RESULTS / "llamacpp.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     table = markdown_table(
         ["model", "engine", "bits/weight (linears)", "linear tensor types", "file MiB", "WikiText-2 ppl",
-         "ppl windows", f"prompt tok/s ({args.prompt})", "decode tok/s", "load avg (1 min) at row start"],
+         "ppl windows", f"prompt tok/s ({args.prompt})", "decode tok/s", "load avg (1 min) per speed round"],
         [[r["label"], r["engine"], f"{r['linears']:.3f}", _types_cell(r), f"{r['file_bytes'] / 2**20:.0f}",
           f"{r['perplexity']:.2f}", r["windows"], f"{r['prompt_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
-          f"{r['loadavg_1min_at_start']:.1f}"] for r in rows])
+          " / ".join(f"{x['loadavg_1min']:.1f}" for x in r["speed_rounds"])] for r in rows])
     not_run = "".join(f"- {line}\n" for line in failed)
     cached = [r["label"] for r in rows if r.get("ppl_from_cache")]
     md = (f"# llama.cpp and sqllm on SmolLM2-135M, {args.threads} threads\n\n{table}\n\n"
@@ -432,16 +457,16 @@ def write(rows: list[dict[str, Any]], failed: list[str], args: argparse.Namespac
           + ("" if final else "(partial: the run had not finished when this was written)\n\n")
           + f"Speed: batch 1, {args.threads} threads, prompt of {args.prompt} random tokens, {args.decode} greedy "
           f"decode tokens after an 8-token prompt (the prompt's forward counts, as in `generate`), best of "
-          f"{args.repeats}; llama.cpp through llama-cpp-python {llama_version} (built from source for this "
+          f"{args.repeats} rounds (each round measures every row once, in table order); llama.cpp through llama-cpp-python {llama_version} (built from source for this "
           f"CPU, `-DGGML_NATIVE=ON`), sqllm through transformers' generate (`sqllm.eval.bench.measure`, a fresh "
           f"process per run). Perplexity: {doc['protocol']['ppl']} (protocol P's evaluation; the ppl windows "
           f"column says where fewer were scored"
-          + (f"; the perplexities of {', '.join(cached)} were computed by an earlier `--ppl-only` run of this "
-             f"script on the same files and read from `{PPL_CACHE.name}`" if cached else "")
+          + (f"; the perplexities of {', '.join(cached)} were computed by an earlier run of this script (`--ppl-only`, "
+             f"or a run cut short) on the same files and read from `{PPL_CACHE.name}`" if cached else "")
           + f"). llama.cpp formats are made by llama.cpp's quantizer (no "
           f"importance matrix) from an F32 GGUF holding the dequantized weights of the bundled Q4_1 GGUF (the "
           f"same fp32 weights sqllm quantizes); token embedding and output tensors follow each format's own "
-          f"mix (sqllm keeps them in full precision, so its files are larger at equal linear bits/weight). "
+          f"mix (sqllm keeps the tied embedding in fp16, so its files are larger at equal linear bits/weight). "
           f"SmolLM2-135M's hidden size, 576, is not a multiple of 256, so the K-quant mixes store the matrices "
           f"with 576-wide rows (q, k, v, gate, up) in a fallback type; the tensor types column lists what each "
           f"file holds. sqllm checkpoints: made with the `sqllm quantize` CLI; SqueezeLLM's Fisher from 8 x 512 "
