@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import shlex
@@ -299,7 +300,7 @@ def _fingerprint(path: Path) -> str:
     parts = [f"{f.name}:{f.stat().st_size}" for f in files]
     if path.is_dir():
         parts.append((path / "config.json").read_text())
-    return json.dumps(parts)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def cached_perplexity(path: Path, windows: int, compute: Any) -> dict[str, Any]:
