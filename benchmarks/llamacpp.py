@@ -7,13 +7,21 @@ bundled Q4_1 GGUF by dequantizing every tensor with ``gguf`` (``f32_gguf``): the
 fp32 model, so nobody re-quantizes Q4_1 blocks directly. Each format is measured next to sqllm packed
 checkpoints of similar bits/weight (made with the ``sqllm`` CLI under ``--ckpt-dir`` when missing):
 
-* prompt tokens/s (a 256-token prompt) and decode tokens/s (32 greedy tokens after an 8-token prompt),
-  batch 1, ``--threads`` threads, best of ``--repeats`` (the machine is shared);
+* prompt tokens/s (a 256-token prompt) and decode tokens/s (32 greedy tokens after an 8-token prompt,
+  whose forward counts as in ``generate``), batch 1, ``--threads`` threads, best of ``--repeats`` rounds
+  that each measure every model once (the machine is shared: a load swing then hits every row alike);
 * perplexity with sqllm's protocol: the same token ids (SmolLM2's tokenizer, no BOS), non-overlapping
   2048-token windows of WikiText-2 test, logits from llama.cpp over each whole window;
 * bits/weight of the quantized linears (the block matrices, as sqllm counts) and of the whole file.
 
     python benchmarks/llamacpp.py [--threads 2] [--windows 40] [--repeats 3]   # results/llamacpp.{json,md}
+    python benchmarks/llamacpp.py --only sqllm --ppl-only --skip-missing      # perplexities ahead of the run
+
+Perplexity is deterministic, so every result is cached in ``results/llamacpp-ppl.jsonl`` by the model's
+file sizes and config, with its per-window NLLs: a later run over the same or fewer windows reads it
+(the table names those rows), so a slow machine can score the models beside other work and keep the
+speed rows of the final run. Each row is written out as soon as it is measured, and a row that fails
+becomes one "not run" line with its reason.
 
 The helpers (``f32_gguf``, ``quantize_gguf``, ``gguf_bits``, ``gguf_perplexity``) also serve
 ``benchmarks/peers.py``. sqllm rows run QuantLinear's default path: the compiled kernels where the CPU
@@ -24,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -207,8 +216,12 @@ def gguf_perplexity(path: Path, tokens: torch.Tensor, windows: int, threads: int
 
 
 def gguf_speed(path: Path, threads: int, prompt: int, decode: int, repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` prompt tokens/s (``prompt`` tokens) and decode tokens/s (``decode`` greedy
-    tokens after an 8-token prompt), batch 1, from llama.cpp's own evaluation loop."""
+    """Best-of-``repeats`` prompt tokens/s (``prompt`` tokens) and decode tokens/s, batch 1, from
+    llama.cpp's own evaluation loop.
+
+    Decode is timed as sqllm's bench times ``generate``: an 8-token prompt, then greedy steps until
+    ``decode`` tokens exist (the prompt's forward yields the first, so ``decode - 1`` single-token
+    forwards follow), all inside the clock."""
     import llama_cpp
 
     llm = _llama(path, threads, logits_all=False)
@@ -221,11 +234,13 @@ def gguf_speed(path: Path, threads: int, prompt: int, decode: int, repeats: int)
         llm.eval(ids)
         best["prompt_tok_s"] = max(best["prompt_tok_s"], prompt / (time.perf_counter() - t))
         llm.reset()
-        llm.eval(ids[:8])
         t = time.perf_counter()
-        for _ in range(decode):
+        llm.eval(ids[:8])
+        for step in range(decode):
+            # the logits of the last evaluated position (llama-cpp-python keeps only those without logits_all)
             last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-            llm.eval([int(last.argmax())])
+            if step < decode - 1:
+                llm.eval([int(last.argmax())])
         best["decode_tok_s"] = max(best["decode_tok_s"], decode / (time.perf_counter() - t))
     del llm
     return best
@@ -260,9 +275,10 @@ def sqllm_perplexity(folder: Path, windows: int) -> dict[str, Any]:
 
 def sqllm_speed(folder: Path, threads: int, prompt: int, decode: int, repeats: int) -> dict[str, Any]:
     """Best-of-``repeats`` prefill and decode tokens/s of a checkpoint in a fresh process (sqllm's bench)."""
+    from sqllm.api import load_model
     from sqllm.eval.bench import measure
 
-    runs = [measure(str(folder), prefill=prompt, decode=decode, threads=threads) for _ in range(repeats)]
+    runs = [measure(load_model, str(folder), prefill=prompt, decode=decode, threads=threads) for _ in range(repeats)]
     return {"prompt_tok_s": max(r["prefill_tok_s"] for r in runs), "decode_tok_s": max(r["decode_tok_s"] for r in runs)}
 
 
@@ -274,83 +290,198 @@ def sqllm_compute_path() -> str:
 
 # --- the benchmark ---------------------------------------------------------------------------------------
 
+PPL_CACHE = RESULTS / "llamacpp-ppl.jsonl"
+
+
+def _fingerprint(path: Path) -> str:
+    """What identifies a model's weights on disk: the sizes of its weight files and its config.json (a
+    deterministic quantizer remakes the same bytes, so a remade file keeps its cached perplexity)."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    parts = [f"{f.name}:{f.stat().st_size}" for f in files]
+    if path.is_dir():
+        parts.append((path / "config.json").read_text())
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def cached_perplexity(path: Path, windows: int, compute: Any) -> dict[str, Any]:
+    """``compute()`` for the model at ``path``, or the result of an earlier run on the same weights over at
+    least ``windows`` windows from ``PPL_CACHE``, cut to its first ``windows`` (perplexity is deterministic;
+    only speed must come from the run itself)."""
+    key = {"path": str(path), "fingerprint": _fingerprint(path)}
+    if PPL_CACHE.is_file():
+        for line in PPL_CACHE.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["key"] == key and rec["result"]["windows"] >= windows:
+                nll = rec["result"]["window_nll"][:windows]
+                return {**rec["result"], "perplexity": float(np.exp(np.mean(nll))), "windows": windows,
+                        "window_nll": nll, "ppl_from_cache": True}
+    res = compute()
+    with PPL_CACHE.open("a") as f:
+        f.write(json.dumps({"key": key, "result": res, "loadavg": os.getloadavg()}) + "\n")
+    return {**res, "ppl_from_cache": False}
+
+
+Row = tuple[dict[str, Any], Callable[[], dict[str, float]]]  # a table row and one speed measurement of it
+
+
+def gguf_row(label: str, ftype: str, pure: bool, tokens: torch.Tensor, args: argparse.Namespace) -> Row:
+    """One llama.cpp row: quantize (or the F32 start point when ``ftype`` is F32), size, perplexity."""
+    path, qsec = (f32_gguf(), 0.0) if ftype == "F32" else quantize_gguf(ftype, pure=pure, threads=args.threads)
+    row = {"label": label, "engine": "llama.cpp", "path": str(path), "quant_seconds": qsec, **gguf_bits(path)}
+    row.update(cached_perplexity(path, args.windows, lambda: gguf_perplexity(path, tokens, args.windows, args.threads)))
+    return row, lambda: gguf_speed(path, args.threads, args.prompt, args.decode, 1)
+
+
+def sqllm_row(label: str, folder: Path, cli_args: list[str], args: argparse.Namespace) -> Row:
+    """One sqllm row: the packed checkpoint (made when missing), size, perplexity."""
+    folder, made = sqllm_checkpoint(folder, cli_args)
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    row = {"label": label, "engine": f"sqllm ({sqllm_compute_path()})", "path": str(folder),
+           "quant_seconds": made, "linears": qc["bits_per_weight"]["total"], "file": None,
+           "tensor_types": {"layout": f"{qc['method']} {qc['bits']}-bit, "
+                            + (f"g{qc['group_size']}" if qc.get("group_size") else "LUT per row")
+                            + (f", {qc['sparse_pct']:.2f}% sparse fp16" if qc.get("sparse_pct") else "")},
+           "file_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+    windows = args.sqllm_windows or args.windows
+    row.update(cached_perplexity(folder, windows, lambda: sqllm_perplexity(folder, windows)))
+    return row, lambda: sqllm_speed(folder, args.threads, args.prompt, args.decode, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=40, help="WikiText-2 test windows of 2048 tokens for perplexity")
+    ap.add_argument("--sqllm-windows", type=int, default=None,
+                    help="windows for the sqllm rows when fewer than --windows fit the time (the table says so)")
     ap.add_argument("--repeats", type=int, default=3, help="speed runs per model; the best is reported")
     ap.add_argument("--ckpt-dir", default="/work/ckpt", help="where sqllm checkpoints are found or made")
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--skip-missing", action="store_true", help="skip sqllm checkpoints that do not exist yet")
+    ap.add_argument("--formats", nargs="+", default=["F32"] + [f for _, f, _ in SPEED_FORMATS],
+                    help="llama.cpp file types to run (F32: the unquantized start point, run last)")
+    ap.add_argument("--only", choices=["all", "llamacpp", "sqllm"], default="all", help="which engine's rows to run")
+    ap.add_argument("--ppl-only", action="store_true",
+                    help=f"only compute (and cache in {PPL_CACHE.name}) perplexities; no speed, no result files")
     args = ap.parse_args()
     missing = llama_cpp_missing()
-    if missing:
-        sys.exit(f"llamacpp.py: {missing}")
     torch.set_num_threads(args.threads)
     from sqllm.data import eval_tokens
     from sqllm.models import load_model
 
+    load_start = os.getloadavg()
     _, tok = load_model(MODEL)
     tokens = eval_tokens(tok, str(WIKI_TEST))
     rows: list[dict[str, Any]] = []
-    f32 = f32_gguf()
-    for label, path, pure in [("llama.cpp F32 (start point)", "F32", False)] + SPEED_FORMATS:
-        gguf_path, qsec = (f32, 0.0) if path == "F32" else quantize_gguf(path, pure=pure, threads=args.threads)
-        row = {"label": f"llama.cpp {label}" if path != "F32" else label, "engine": "llama.cpp",
-               "path": str(gguf_path), "quant_seconds": qsec, **gguf_bits(gguf_path)}
-        row.update(gguf_speed(gguf_path, args.threads, args.prompt, args.decode, args.repeats))
-        row.update(gguf_perplexity(gguf_path, tokens, args.windows, args.threads))
-        rows.append(row)
-        print(f"{row['label']}: {row['linears']:.3f} b/w, ppl {row['perplexity']:.2f}, "
-              f"prompt {row['prompt_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s", flush=True)
+    failed: list[str] = []  # one line per format that could not run, with the reason
     ckpt = Path(args.ckpt_dir)
-    for label, name, cli_args in SQLLM_CHECKPOINTS:
-        if args.skip_missing and not (ckpt / name / "config.json").is_file():
-            print(f"{label}: {ckpt / name} does not exist yet (--skip-missing)", flush=True)
+    gguf_jobs: list[tuple[str, Any]] = []
+    for label, ftype, pure in SPEED_FORMATS + [("F32 (start point)", "F32", False)] if args.only != "sqllm" else []:
+        if ftype not in args.formats:
             continue
-        folder, made = sqllm_checkpoint(ckpt / name, cli_args)
-        qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-        row = {"label": label, "engine": f"sqllm ({sqllm_compute_path()})", "path": str(folder),
-               "quant_seconds": made, "linears": qc["bits_per_weight"]["total"], "file": None,
-               "file_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
-        row.update(sqllm_speed(folder, args.threads, args.prompt, args.decode, args.repeats))
-        row.update(sqllm_perplexity(folder, args.windows))
-        rows.append(row)
-        print(f"{row['label']}: {row['linears']:.3f} b/w, ppl {row['perplexity']:.2f}, "
-              f"prompt {row['prompt_tok_s']:.0f} tok/s, decode {row['decode_tok_s']:.1f} tok/s", flush=True)
-    write(rows, args)
+        if missing:
+            failed.append(f"llama.cpp {label}: {missing}")
+            continue
+        gguf_jobs.append((f"llama.cpp {label}", lambda label=label, ftype=ftype, pure=pure:
+                          gguf_row(f"llama.cpp {label}", ftype, pure, tokens, args)))
+    sqllm_jobs: list[tuple[str, Any]] = []
+    for label, name, cli_args in SQLLM_CHECKPOINTS if args.only != "llamacpp" else []:
+        if args.skip_missing and not (ckpt / name / "config.json").is_file():
+            failed.append(f"{label}: {ckpt / name} does not exist yet (--skip-missing)")
+            continue
+        sqllm_jobs.append((label, lambda label=label, name=name, cli_args=cli_args:
+                           sqllm_row(label, ckpt / name, cli_args, args)))
+    # the F32 start point (last in gguf_jobs when asked for) runs after everything else: the slowest
+    # llama.cpp row, a reference rather than a contender
+    f32 = [job for job in gguf_jobs if job[0].endswith("(start point)")]
+    jobs = [job for job in gguf_jobs if job not in f32] + sqllm_jobs + f32
+    speeds: list[Callable[[], dict[str, float]]] = []
+    for label, job in jobs:  # first every model's file and perplexity, no clock involved
+        try:
+            row, speed = job()
+        except Exception as exc:  # the table reports the format as not run, with this reason, and goes on
+            failed.append(f"{label}: {type(exc).__name__}: {exc}")
+            print(failed[-1], flush=True)
+            continue
+        rows.append({**row, "prompt_tok_s": 0.0, "decode_tok_s": 0.0, "speed_rounds": []})
+        speeds.append(speed)
+        print(f"{row['label']}: {row['linears']:.3f} b/w, ppl {row['perplexity']:.2f} ({row['windows']} windows)",
+              flush=True)
+    if args.ppl_only:
+        return
+    # then the speed in rounds, every model once per round: a load swing on the shared machine hits
+    # every row alike instead of whichever model it happened to fall on, and each row keeps its best round
+    for rnd in range(args.repeats):
+        for row, speed in zip(rows, speeds):
+            res = {**speed(), "loadavg_1min": os.getloadavg()[0]}
+            row["speed_rounds"].append(res)
+            row["prompt_tok_s"] = max(row["prompt_tok_s"], res["prompt_tok_s"])
+            row["decode_tok_s"] = max(row["decode_tok_s"], res["decode_tok_s"])
+            print(f"round {rnd + 1} {row['label']}: prompt {res['prompt_tok_s']:.0f} tok/s, decode "
+                  f"{res['decode_tok_s']:.1f} tok/s, load {res['loadavg_1min']:.1f}", flush=True)
+        write(rows, failed, args, load_start, final=rnd == args.repeats - 1)  # a cut-short run keeps its rounds
 
 
-def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    machine = {**machine_info(), "loadavg_end": os.getloadavg()}
-    import llama_cpp
+def _types_cell(row: dict[str, Any]) -> str:
+    """The linears' GGUF tensor types with counts (llama.cpp) or the sqllm method."""
+    types = row.get("tensor_types", {})
+    if "layout" in types:
+        return str(types["layout"])
+    return ", ".join(f"{k} x{v}" if not k.startswith("token_embd") else k for k, v in sorted(types.items()))
+
+
+def write(rows: list[dict[str, Any]], failed: list[str], args: argparse.Namespace,
+          load_start: tuple[float, float, float], final: bool = False) -> None:
+    machine = {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+    try:
+        import llama_cpp
+        llama_version = llama_cpp.__version__
+    except ImportError:  # the llama.cpp rows are then listed as not run
+        llama_version = "(not installed)"
 
     doc = {"protocol": {"threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
                         "repeats": args.repeats, "ppl": f"first {args.windows} windows of {SEQLEN} tokens of "
                         f"{WIKI_TEST.name}, GPTQ protocol, no BOS, sqllm's token ids for both engines"},
-           "llama_cpp_python": llama_cpp.__version__, "machine": machine, "commit": git_commit(str(ROOT)),
-           "rows": rows}
+           "llama_cpp_python": llama_version, "machine": machine, "commit": git_commit(str(ROOT)),
+           "complete": final, "rows": rows, "not_run": failed}
     (RESULTS / "llamacpp.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     table = markdown_table(
-        ["model", "engine", "bits/weight (linears)", "file MiB", f"WikiText-2 ppl ({args.windows} windows)",
-         f"prompt tok/s ({args.prompt})", "decode tok/s"],
-        [[r["label"], r["engine"], f"{r['linears']:.3f}", f"{r['file_bytes'] / 2**20:.0f}", f"{r['perplexity']:.2f}",
-          f"{r['prompt_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}"] for r in rows])
+        ["model", "engine", "bits/weight (linears)", "linear tensor types", "file MiB", "WikiText-2 ppl",
+         "ppl windows", f"prompt tok/s ({args.prompt})", "decode tok/s", "load avg (1 min) per speed round"],
+        [[r["label"], r["engine"], f"{r['linears']:.3f}", _types_cell(r), f"{r['file_bytes'] / 2**20:.0f}",
+          f"{r['perplexity']:.2f}", r["windows"], f"{r['prompt_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+          " / ".join(f"{x['loadavg_1min']:.1f}" for x in r["speed_rounds"])] for r in rows])
+    not_run = "".join(f"- {line}\n" for line in failed)
+    cached = [r["label"] for r in rows if r.get("ppl_from_cache")]
     md = (f"# llama.cpp and sqllm on SmolLM2-135M, {args.threads} threads\n\n{table}\n\n"
-          f"Speed: batch 1, {args.threads} threads, prompt of {args.prompt} random tokens, {args.decode} greedy "
-          f"decode tokens after an 8-token prompt, best of {args.repeats}; llama.cpp through llama-cpp-python "
-          f"{llama_cpp.__version__} (built from source for this CPU), sqllm through transformers' generate "
-          f"(`sqllm.eval.bench.measure`). Perplexity: {doc['protocol']['ppl']}. llama.cpp formats are made by "
-          f"llama.cpp's quantizer from an F32 GGUF holding the dequantized weights of the bundled Q4_1 GGUF (the "
+          + (f"Not run:\n\n{not_run}\n" if failed else "")
+          + ("" if final else "(partial: the run had not finished when this was written)\n\n")
+          + f"Speed: batch 1, {args.threads} threads, prompt of {args.prompt} random tokens, {args.decode} greedy "
+          f"decode tokens after an 8-token prompt (the prompt's forward counts, as in `generate`), best of "
+          f"{args.repeats} rounds (each round measures every row once, in table order); llama.cpp through llama-cpp-python {llama_version} (built from source for this "
+          f"CPU, `-DGGML_NATIVE=ON`), sqllm through transformers' generate (`sqllm.eval.bench.measure`, a fresh "
+          f"process per run). Perplexity: {doc['protocol']['ppl']} (protocol P's evaluation; the ppl windows "
+          f"column says where fewer were scored"
+          + (f"; the perplexities of {', '.join(cached)} were computed by an earlier run of this script (`--ppl-only`, "
+             f"or a run cut short) on the same files and read from `{PPL_CACHE.name}`" if cached else "")
+          + f"). llama.cpp formats are made by llama.cpp's quantizer (no "
+          f"importance matrix) from an F32 GGUF holding the dequantized weights of the bundled Q4_1 GGUF (the "
           f"same fp32 weights sqllm quantizes); token embedding and output tensors follow each format's own "
-          f"mix (sqllm keeps them in full precision, so its files are larger at equal linear bits/weight). "
-          f"sqllm checkpoints: made with the `sqllm quantize` CLI (SqueezeLLM's Fisher from 8 x 512 WikiText-2 "
-          f"validation tokens); GPTQ and SliM-LLM share RTN's uniform g64 layout and decode at its speed.\n\n"
-          f"Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['loadavg_end'][0]:.1f} at the "
-          f"end (shared machine: timings are indicative, compare rows of this table only). Commit {doc['commit']}.\n")
+          f"mix (sqllm keeps the tied embedding in fp16, so its files are larger at equal linear bits/weight). "
+          f"SmolLM2-135M's hidden size, 576, is not a multiple of 256, so the K-quant mixes store the matrices "
+          f"with 576-wide rows (q, k, v, gate, up) in a fallback type; the tensor types column lists what each "
+          f"file holds. sqllm checkpoints: made with the `sqllm quantize` CLI; SqueezeLLM's Fisher from 8 x 512 "
+          f"WikiText-2 validation tokens (protocol P calibrates on 32 x 2048: the README's protocol-P table is "
+          f"the reference for sqllm's quality); GPTQ and SliM-LLM share RTN's uniform g64 layout and decode at "
+          f"its speed.\n\n"
+          f"Machine: {machine['cpu']}, {machine['cores']} cores, load average (1, 5, 15 min) "
+          f"{', '.join(f'{x:.1f}' for x in load_start)} at the start and "
+          f"{', '.join(f'{x:.1f}' for x in machine['loadavg_end'])} at the end (shared machine, the run at "
+          f"`nice -n 5` beside other jobs: timings are indicative, compare rows of this table only). "
+          f"Commit {doc['commit']}.\n")
     (RESULTS / "llamacpp.md").write_text(md)
-    print(md)
+    if final:
+        print(md)
 
 
 if __name__ == "__main__":
