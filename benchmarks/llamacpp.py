@@ -476,8 +476,8 @@ def write(rows: list[dict[str, Any]], failed: list[str], args: argparse.Namespac
           f"its speed.\n\n"
           f"Machine: {machine['cpu']}, {machine['cores']} cores, load average (1, 5, 15 min) "
           f"{', '.join(f'{x:.1f}' for x in load_start)} at the start and "
-          f"{', '.join(f'{x:.1f}' for x in machine['loadavg_end'])} at the end (shared machine, the run at "
-          f"`nice -n 5` beside other jobs: timings are indicative, compare rows of this table only). "
+          f"{', '.join(f'{x:.1f}' for x in machine['loadavg_end'])} at the end (a shared machine: compare "
+          f"rows of this table only, and read the load column beside each row). "
           f"Commit {doc['commit']}.\n")
     (RESULTS / "llamacpp.md").write_text(md)
     if final:
