@@ -54,6 +54,7 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("SqueezeLLM+ 3-bit 0.45%", "squeezellm+", dict(bits=3, **SPARSE)),
     ("SqueezeLLM+ 2-bit dense", "squeezellm+", dict(bits=2)),
     ("SqueezeLLM+ 3-bit mixed", "squeezellm+", dict(bits=3, mixed=True)),
+    ("SqueezeLLM 3-bit mixed", "squeezellm", dict(bits=3, mixed=True)),
 ]
 
 
