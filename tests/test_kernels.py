@@ -17,7 +17,7 @@ from sqllm.codes import QuantizedMatrix, UniformCodes, expand_groups
 from sqllm.formats import pack_matrix
 from sqllm.nn import QuantLinear, kernels
 from sqllm.nn.kernels import cpu_kernels, ops
-from test_layouts import lut_matrix, uniform_matrix
+from test_layouts import lut_matrix, uniform_matrix, uniform_op_case
 
 needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX2, no C++ compiler, or SQLLM_KERNELS=0")
 
@@ -86,14 +86,10 @@ UNIFORM = [  # (out, n, group_size): partial last groups, per-channel, groups th
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("case", UNIFORM, ids=lambda c: f"{c[0]}x{c[1]}g{c[2]}")
 def test_uniform_kernel_matches_reference(bits: int, case: tuple[int, int, int], isa: str) -> None:
-    out, n, group_size = case
-    qm = uniform_matrix(10 * bits + n + group_size, out, n, group_size, [bits])
-    t = pack_matrix(qm, "", torch.float32)
-    ids = torch.arange(t["scales"].shape[1])
-    w = qm.dequantize()
+    qm, args = uniform_op_case(bits, *case)
+    w, n = qm.dequantize(), case[1]
     for m in TOKENS:
         x = torch.randn(m, n, generator=torch.Generator().manual_seed(m))
-        args = (t["qweight"], t["scales"], t["zeros"], ids, group_size, bits, n)
         y = cpu_kernels().uniform_mm(x, *args)
         assert_round_off(y, x @ w.T, term_scale(qm, x))
         assert_round_off(y, ops.uniform_mm_torch(x, *args), term_scale(qm, x))

@@ -62,6 +62,14 @@ def uniform_matrix(seed: int, out: int, n: int, group_size: int, widths: list[in
     return QuantizedMatrix(UniformCodes(codes, scales, zeros, group_bits.long(), group_size), sparse)
 
 
+def uniform_op_case(bits: int, out: int, n: int, group_size: int) -> tuple[QuantizedMatrix, tuple]:
+    """A one-width uniform matrix of ``bits`` (seeded by its case) and the packed arguments of
+    ``uniform_mm`` after ``x``: (qweight, scales, zeros, group ids, group_size, bits, n)."""
+    qm = uniform_matrix(10 * bits + n + group_size, out, n, group_size, [bits])
+    t = pack_matrix(qm, "", torch.float32)
+    return qm, (t["qweight"], t["scales"], t["zeros"], torch.arange(t["scales"].shape[1]), group_size, bits, n)
+
+
 def round_trip(qm: QuantizedMatrix, value_dtype: torch.dtype = torch.float32) -> QuantizedMatrix:
     """Pack, serialize the meta through JSON, check and unpack, as a checkpoint would."""
     tensors = pack_matrix(qm, PREFIX, value_dtype)

@@ -23,7 +23,7 @@ from sqllm.codes import QuantizedMatrix, UniformCodes, expand_groups
 from sqllm.formats import pack_matrix
 from sqllm.nn import QuantLinear, kernels
 from sqllm.nn.kernels import cpu_kernels
-from test_layouts import lut_matrix, lut_rows_matrix, uniform_matrix
+from test_layouts import lut_matrix, lut_rows_matrix, uniform_matrix, uniform_op_case
 
 U = 2.0**-8  # unit round-off of bf16
 
@@ -103,13 +103,11 @@ UNIFORM = [  # (out, n, group_size): partial last groups, per-channel, g64 halve
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("case", UNIFORM, ids=lambda c: f"{c[0]}x{c[1]}g{c[2]}")
 def test_uniform_prefill_rounds_the_reference_weights(bits: int, case: tuple[int, int, int], tile: None) -> None:
-    out, n, group_size = case
-    qm = uniform_matrix(10 * bits + n + group_size, out, n, group_size, [bits])
-    t = pack_matrix(qm, "", torch.float32)
-    ids = torch.arange(t["scales"].shape[1])
+    qm, args = uniform_op_case(bits, *case)
+    n = case[1]
     for m in TOKENS:
         x = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).bfloat16()
-        y = cpu_kernels().uniform_mm(x, t["qweight"], t["scales"], t["zeros"], ids, group_size, bits, n)
+        y = cpu_kernels().uniform_mm(x, *args)
         assert_rounds_the_reference_weights(y, x, qm)
         assert_within_bf16_bound(y, x.float() @ qm.dequantize().T, magnitudes(qm, x), 2, n)
 
