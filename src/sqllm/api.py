@@ -427,16 +427,6 @@ def quantize_checkpoint(
     work = WorkState(work_folder_for(out), settings, resume=resume) if dist.is_main() else None
     clock = StageClock()
     clock.seconds["prepare"] = time.perf_counter() - start  # skeleton, shard index, tokenizer, windows
-    if (fisher_table is None and spec.fisher and spec.plan is not None and spec.plan(cfg) is not None
-            and not fisher_resident(parts, engine)):
-        # A model-wide plan reads every linear's Fisher before any block is solved, and this model is too
-        # large for the whole-model pass: the streamed Fisher pass runs first and its table stays in
-        # memory (4 bytes per weight; a Fisher file from `sqllm sensitivity` avoids that).
-        from .engine.fisher import streamed_fisher_dict
-
-        assert windows is not None
-        fisher_table = streamed_fisher_dict(parts, windows, amp=engine.fisher_amp, batch_size=engine.batch_size,
-                                            progress=progress, clock=clock)
     try:
         quantize_parts(parts, spec, cfg, sink=_block_shard_sink(parts, work), windows=windows,
                        fisher=fisher_table, opts=engine, work=work, clock=clock)

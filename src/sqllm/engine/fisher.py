@@ -56,6 +56,25 @@ def _target_weights(model: nn.Module, linear_names: list[str]) -> dict[str, nn.P
 
 
 @contextmanager
+def _squares_into(params: list[nn.Parameter], acc: dict[int, Tensor]) -> Iterator[None]:
+    """While open, each of ``params``' gradients is squared into ``acc[id(param)]`` (float32) as soon as
+    it is complete, then dropped: at most one gradient per weight is alive."""
+
+    def square(p: Tensor) -> None:
+        assert p.grad is not None  # the hook runs once the gradient is accumulated
+        g = p.grad.float()
+        acc[id(p)].addcmul_(g, g)  # one pass, no temporary for the square
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(square) for p in params]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextmanager
 def _only_these_require_grad(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
     """Freeze every parameter but ``params`` (no gradient memory for the rest); restore the flags on
     exit. ``params`` leave with ``.grad = None``."""
@@ -137,27 +156,17 @@ def compute_fisher(
     acc = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in weights.values()}
     params = list({id(p): p for p in weights.values()}.values())
 
-    def square_into_accumulator(p: Tensor) -> None:
-        assert p.grad is not None  # the hook runs once the gradient is accumulated
-        g = p.grad.float()
-        acc[id(p)].addcmul_(g, g)  # one pass, no temporary for the square
-        p.grad = None
-
     device = torch.device(getattr(model, "device", None) or (params[0].device if params else "cpu"))
-    with _only_these_require_grad(model, params), _gradient_mode(model, grad_checkpointing), torch.enable_grad():
-        hooks = [p.register_post_accumulate_grad_hook(square_into_accumulator) for p in params]
-        try:
-            # One autocast context around every window: its cast cache keeps each target weight's
-            # low-precision copy until the pass ends, so weights are cast once, not once per window.
-            with _autocast(device, amp):
-                for window in tqdm(windows, desc="Fisher", unit="window", disable=not progress):
-                    ids = window.unsqueeze(0).to(device)
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    with _autocast(device, None):  # backward outside autocast (nested: keeps the cache)
-                        loss.backward()
-        finally:
-            for h in hooks:
-                h.remove()
+    with _only_these_require_grad(model, params), _gradient_mode(model, grad_checkpointing), torch.enable_grad(), \
+            _squares_into(params, acc):
+        # One autocast context around every window: its cast cache keeps each target weight's
+        # low-precision copy until the pass ends, so weights are cast once, not once per window.
+        with _autocast(device, amp):
+            for window in tqdm(windows, desc="Fisher", unit="window", disable=not progress):
+                ids = window.unsqueeze(0).to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                with _autocast(device, None):  # backward outside autocast (nested: keeps the cache)
+                    loss.backward()
     for t in acc.values():
         dist.all_reduce_(t)
     return {name: acc[id(p)].cpu() for name, p in weights.items()}
@@ -199,32 +208,20 @@ def _backward_block(
     Returns ``({name: [out, in] float32}, input gradient [n, L, d] float32 or None)``.
     """
     acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
-    by_param = {id(p): acc[name] for name, p in weights.items()}
-
-    def square_into_accumulator(p: Tensor) -> None:
-        assert p.grad is not None  # the hook runs once the gradient is accumulated
-        g = p.grad.float()
-        by_param[id(p)].addcmul_(g, g)
-        p.grad = None
-
     params = list(weights.values())
     input_grads = []
-    with _only_these_require_grad(block, params), torch.enable_grad():
-        hooks = [p.register_post_accumulate_grad_hook(square_into_accumulator) for p in params]
-        try:
-            with _autocast(x.device, amp):  # one context: the block's weights are cast once (see compute_fisher)
-                for w in range(x.shape[0]):
-                    xw = x[w : w + 1].detach().requires_grad_(need_input_grad)
-                    out = block_output(block(xw, **kwargs))
-                    wanted = params + ([xw] if need_input_grad else [])
-                    with _autocast(x.device, None):
-                        torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=wanted)
-                    if need_input_grad:
-                        assert xw.grad is not None
-                        input_grads.append(xw.grad.float())
-        finally:
-            for h in hooks:
-                h.remove()
+    with _only_these_require_grad(block, params), torch.enable_grad(), \
+            _squares_into(params, {id(p): acc[name] for name, p in weights.items()}):
+        with _autocast(x.device, amp):  # one context: the block's weights are cast once (see compute_fisher)
+            for w in range(x.shape[0]):
+                xw = x[w : w + 1].detach().requires_grad_(need_input_grad)
+                out = block_output(block(xw, **kwargs))
+                wanted = params + ([xw] if need_input_grad else [])
+                with _autocast(x.device, None):
+                    torch.autograd.backward(out, g[w : w + 1].to(out.dtype), inputs=wanted)
+                if need_input_grad:
+                    assert xw.grad is not None
+                    input_grads.append(xw.grad.float())
     return acc, (torch.cat(input_grads) if need_input_grad else None)
 
 

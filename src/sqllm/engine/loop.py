@@ -259,9 +259,8 @@ def _reverse_fisher_order(
     from .fisher import streamed_fisher
 
     resume = work.resume_reverse(parts.device) if work is not None else None
-    cache = ActivationCache(work.activation_dir if work is not None else None, opts.activation_budget)
-    sweep = streamed_fisher(parts, windows, amp=opts.fisher_amp, cache=cache, batch_size=opts.batch_size,
-                            progress=opts.progress, resume=resume, clock=clock)
+    sweep = streamed_fisher(parts, windows, amp=opts.fisher_amp, cache=_activation_cache(work, opts),
+                            batch_size=opts.batch_size, progress=opts.progress, resume=resume, clock=clock)
     top = resume[0] if resume is not None else parts.n_blocks - 1
     with tqdm(total=(top + 1) * len(parts.arch.linears), desc=f"{method.name} blocks",
               disable=not opts.progress) as bar:
@@ -275,6 +274,11 @@ def _reverse_fisher_order(
                     sink(b, results, parts.block(b))
             if work is not None:
                 work.block_done(b, grad_in, direction="reverse")
+
+
+def _activation_cache(work: Any, opts: EngineOptions) -> ActivationCache:
+    """Where the streamed Fisher pass keeps block inputs: memory up to the budget, then the work folder."""
+    return ActivationCache(work.activation_dir if work is not None else None, opts.activation_budget)
 
 
 def fisher_resident(parts: ModelParts, opts: EngineOptions) -> bool:
@@ -357,7 +361,13 @@ def quantize_parts(
         if fisher_resident(parts, opts):
             fisher = _resident_fisher(parts, windows, opts, work, clock)
         elif planner is not None:
-            raise ValueError(f"{method.name!r} with a model-wide plan needs the Fisher table up front")
+            # A model-wide plan reads every linear's Fisher before any block is solved: the streamed
+            # pass runs first and its table stays in memory (4 bytes per weight; a Fisher file from
+            # `sqllm sensitivity` avoids that).
+            from .fisher import streamed_fisher_dict
+
+            fisher = streamed_fisher_dict(parts, windows, amp=opts.fisher_amp, cache=_activation_cache(work, opts),
+                                          batch_size=opts.batch_size, progress=opts.progress, clock=clock)
         else:
             _reverse_fisher_order(parts, method, cfg, windows, opts, sink, work, clock)
             return clock
