@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.engine.loop import EngineOptions
 from sqllm.models import load_model
-from sqllm.report import git_commit, machine_info, markdown_table
+from sqllm.report import git_commit, machine_info, machine_line, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared" / "data"
@@ -116,7 +116,7 @@ def write_report(name: str, title: str, rows: list[dict[str, Any]], notes: str =
           f"Protocol: {PROTOCOL['eval']}; calibration: {PROTOCOL['calibration']}.\n"
           f"Bits/weight counts codes, scales/zeros or LUTs, bit maps and sparse values of the quantized "
           f"linears (embeddings and lm_head stay full precision).\n\n"
-          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
+          f"Machine: {machine_line(m)} ({m['torch_threads']} threads). "
           f"Commit {doc['commit']}.\n")
     if notes:
         md += f"\n{notes}\n"

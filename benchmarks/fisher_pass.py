@@ -29,7 +29,7 @@ from sqllm.data import calibration_windows
 from sqllm.engine.fisher import compute_fisher, streamed_fisher_dict
 from sqllm.engine.stream import StreamedModel
 from sqllm.models import linear_names, load_model, resolve_model_path
-from sqllm.report import git_commit, machine_info, markdown_table
+from sqllm.report import git_commit, machine_info, machine_line, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 WIKI_VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
@@ -100,7 +100,7 @@ def main() -> None:
                 if same is not None else "")
     md = (f"# Fisher pass on SmolLM2: whole-model vs streamed, fp32 vs bf16 autocast\n\n{table}\n\n"
           f"{a.windows} windows x {a.seqlen} tokens of wiki.valid.tokens, the same for every pass.{streamed} "
-          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), load average "
+          f"Machine: {machine_line(m)} ({m['torch_threads']} threads), load average "
           f"{load:.1f} at the start, {doc['load_average_at_end']:.1f} at the end (shared machine). "
           f"Commit {doc['commit']}.\n")
     (RESULTS / "fisher_pass.md").write_text(md)

@@ -24,7 +24,7 @@ from sqllm.api import quantize, save_quantized
 from sqllm.eval.bench import disk_bytes, measure, packed_linear_bytes
 from sqllm.models import cache_dir, load_model, resolve_model_path
 from sqllm.nn.kernels import cpu_kernels
-from sqllm.report import git_commit, machine_info, markdown_table
+from sqllm.report import git_commit, machine_info, machine_line, markdown_table
 
 PREFILL, DECODE = 256, 32
 TORCH_PATH_ROW = "SqueezeLLM 4-bit"  # also measured with the kernels off
@@ -152,7 +152,7 @@ if __name__ == "__main__":
     md = (f"# Inference: packed checkpoints vs fp32 / bf16\n\n{table}\n\n"
           f"Protocol: {doc['protocol']['measure']}; prefill {PREFILL} tokens, decode {DECODE} tokens, batch 1. "
           f"Embeddings and lm_head are tied (28M of the 135M parameters); their stored dtype is a column.\n\n"
-          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {args.threads} thread(s) per measurement; "
+          f"Machine: {machine_line(m)}, {args.threads} thread(s) per measurement; "
           f"load average {load_before[0]:.2f} before, {doc['load_average']['after'][0]:.2f} after. "
           f"Commit {doc['commit']}.\n")
     (RESULTS / f"{args.out}.md").write_text(md)

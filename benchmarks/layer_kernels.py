@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from sqllm.codes import LUTCodes, QuantizedMatrix, SparseOutliers, UniformCodes, expand_groups, fp16_grid
 from sqllm.nn import QuantLinear
 from sqllm.nn.kernels import cpu_isa, cpu_kernels, kernels_enabled
-from sqllm.report import git_commit, machine_info, markdown_table
+from sqllm.report import git_commit, machine_info, machine_line, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -187,7 +187,7 @@ def write(rows: list[dict], doc: dict, name: str) -> None:
     md = (f"# Packed-weight kernels vs bf16 F.linear (LLaMA-2-7B layer shapes)\n\n{table}\n\n"
           f"Protocol: {doc['protocol']}\n\n"
           f"Streaming read bandwidth (GB/s) by threads: {bw}. Kernels: {doc['kernels']}.\n\n"
-          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average "
+          f"Machine: {machine_line(m)}; load average "
           f"{doc['load_average']['before'][0]:.2f} before, {doc['load_average']['after'][0]:.2f} after "
           f"(other processes share the cores: compare rows of one run, not across runs). Commit {doc['commit']}.\n")
     (RESULTS / f"{name}.md").write_text(md)

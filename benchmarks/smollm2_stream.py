@@ -28,7 +28,7 @@ from scale import measured
 from sqllm import api
 from sqllm.formats.checkpoint import read_tensors
 from sqllm.formats.layouts import pack_matrix
-from sqllm.report import git_commit, machine_info, markdown_table
+from sqllm.report import git_commit, machine_info, machine_line, markdown_table
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data"
@@ -94,8 +94,8 @@ def main() -> None:
     md = (f"# SmolLM2 SqueezeLLM {a.bits}-bit under protocol P: streamed vs in-memory engine\n\n{table}\n\n"
           f"Streamed stages: {stages}. Packed tensors equal to the in-memory engine's: {equal} of {len(packed)}. "
           f"Calibration {P['nsamples']} x {P['calib_seqlen']} tokens of wiki.valid.tokens (seed 0); perplexity over "
-          f"the first {WINDOWS} windows of 2048 tokens of wiki.test.raw. Machine: {m['cpu']}, {m['cores']} cores, "
-          f"torch {m['torch']}, load average {load:.1f} at the start (shared machine). Commit {doc['commit']}.\n")
+          f"the first {WINDOWS} windows of 2048 tokens of wiki.test.raw. Machine: {machine_line(m)}"
+          f", load average {load:.1f} at the start (shared machine). Commit {doc['commit']}.\n")
     (RESULTS / "smollm2_stream.md").write_text(md)
     print(md)
 
@@ -117,8 +117,8 @@ def write_streamed_only(a: argparse.Namespace, summary: dict, streamed: dict, lo
           f"Perplexity over the first {WINDOWS} windows of 2048 tokens of wiki.test.raw: "
           f"{streamed['perplexity']:.3f} ({streamed['bits_per_weight']:.3f} bits/weight). Calibration "
           f"{P['nsamples']} x {P['calib_seqlen']} tokens of wiki.valid.tokens (seed 0), `--fisher-dtype "
-          f"{a.fisher_dtype}`; peak RSS {q['peak_rss_mib'] / 1024:.2f} GiB. Machine: {m['cpu']}, {m['cores']} cores, "
-          f"torch {m['torch']}; load average (1 min) {loads[0]:.1f} at the start, {loads[1]:.1f} after the "
+          f"{a.fisher_dtype}`; peak RSS {q['peak_rss_mib'] / 1024:.2f} GiB. Machine: {machine_line(m)}"
+          f"; load average (1 min) {loads[0]:.1f} at the start, {loads[1]:.1f} after the "
           f"quantization, {loads[2]:.1f} after the eval (shared machine). Commit {doc['commit']}.\n")
     (RESULTS / f"{name}.md").write_text(md)
     print(md)

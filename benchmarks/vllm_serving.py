@@ -131,7 +131,7 @@ def measure_checkpoint(label: str, path: str, window: list[int], vocab: int) -> 
 def write(rows: list[dict[str, Any]], base: dict[str, Any], name: str, load_before: tuple) -> None:
     import vllm
 
-    from sqllm.report import git_commit, machine_info, markdown_table
+    from sqllm.report import git_commit, machine_info, machine_line, markdown_table
 
     doc = {
         "protocol": {
@@ -164,7 +164,7 @@ def write(rows: list[dict[str, Any]], base: dict[str, Any], name: str, load_befo
     md = (f"# sqllm checkpoints in vLLM ({doc['protocol']['vllm']})\n\n"
           f"Agreement with sqllm ({doc['protocol']['agreement']}):\n\n{agree}\n\n"
           f"Throughput ({doc['protocol']['throughput']}):\n\n{speed}\n\n"
-          f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average {load_before[0]:.2f} before, "
+          f"Machine: {machine_line(m)}; load average {load_before[0]:.2f} before, "
           f"{doc['load_average']['after'][0]:.2f} after. Commit {doc['commit']}.\n")
     (RESULTS / f"{name}.md").write_text(md)
     print(md)

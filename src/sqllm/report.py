@@ -56,6 +56,11 @@ def git_commit(path: str | None = None) -> str:
         return "unknown"
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """``"<cpu>, <cores> cores, torch <version>"`` of a :func:`machine_info` record, for result notes."""
+    return f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}"
+
+
 def machine_info() -> dict[str, Any]:
     """What a benchmark result needs to be read correctly: machine, threads, library versions."""
     import transformers
