@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -143,6 +145,42 @@ def test_cli_reports_corrupt_checkpoint(checkpoint, capsys):
     assert main(["eval", str(checkpoint), "--ppl", "wikitext2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("sqllm: error:") and "index" in err[-1]
+
+
+def test_loaded_tensors_own_aligned_memory(checkpoint):
+    """Loading copies each tensor out of the shard's file mapping: the kernels read 64-byte-aligned,
+    process-owned memory (safetensors' mapped tensors start at the header's odd offsets), and a later
+    change to the files cannot reach a loaded model."""
+    loaded, _ = load_quantized(checkpoint)
+    tensors = list(loaded.parameters()) + list(loaded.buffers())
+    assert tensors and all(t.data_ptr() % 64 == 0 for t in tensors if t.numel())
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = loaded(ids).logits
+        for shard in Path(checkpoint).glob("*.safetensors"):
+            shard.write_bytes(b"\0" * shard.stat().st_size)  # in place: the same inode
+        assert torch.equal(loaded(ids).logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense16_head_decode_kernel_matches_tiles(dtype):
+    """A 16-bit head in a float32 model: decode steps (the compiled kernel where loaded) and prefill (widened
+    tiles) both give the widened weight's matmul to fp32 round-off; a gradient flows to x."""
+    from sqllm.nn.dense16 import Dense16Linear, use_dense16
+
+    model = torch.nn.Sequential(torch.nn.Linear(77, 1031, bias=False))
+    model[0].weight.data = torch.randn(1031, 77, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert use_dense16(model, torch.float32) == ["0"] and isinstance(model[0], Dense16Linear)
+    for tokens in (1, 8, 9, 40):
+        x = torch.randn(1, tokens, 77, generator=torch.Generator().manual_seed(tokens))
+        expected = x.double() @ model[0].weight.detach().double().T
+        with torch.no_grad():
+            got = model(x)
+        assert got.dtype == torch.float32 and got.shape == (1, tokens, 1031)
+        assert float((got.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    xg = x[:, :1].clone().requires_grad_()
+    model(xg).sum().backward()
+    torch.testing.assert_close(xg.grad[0, 0], model[0].weight.float().sum(0))
 
 
 def test_dense16_dtype_takes_float16_only_where_every_value_fits():

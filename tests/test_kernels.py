@@ -257,6 +257,53 @@ def test_unbuildable_kernels_mean_none(monkeypatch: pytest.MonkeyPatch, caplog: 
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 100), (4, 8), (1031, 77), (1, 3)])
+def test_dense16_kernel_matches_widened_matmul(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """``dense16_mm`` (16-bit weights widened in registers) against the matmul with the weight widened in
+    float64, to fp32 round-off, for every decode token count; odd widths take the scalar tail."""
+    out, n = shape
+    g = torch.Generator().manual_seed(out * n)
+    w = torch.randn(out, n, generator=g).to(dtype)
+    for tokens in range(1, 9):
+        x = torch.randn(tokens, n, generator=g)
+        got = cpu_kernels().dense16_mm(x, w)
+        assert got.dtype == torch.float32 and got.shape == (tokens, out)
+        expected = x.double() @ w.double().T
+        scale = x.double().abs() @ w.double().abs().T
+        assert bool(((got.double() - expected).abs() <= 1e-6 * n * scale + 1e-30).all())
+    assert torch.equal(cpu_kernels().dense16_mm(x.bfloat16(), w), cpu_kernels().dense16_mm(x.bfloat16().float(), w))
+
+
+@needs_kernels
+def test_dense16_kernel_rejects_bad_inputs() -> None:
+    w = torch.randn(16, 32).half()
+    for x, weight, message in [
+        (torch.randn(9, 32), w, "1..8 tokens"),
+        (torch.randn(1, 31), w, "x must be a float"),
+        (torch.randn(1, 32), w.float(), "float16 or bfloat16"),
+        (torch.randn(1, 16), w.T, "contiguous"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            cpu_kernels().dense16_mm(x, weight)
+
+
+@needs_kernels
+def test_direct_kernels_follow_the_dispatcher() -> None:
+    """``direct_kernels()`` is the compiled module exactly when a CPU call of the ops would run it: not
+    inside ``torch_path()`` or ``triton_path()``, and again after them."""
+    torch.ops.sqllm.csr_mm(torch.randn(1, 4), torch.zeros(3, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
+                           torch.zeros(0))  # a first CPU call loads the kernels
+    assert kernels.direct_kernels() is cpu_kernels()
+    with kernels.torch_path():
+        assert kernels.direct_kernels() is None
+        with kernels.torch_path():
+            assert kernels.direct_kernels() is None
+        assert kernels.direct_kernels() is None
+    assert kernels.direct_kernels() is cpu_kernels()
+
+
+@needs_kernels
 def test_stream_sum_reads_every_element() -> None:
     t = torch.randn(100_003, dtype=torch.float64)
     assert cpu_kernels().stream_sum(t.float()) == pytest.approx(float(t.float().double().sum()), abs=1e-3)

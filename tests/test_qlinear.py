@@ -77,6 +77,24 @@ def test_module_ops_match_reference_forward(kind: str, tokens: int) -> None:
     assert (module(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 9])
+def test_direct_kernel_calls_equal_the_ops(qm: QuantizedMatrix, tokens: int) -> None:
+    """Without gradients, the forward calls the compiled kernels directly (:func:`kernels.direct_kernels`):
+    bit for bit what the ``torch.ops.sqllm`` ops give; with a gradient wanted it goes through the ops."""
+    if kernels.cpu_kernels() is None:
+        pytest.skip("no compiled kernels here")
+    out, n = qm.shape
+    bias = torch.randn(out)
+    module = QuantLinear.from_matrix(qm, bias)
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
+    through_ops = module.packed_product(x) + bias
+    assert kernels.direct_kernels() is kernels.cpu_kernels()
+    assert torch.equal(module(x), through_ops)
+    xg = x.clone().requires_grad_()
+    y = module(xg)
+    assert torch.equal(y.detach(), through_ops) and y.grad_fn is not None
+
+
 def test_torch_path_tiles_cover_every_row(qm: QuantizedMatrix, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiles of a few rows (the last one partial), for decode and prefill, still give the full product."""
     module = QuantLinear.from_matrix(qm)

@@ -8,11 +8,15 @@ dtype. The module classes are swapped in place (``module.__class__``), so tied w
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import cpu_kernels
+from .kernels.ops import DECODE_TOKENS
 
 HEAD_TILE = 1 << 20  # weight elements widened to the compute dtype at once (4 MiB of float32)
 
@@ -35,11 +39,26 @@ class Dense16Linear(nn.Linear):
         if x.dtype == self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)
-        rows = max(1, HEAD_TILE // self.in_features)
-        y = torch.cat([x2 @ w.to(x.dtype).T for w in self.weight.split(rows)], dim=1)
+        kernels = _decode_kernels(x2, self.weight)
+        if kernels is not None:
+            y = kernels.dense16_mm(x2, self.weight).to(x.dtype)
+        else:
+            rows = max(1, HEAD_TILE // self.in_features)
+            y = torch.cat([x2 @ w.to(x.dtype).T for w in self.weight.split(rows)], dim=1)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _decode_kernels(x: Tensor, weight: Tensor) -> ModuleType | None:
+    """The compiled CPU kernels when they can multiply ``x [m, n]`` by the 16-bit ``weight`` directly: a
+    decode step (m <= DECODE_TOKENS) on CPU with no gradient wanted. Prefill keeps the widened tiles, whose
+    cost the matmul amortizes."""
+    if not 1 <= x.shape[0] <= DECODE_TOKENS or x.device.type != "cpu" or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    return cpu_kernels()
 
 
 def use_dense16(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:

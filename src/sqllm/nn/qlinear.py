@@ -116,7 +116,10 @@ class QuantLinear(nn.Module):
         if self.dense_cache is not None:
             y = x2 @ self.dense_cache.to(x.dtype).T
         else:
-            y = self.packed_product(x2).to(x.dtype)
+            direct = kernels.direct_kernels() if x.is_cpu and not x.requires_grad else None
+            y = self.packed_product(x2, direct or torch.ops.sqllm)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -129,29 +132,33 @@ class QuantLinear(nn.Module):
             y = y + self.bias.float()
         return y.to(x.dtype)
 
-    def packed_product(self, x2: Tensor) -> Tensor:
-        """``x2 [m, in] @ W^T`` through the ``torch.ops.sqllm`` ops: ``[m, out]`` float32, no bias."""
+    def packed_product(self, x2: Tensor, ops: Any = None) -> Tensor:
+        """``x2 [m, in] @ W^T`` through the ``torch.ops.sqllm`` ops: ``[m, out]`` float32, no bias.
+        ``ops``: where ``lut_mm``, ``uniform_mm`` and ``csr_mm`` are looked up; ``torch.ops.sqllm`` by
+        default, or the compiled module itself (:func:`sqllm.nn.kernels.direct_kernels`), whose functions
+        the dispatcher would call anyway."""
+        ops = ops or torch.ops.sqllm
         meta = self.meta
         if meta.kind == "lut" and meta.mixed_rows is not None:
             # Each width's rows are a plain LUT matrix: one op per width, its outputs into its rows.
             y = x2.new_zeros((x2.shape[0], self.out_features), dtype=torch.float32)
             for b, rows in self._width_rows(x2.device):
-                yb = torch.ops.sqllm.lut_mm(x2, getattr(self, f"qweight_r{b}"), getattr(self, f"lut_r{b}"), b,
+                yb = ops.lut_mm(x2, getattr(self, f"qweight_r{b}"), getattr(self, f"lut_r{b}"), b,
                                             self.in_features)
                 y.index_copy_(1, rows, yb)
         elif meta.kind == "lut":
-            y = torch.ops.sqllm.lut_mm(x2, self.qweight, self.lut, meta.bits, self.in_features)
+            y = ops.lut_mm(x2, self.qweight, self.lut, meta.bits, self.in_features)
         else:
             assert meta.group_size is not None
             y = None
             for p in self._parts(x2.device):
                 xp = x2 if p.columns is None else x2.index_select(1, p.columns)
-                yp = torch.ops.sqllm.uniform_mm(
+                yp = ops.uniform_mm(
                     xp, getattr(self, p.buffer), self.scales, self.zeros, p.group_ids, meta.group_size, p.bits, p.n
                 )
                 y = yp if y is None else y.add_(yp)  # in place: one [m, out] buffer, not one per part
         if meta.nnz:
-            y = y.add_(torch.ops.sqllm.csr_mm(x2, self.sp_crow, self.sp_col, self.sp_val))
+            y = y.add_(ops.csr_mm(x2, self.sp_crow, self.sp_col, self.sp_val))
         return y
 
     def _width_rows(self, device: torch.device) -> list[tuple[int, Tensor]]:

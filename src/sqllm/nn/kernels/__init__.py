@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_avx2.cpp", "cpu_avx512.cpp")]
 HEADERS = [Path(__file__).with_name("fma_sweep.h")]  # included by both sources (each width once)
-FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "stream_sum", "isa", "set_isa", "set_prefill", "prefill_in_bf16"]
+FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "dense16_mm", "stream_sum", "isa", "set_isa", "set_prefill", "prefill_in_bf16"]
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
 
@@ -87,7 +87,12 @@ def cpu_kernels() -> ModuleType | None:
         return None
     if os.environ.get("SQLLM_KERNELS") == "avx2":
         module.set_isa("avx2")
+    global _loaded
+    _loaded = module
     return module
+
+
+_loaded: ModuleType | None = None  # what cpu_kernels() returned, once it returned a module
 
 
 def kernels_registered() -> bool:
@@ -128,11 +133,27 @@ def triton_path() -> Iterator[None]:
         yield
 
 
+_overrides = 0  # open _cpu_implementations blocks; while any is open, calls must go through the dispatcher
+
+
+def direct_kernels() -> ModuleType | None:
+    """The compiled module when it is what the dispatcher would run for a CPU call of the ops: loaded,
+    registered, and not overridden by :func:`torch_path` or :func:`triton_path`. Decode calls it directly
+    (``QuantLinear``), which skips the few microseconds a ``torch.ops`` call spends boxing its arguments:
+    at SmolLM2's size a decoded token makes 210 of them."""
+    return None if _overrides else _loaded
+
+
 @contextlib.contextmanager
 def _cpu_implementations(lut_mm: Callable, uniform_mm: Callable, csr_mm: Callable) -> Iterator[None]:
     """A temporary registration of the ops' CPU implementations, removed on exit."""
+    global _overrides
     with torch.library._scoped_library("sqllm", "IMPL") as lib, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid")  # replacing the kernels is the point
         for name, fn in (("lut_mm", lut_mm), ("uniform_mm", uniform_mm), ("csr_mm", csr_mm)):
             lib.impl(name, fn, "CPU")
-        yield
+        _overrides += 1
+        try:
+            yield
+        finally:
+            _overrides -= 1
