@@ -7,7 +7,8 @@ decode tokens/s.
 
 Packed rows run QuantLinear's ops with their registered CPU implementation (the compiled AVX2 kernels
 where the CPU and compiler allow); one extra row runs SqueezeLLM 4-bit with ``SQLLM_KERNELS=0`` (the
-pure-torch implementation of the ops) to show what the kernels buy.
+pure-torch implementation of the ops) to show what the kernels buy, and one loads SqueezeLLM 3-bit with
+``dtype=bfloat16`` (bf16 activations, norms and head: the bf16 prefill path of the kernels).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sqllm.report import git_commit, machine_info, machine_line, markdown_table
 
 PREFILL, DECODE = 256, 32
 TORCH_PATH_ROW = "SqueezeLLM 4-bit"  # also measured with the kernels off
+BF16_ROW = "SqueezeLLM 3-bit"  # also loaded with dtype=bfloat16 (bf16 activations: the bf16 prefill path)
 CHECKPOINTS = [
     ("SqueezeLLM 4-bit", "squeezellm", dict(bits=4)),
     ("SqueezeLLM 4-bit 0.45%", "squeezellm", dict(bits=4, sensitive_pct=0.05, outlier_pct=0.40)),
@@ -79,8 +81,8 @@ def embedding_dtype(path: str) -> str:
     return "unknown"
 
 
-def packed_row(label: str, path: str, threads: int) -> dict:
-    r = measure(api.load_model, path, prefill=PREFILL, decode=DECODE, threads=threads)
+def packed_row(label: str, path: str, threads: int, dtype: str = "float32") -> dict:
+    r = measure(api.load_model, path, dtype=dtype, prefill=PREFILL, decode=DECODE, threads=threads)
     qc = json.loads(open(f"{path}/config.json").read())["quantization_config"]
     return {"label": label, **r, "disk_bytes": disk_bytes(path), "bits_per_weight": qc["bits_per_weight"]["total"],
             "bits_by_part": qc["bits_per_weight"], "packed_linear_bytes": packed_linear_bytes(path),
@@ -111,6 +113,8 @@ if __name__ == "__main__":
         jobs.append((label, {"path": path, "kernels": True}))
         if label == TORCH_PATH_ROW:
             jobs.append((label, {"path": path, "kernels": False}))
+        if label == BF16_ROW:
+            jobs.append((label, {"path": path, "kernels": True, "compute": "bfloat16"}))
     best: dict[int, dict] = {}
     order = random.Random(0)
     for _ in range(args.rounds):  # every round measures every row, in a shuffled order; keep each row's best
@@ -124,8 +128,10 @@ if __name__ == "__main__":
             else:
                 if not job["kernels"]:
                     os.environ["SQLLM_KERNELS"] = "0"  # read by the spawned child
-                row = {**packed_row(label, job["path"], args.threads),
-                       "path": kernel_path if job["kernels"] else "torch (SQLLM_KERNELS=0)"}
+                compute = job.get("compute", "float32")
+                row = {**packed_row(label, job["path"], args.threads, compute),
+                       "path": (kernel_path if job["kernels"] else "torch (SQLLM_KERNELS=0)")
+                       + (", bf16 activations" if compute == "bfloat16" else "")}
                 os.environ.pop("SQLLM_KERNELS", None)
             print(label, row["path"], {k: row[k] for k in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb")}, flush=True)
             if i not in best or row["decode_tok_s"] > best[i]["decode_tok_s"]:

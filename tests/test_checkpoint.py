@@ -162,6 +162,27 @@ def test_loaded_tensors_own_aligned_memory(checkpoint):
         assert torch.equal(loaded(ids).logits, before)
 
 
+def test_packed_model_computes_in_the_dtype_asked(checkpoint):
+    """``dtype=bfloat16``: norms, biases and the 16-bit matrices in bf16, packed tensors as stored, logits
+    within bf16 round-off of the float32 load; None keeps the stored norms' dtype; other dtypes refused."""
+    from sqllm.errors import InvalidConfig
+
+    fp32, _ = load_quantized(checkpoint)
+    bf16, _ = load_quantized(checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32, torch.float16}
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    for (name, a), (_, b) in zip(fp32.named_modules(), bf16.named_modules()):
+        if isinstance(a, QuantLinear):
+            assert all(torch.equal(t, b.packed_tensors()[k]) for k, t in a.packed_tensors().items()), name
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, got = fp32(ids).logits, bf16(ids).logits
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - ref).norm() / ref.norm()) < 0.03
+    with pytest.raises(InvalidConfig, match="computes in one of"):
+        load_quantized(checkpoint, dtype=torch.int8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dense16_head_decode_kernel_matches_tiles(dtype):
     """A 16-bit head in a float32 model: decode steps (the compiled kernel where loaded) and prefill (widened

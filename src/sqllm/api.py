@@ -57,19 +57,20 @@ __all__ = [
 
 
 def load_model(
-    spec: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", packed: bool = True,
+    spec: str, *, dtype: torch.dtype | None = None, device: str = "cpu", packed: bool = True,
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a model folder, ``.gguf`` file, alias or hub id, in eval mode; a packed
-    sqllm checkpoint folder loads with QuantLinear modules (``dtype`` applies to full-precision models),
-    or is refused when ``packed`` is False."""
+    sqllm checkpoint folder loads with QuantLinear modules, or is refused when ``packed`` is False.
+    ``dtype``: the dtype a full-precision model is loaded in (default float32), or the one a packed model
+    computes in (default: as its norms were stored; see :func:`load_quantized`)."""
     from . import models
 
     path = resolve_model_path(spec)
     if is_packed_checkpoint(path):
         if not packed:
             raise InvalidConfig(_already_packed(spec, path))
-        return load_quantized(path, device=device)
-    return models.load_model(path, dtype=dtype, device=device)
+        return load_quantized(path, device=device, dtype=dtype)
+    return models.load_model(path, dtype=dtype or torch.float32, device=device)
 
 
 def _already_packed(spec: str, path: str) -> str:
@@ -546,11 +547,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     output.write_file(out, write)
 
 
-def load_quantized(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """Load a packed sqllm checkpoint as a transformers model with QuantLinear modules."""
+def load_quantized(
+    path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a packed sqllm checkpoint as a transformers model with QuantLinear modules. ``dtype``
+    (float32, bfloat16 or float16) is the dtype its activations, norms and biases take; the packed codes,
+    tables and 16-bit matrices stay as stored. None keeps the dtype its norms were stored in."""
     from .nn.loader import load_packed
 
-    return load_packed(str(path), device=device)
+    return load_packed(str(path), device=device, dtype=dtype)
 
 
 def evaluate_perplexity(

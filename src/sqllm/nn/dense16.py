@@ -56,7 +56,7 @@ def _decode_kernels(x: Tensor, weight: Tensor) -> ModuleType | None:
     cost the matmul amortizes."""
     if not 1 <= x.shape[0] <= DECODE_TOKENS or x.device.type != "cpu" or not weight.is_contiguous():
         return None
-    if torch.is_grad_enabled() and x.requires_grad:
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
         return None
     return cpu_kernels()
 

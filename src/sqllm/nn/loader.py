@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CorruptCheckpoint
+from ..errors import CorruptCheckpoint, InvalidConfig
 from ..formats.checkpoint import read_quantization_config, read_tensors
 from ..formats.layouts import LayerMeta, validate_tensors
 from .dense16 import use_dense16
@@ -103,14 +103,36 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, Any]:
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cast_full_precision(model: nn.Module, dtype: torch.dtype, dense16: set[str]) -> None:
+    """Cast the parameters of ``model`` (norms, biases, any matrix kept in full precision) and the packed
+    layers' biases to ``dtype``. The matrices stored in 16 bits (``dense16``, by name) stay as stored
+    when ``dtype`` is float32 (:mod:`.dense16` widens them as it multiplies) and are cast to a 16-bit
+    ``dtype``, as in a model loaded in it. Packed tensors stay as stored; so do other buffers (rotary
+    frequencies, which transformers keeps in float32)."""
+    keep = {id(model.get_parameter(name)) for name in dense16} if dtype == torch.float32 else set()
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype and id(p) not in keep:
+                module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        if isinstance(module, QuantLinear) and module.bias is not None:
+            module.bias = module.bias.to(dtype)
+
+
+def load_packed(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """Load a packed checkpoint folder as ``(model, tokenizer)`` with QuantLinear modules (eval mode).
 
     Loading is strict: every tensor the model expects is stored (tied weights excepted) and nothing
-    else, each has its layout's dtype and shape, and none holds NaN or infinity.
+    else, each has its layout's dtype and shape, and none holds NaN or infinity. ``dtype`` (one of
+    COMPUTE_DTYPES): the dtype the model computes in, its norms and biases cast to it; None keeps the
+    dtype the norms were stored in.
     """
     from transformers import AutoTokenizer
 
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise InvalidConfig(f"a packed model computes in one of {[str(d) for d in COMPUTE_DTYPES]}, got {dtype}")
     path = Path(path)
     qc = read_quantization_config(path)
     tensors = read_tensors(path)
@@ -125,6 +147,8 @@ def load_packed(path: str | Path, *, device: str = "cpu") -> tuple[nn.Module, An
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise CorruptCheckpoint(f"tensor {leftover[0]!r} is missing from the checkpoint at {path}")
+    if dtype is not None:
+        _cast_full_precision(model, dtype, set((qc.get("dense16") or {}).get("tensors") or ()))
     if (qc.get("dense16") or {}).get("tensors"):
         use_dense16(model, _compute_dtype(model))
     model.to(torch.device(device)).eval()

@@ -116,7 +116,9 @@ class QuantLinear(nn.Module):
         if self.dense_cache is not None:
             y = x2 @ self.dense_cache.to(x.dtype).T
         else:
-            direct = kernels.direct_kernels() if x.is_cpu and not x.requires_grad else None
+            # The ops themselves where autograd or torch.compile must see them.
+            eager = x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling()
+            direct = kernels.direct_kernels() if eager else None
             y = self.packed_product(x2, direct or torch.ops.sqllm)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
