@@ -243,7 +243,8 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():
                     # A copy: safetensors' tensors live in a private mapping of the file, at the header's
-                    # unaligned offsets, where the decode kernels ran 1.45x slower on SmolLM2's head (3.8 against 2.6 ms).
+                    # unaligned offsets, where the decode kernels ran 1.45x slower on SmolLM2's head (3.8
+                    # against 2.6 ms).
                     tensors[key] = f.get_tensor(key).clone()
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise CorruptCheckpoint(f"shard {fname} is truncated or corrupt ({str(exc).splitlines()[0]})") from None
