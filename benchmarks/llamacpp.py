@@ -360,6 +360,9 @@ def main() -> None:
     ap.add_argument("--skip-missing", action="store_true", help="skip sqllm checkpoints that do not exist yet")
     ap.add_argument("--formats", nargs="+", default=["F32"] + [f for _, f, _ in SPEED_FORMATS],
                     help="llama.cpp file types to run (F32: the unquantized start point, run last)")
+    ap.add_argument("--fisher", default=None,
+                    help="Fisher file SqueezeLLM checkpoints are made with (e.g. protocol P's, 32 x 2048 tokens, "
+                         "from `sqllm sensitivity`) instead of one from 8 x 512 tokens")
     ap.add_argument("--only", choices=["all", "llamacpp", "sqllm"], default="all", help="which engine's rows to run")
     ap.add_argument("--ppl-only", action="store_true",
                     help=f"only compute (and cache in {PPL_CACHE.name}) perplexities; no speed, no result files")
@@ -386,6 +389,8 @@ def main() -> None:
                           gguf_row(f"llama.cpp {label}", ftype, pure, tokens, args)))
     sqllm_jobs: list[tuple[str, Any]] = []
     for label, name, cli_args in SQLLM_CHECKPOINTS if args.only != "llamacpp" else []:
+        if args.fisher and "squeezellm" in cli_args:
+            cli_args = [a for a in cli_args if a not in FEW] + ["--sensitivity-file", args.fisher]
         if args.skip_missing and not (ckpt / name / "config.json").is_file():
             failed.append(f"{label}: {ckpt / name} does not exist yet (--skip-missing)")
             continue
@@ -440,7 +445,7 @@ def write(rows: list[dict[str, Any]], failed: list[str], args: argparse.Namespac
         llama_version = "(not installed)"
 
     doc = {"protocol": {"threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
-                        "repeats": args.repeats, "ppl": f"first {args.windows} windows of {SEQLEN} tokens of "
+                        "repeats": args.repeats, "squeezellm_fisher": args.fisher, "ppl": f"first {args.windows} windows of {SEQLEN} tokens of "
                         f"{WIKI_TEST.name}, GPTQ protocol, no BOS, sqllm's token ids for both engines"},
            "llama_cpp_python": llama_version, "machine": machine, "commit": git_commit(str(ROOT)),
            "complete": final, "rows": rows, "not_run": failed}
@@ -453,6 +458,9 @@ def write(rows: list[dict[str, Any]], failed: list[str], args: argparse.Namespac
           " / ".join(f"{x['loadavg_1min']:.1f}" for x in r["speed_rounds"])] for r in rows])
     not_run = "".join(f"- {line}\n" for line in failed)
     cached = [r["label"] for r in rows if r.get("ppl_from_cache")]
+    fisher_note = (f"from {args.fisher} (protocol P's: 32 x 2048 WikiText-2 validation tokens)" if args.fisher
+                   else "from 8 x 512 WikiText-2 validation tokens (protocol P calibrates on 32 x 2048: the "
+                        "README's protocol-P table is the reference for sqllm's quality)")
     md = (f"# llama.cpp and sqllm on SmolLM2-135M, {args.threads} threads\n\n{table}\n\n"
           + (f"Not run:\n\n{not_run}\n" if failed else "")
           + ("" if final else "(partial: the run had not finished when this was written)\n\n")
@@ -470,9 +478,7 @@ def write(rows: list[dict[str, Any]], failed: list[str], args: argparse.Namespac
           f"mix (sqllm keeps the tied embedding in fp16, so its files are larger at equal linear bits/weight). "
           f"SmolLM2-135M's hidden size, 576, is not a multiple of 256, so the K-quant mixes store the matrices "
           f"with 576-wide rows (q, k, v, gate, up) in a fallback type; the tensor types column lists what each "
-          f"file holds. sqllm checkpoints: made with the `sqllm quantize` CLI; SqueezeLLM's Fisher from 8 x 512 "
-          f"WikiText-2 validation tokens (protocol P calibrates on 32 x 2048: the README's protocol-P table is "
-          f"the reference for sqllm's quality); GPTQ and SliM-LLM share RTN's uniform g64 layout and decode at "
+          f"file holds. sqllm checkpoints: made with the `sqllm quantize` CLI; SqueezeLLM's Fisher {fisher_note}; GPTQ and SliM-LLM share RTN's uniform g64 layout and decode at "
           f"its speed.\n\n"
           f"Machine: {machine['cpu']}, {machine['cores']} cores, load average (1, 5, 15 min) "
           f"{', '.join(f'{x:.1f}' for x in load_start)} at the start and "

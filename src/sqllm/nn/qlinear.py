@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..codes import QuantizedMatrix
 from ..formats.layouts import LayerMeta, group_columns, matrix_meta, pack_matrix, tensor_specs, unpack_matrix
 from ..formats.layouts import storage_bits as layout_storage_bits
-from . import kernels  # noqa: F401  (registers the CPU implementations of the ops)
+from . import kernels  # also registers the CPU implementations of the ops
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_avx2.cpp", "cpu_avx512.cpp")]
 HEADERS = [Path(__file__).with_name("fma_sweep.h")]  # included by both sources (each width once)
-FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "dense16_mm", "stream_sum", "isa", "set_isa", "set_prefill", "prefill_in_bf16"]
+FUNCTIONS = ["lut_mm", "uniform_mm", "csr_mm", "dense16_mm", "stream_sum", "isa", "set_isa", "set_prefill",
+             "prefill_in_bf16"]
 AVX2_CAPABILITIES = ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX", "AVX512_FP16")
 
 
