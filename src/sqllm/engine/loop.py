@@ -288,28 +288,36 @@ def fisher_resident(parts: ModelParts, opts: EngineOptions) -> bool:
     return n * parts.dtype.itemsize <= opts.resident_fisher_bytes
 
 
-def _resident_fisher(
-    parts: ModelParts, windows: Tensor, opts: EngineOptions, work: Any, clock: StageClock
+def _kept_fisher(
+    parts: ModelParts, windows: Tensor, work: Any, clock: StageClock, compute: Callable[[], Mapping[str, Tensor]]
 ) -> Mapping[str, Tensor] | Callable[[list[str]], dict[str, Tensor]]:
-    """The Fisher table of a model small enough to load whole: every part loaded at once, each window
-    one forward and one backward (:func:`~sqllm.engine.fisher.compute_fisher`), no block computed twice.
-
-    With a work folder the table is kept there, so that a killed run resumes in forward order without
-    a second gradient pass; a resumed run reads it back. Returns the table or a reader of it."""
-    from .fisher import compute_fisher, fisher_reader, save_fisher
+    """The whole Fisher table from ``compute()``, kept in the work folder (when there is one) so that a
+    killed run resumes without a second gradient pass: a resumed run, or this one once the table is
+    written, reads it back lazily, one block at a time. Returns the table or a reader of it."""
+    from .fisher import fisher_reader, save_fisher
 
     names = [f"{parts.block_name(b)}.{n}" for b in range(parts.n_blocks) for n in parts.arch.linears]
+    shapes = {n: tuple(parts.model.get_submodule(n).weight.shape) for n in names}
     if work is not None and work.fisher_path.is_file():
-        shapes = {n: tuple(parts.model.get_submodule(n).weight.shape) for n in names}
         return fisher_reader(work.fisher_path, shapes)
+    table = compute()
+    if work is None:
+        return table
+    with clock("write"):
+        tmp = work.fisher_path.with_name(work.fisher_path.name + ".partial")
+        save_fisher(tmp, table, {"windows": list(windows.shape)})
+        tmp.replace(work.fisher_path)
+    return fisher_reader(work.fisher_path, shapes)
+
+
+def _resident_fisher(parts: ModelParts, windows: Tensor, opts: EngineOptions, clock: StageClock) -> dict[str, Tensor]:
+    """The Fisher table of a model small enough to load whole: every part loaded at once, each window
+    one forward and one backward (:func:`~sqllm.engine.fisher.compute_fisher`), no block computed twice."""
+    from .fisher import compute_fisher
+
+    names = [f"{parts.block_name(b)}.{n}" for b in range(parts.n_blocks) for n in parts.arch.linears]
     with clock("fisher"), parts.loaded(parts.tensor_names()):
-        table = compute_fisher(parts.model, names, windows, amp=opts.fisher_amp, progress=opts.progress)
-    if work is not None:
-        with clock("write"):
-            tmp = work.fisher_path.with_name(work.fisher_path.name + ".partial")
-            save_fisher(tmp, table, {"windows": list(windows.shape)})
-            tmp.replace(work.fisher_path)
-    return table
+        return compute_fisher(parts.model, names, windows, amp=opts.fisher_amp, progress=opts.progress)
 
 
 class FisherTable:
@@ -359,15 +367,16 @@ def quantize_parts(
         if windows is None:
             raise ValueError(f"method {method.name!r} needs calibration windows or a Fisher table")
         if fisher_resident(parts, opts):
-            fisher = _resident_fisher(parts, windows, opts, work, clock)
+            fisher = _kept_fisher(parts, windows, work, clock, lambda: _resident_fisher(parts, windows, opts, clock))
         elif planner is not None:
             # A model-wide plan reads every linear's Fisher before any block is solved: the streamed
-            # pass runs first and its table stays in memory (4 bytes per weight; a Fisher file from
-            # `sqllm sensitivity` avoids that).
+            # pass runs first, its whole table in memory until it is written to the work folder (4 bytes
+            # per weight; a Fisher file from `sqllm sensitivity` avoids that).
             from .fisher import streamed_fisher_dict
 
-            fisher = streamed_fisher_dict(parts, windows, amp=opts.fisher_amp, cache=_activation_cache(work, opts),
-                                          batch_size=opts.batch_size, progress=opts.progress, clock=clock)
+            fisher = _kept_fisher(parts, windows, work, clock, lambda: streamed_fisher_dict(
+                parts, windows, amp=opts.fisher_amp, cache=_activation_cache(work, opts), batch_size=opts.batch_size,
+                progress=opts.progress, clock=clock))
         else:
             _reverse_fisher_order(parts, method, cfg, windows, opts, sink, work, clock)
             return clock
