@@ -494,12 +494,28 @@ void kmeans_row(const float* x, const float* w, int n, int k, bool fp16, float* 
         centroids[m] = fp16 ? to_fp16_grid(f) : f;
     }
     for (int m = 1; m < k; ++m) centroids[m] = std::max(centroids[m], centroids[m - 1]);  // exact order
-    // Codes: walk the sorted values against the midpoints (exact in double for float centroids).
-    int m = 0;
-    for (int p = 0; p < n; ++p) {
-        const double v = key_float(uint32_t(r.items[p] >> 32));
-        while (m < k - 1 && (double(centroids[m]) + double(centroids[m + 1])) * 0.5 < v) ++m;
-        codes[uint32_t(r.items[p])] = uint8_t(m);
+    // Codes: how many midpoints lie below each value (exact in double for float centroids), so ties go to
+    // the lower centroid; four columns per vector, in column order (no scattered stores).
+    double mid[255];
+    for (int m = 0; m + 1 < k; ++m) mid[m] = (double(centroids[m]) + double(centroids[m + 1])) * 0.5;
+    int j = 0;
+#ifdef __AVX2__
+    const __m256d one = _mm256_set1_pd(1.0);
+    for (; j + 4 <= n; j += 4) {
+        const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
+        __m256d below = _mm256_setzero_pd();
+        for (int m = 0; m + 1 < k; ++m)
+            below = _mm256_add_pd(below, _mm256_and_pd(_mm256_cmp_pd(_mm256_set1_pd(mid[m]), v, _CMP_LT_OQ), one));
+        const __m128i c = _mm256_cvttpd_epi32(below);
+        const uint32_t packed = uint32_t(_mm_cvtsi128_si32(_mm_packus_epi16(_mm_packus_epi32(c, c), _mm_setzero_si128())));
+        std::memcpy(codes + j, &packed, 4);
+    }
+#endif
+    for (; j < n; ++j) {
+        const double v = x[j];
+        int below = 0;
+        for (int m = 0; m + 1 < k; ++m) below += mid[m] < v;
+        codes[j] = uint8_t(below);
     }
 }
 
