@@ -7,7 +7,7 @@
 // layer by layer. C satisfies the quadrangle inequality, so the leftmost argmin opt_m(i) is
 // non-decreasing in i and never left of opt_{m-1}(i) (Knuth). Low layers divide and conquer over i
 // with both bounds; high layers, whose candidate ranges opt_{m-1}(i) .. opt_m(i + 1) are short, sweep i
-// downwards; either way, ranges of a few places are scored for four i at once. The last layer is
+// downwards; either way, ranges of a few places are scored for eight i at once. The last layer is
 // needed at N only, the one below it only right of opt_{k-1}(N - 1). An upper bound on the optimum
 // (a cheap partition's cost) prunes every layer from the right: D_m is non-decreasing in i, and no
 // optimal partition passes an i whose D_m(i) exceeds the bound (solve_dp). Ties and round-off can only
@@ -40,6 +40,9 @@ namespace {
 #endif
 #ifndef LLOYD_STEPS
 #define LLOYD_STEPS 2
+#endif
+#ifndef KNUTH_BLOCK
+#define KNUTH_BLOCK 8
 #endif
 
 // Order-preserving map of float bits to uint32 (negative values reversed, positive above them).
@@ -276,12 +279,9 @@ void divide_and_conquer(const Layer& L, int ilo, int ihi, int jlo, int jhi, int&
     }
 }
 
-// Knuth's two-sided bound opt_{m-1}(i) <= opt_m(i) <= opt_m(i + 1), from the top down, four values of i
-// at a time: each block of i is scored as a rectangle against the places between the lower bound of its
-// lowest i and the argmin of the i just above it (``upper`` for the first block).
-#ifndef KNUTH_BLOCK
-#define KNUTH_BLOCK 8
-#endif
+// Knuth's two-sided bound opt_{m-1}(i) <= opt_m(i) <= opt_m(i + 1), from the top down, KNUTH_BLOCK values
+// of i at a time: each block of i is scored as a rectangle against the places between the lower bound of
+// its lowest i and the argmin of the i just above it (``upper`` for the first block).
 void knuth_sweep(const Layer& L, int ilo, int ihi, int upper) {
     for (int i1 = ihi; i1 >= ilo; i1 -= KNUTH_BLOCK) {
         const int i0 = std::max(ilo, i1 - (KNUTH_BLOCK - 1));
