@@ -59,6 +59,58 @@ def brute_force_dp(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
     return best[:, -1]
 
 
+def prefix_dp(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """``[rows]`` least weighted SSE of each row in at most ``k`` runs of its sorted distinct values (weights
+    summed, weightless values dropped): the ``O(k N^2)`` DP over every pair of places, with float64 prefix
+    sums for the costs, which keeps rows of hundreds of values cheap (``brute_force_dp`` is ``O(n^3)``)."""
+    best_rows = []
+    for xr, wr in zip(x.double(), w.double()):
+        keep = wr > 0
+        xs, inv = torch.unique(xr[keep], return_inverse=True)
+        ws = torch.zeros_like(xs).index_add_(0, inv, wr[keep])
+        zero = torch.zeros(1, dtype=torch.float64)
+        big_w, big_s, big_q = (torch.cat([zero, t.cumsum(0)]) for t in (ws, ws * xs, ws * xs * xs))
+        d_s = big_s[None, :] - big_s[:, None]  # [j, i]: the run [j, i)
+        cost = (big_q[None, :] - big_q[:, None]) - d_s * d_s / (big_w[None, :] - big_w[:, None])
+        n = len(xs) + 1
+        cost = cost.masked_fill(~torch.ones(n, n, dtype=torch.bool).triu(1), float("inf"))
+        best = cost[0]
+        for _ in range(k - 1):
+            best = torch.minimum(best, (best[:, None] + cost).min(0).values)
+        best_rows.append(best[-1])
+    return torch.stack(best_rows)
+
+
+def _grid_rows(rows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows as the benchmark sees them: values on a 4-bit grid per block of 32 (scale and offset per
+    block, as dequantized from Q4_1), so about half of them repeat; weights ``x**2 * Gamma(0.5, 1)``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, n // 32, 32), generator=gen).float()
+    scale = 0.002 + 0.01 * torch.rand(rows, n // 32, 1, generator=gen)
+    offset = -8 * scale + 0.001 * torch.randn(rows, n // 32, 1, generator=gen)
+    x = (offset + scale * q).view(rows, n)
+    return x, x**2 * torch.randn(rows, n, generator=gen) ** 2 / 2
+
+
+def test_prefix_dp_is_brute_force_dp():
+    for kind in ("laplace-gamma", "repeated-values"):
+        x, w = _rows(kind, 8, 30, seed=2)
+        got, want = prefix_dp(x, w, 4), brute_force_dp(x, w, 4)
+        assert bool(((got - want).abs() <= 1e-9 * want + 1e-12 * (w.double() * x.double() ** 2).sum(1)).all())
+
+
+@pytest.mark.parametrize("k", [8, 16])
+@pytest.mark.parametrize("n", [576, 1536])
+def test_objective_is_optimal_on_grid_rows_of_real_size(n, k):
+    # Rows of the benchmark's sizes take every path of the solver (divide and conquer and Knuth
+    # layers, the bound that prunes them, repeated values merged), which rows of 40 values do not.
+    x, w = _grid_rows(4, n, seed=n + k)
+    ours = weighted_kmeans_objective(x, w, *weighted_kmeans(x, w, k))
+    exact = prefix_dp(x, w, k)
+    floor = 1e-12 * (w.double() * x.double() ** 2).sum(1)
+    assert bool(((ours - exact).abs() <= 1e-9 * exact + floor).all()), float(((ours - exact) / exact).abs().max())
+
+
 def _exhaustive(x: torch.Tensor, w: torch.Tensor, k: int) -> float:
     """Least weighted SSE of one short row over every choice of k - 1 cuts of its sorted values."""
     xs, order = x.double().sort()
