@@ -1,12 +1,13 @@
 """SmolLM2 under protocol P with the streamed engine, against the in-memory engine on the same settings.
 
-1. ``sqllm quantize smollm2-135m --method squeezellm --bits 4`` with 32 x 2048 calibration windows in a
+1. ``sqllm quantize smollm2-135m --method squeezellm --bits 4`` (or ``--method squeezellm+``) with 32 x 2048 calibration windows in a
    child process: wall time, time per stage, peak RSS; then ``sqllm eval`` over the first 40 windows.
 2. The same quantization in memory (``api.quantize``: whole-model Fisher, in-memory block loop), its
    packed tensors compared with the streamed output's, and its perplexity over the same 40 windows.
 
 Writes ``benchmarks/results/smollm2_stream.{json,md}``; with ``--streamed-only`` only step 1 runs and
-writes ``benchmarks/results/smollm2-P-<bits>bit.{json,md}`` (stage by stage, with the load average).
+writes ``benchmarks/results/smollm2-P-<bits>bit.{json,md}`` (``smollm2-P-squeezellm-plus-<bits>bit`` for
+SqueezeLLM+; stage by stage, with the load average).
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("/work/big/out"))
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--method", default="squeezellm", choices=["squeezellm", "squeezellm+"],
+                   help="squeezellm+ needs --streamed-only (the in-memory comparison is SqueezeLLM's)")
     p.add_argument("--fisher-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--streamed-only", action="store_true",
                    help="skip the in-memory engine (step 2): time and evaluate `sqllm quantize` alone")
     a = p.parse_args()
+    if a.method != "squeezellm" and not a.streamed_only:
+        p.error(f"--method {a.method} needs --streamed-only")
     a.out.mkdir(parents=True, exist_ok=True)
-    out = a.out / f"smollm2-squeezellm-{a.bits}bit-P"
+    out = a.out / f"smollm2-{a.method.replace('+', '-plus')}-{a.bits}bit-P"
     cli = [sys.executable, "-m", "sqllm.cli"]
     load = os.getloadavg()[0]
-    q = measured([*cli, "quantize", "smollm2-135m", "--method", "squeezellm", "--bits", str(a.bits),
+    q = measured([*cli, "quantize", "smollm2-135m", "--method", a.method, "--bits", str(a.bits),
                   "--calib", str(CALIB), "--nsamples", str(P["nsamples"]), "--calib-seqlen", str(P["calib_seqlen"]),
                   "--fisher-dtype", a.fisher_dtype,
                   "--output", str(out), "--overwrite", "--json", str(out) + ".quantize.json"],
@@ -103,16 +108,18 @@ def main() -> None:
 def write_streamed_only(a: argparse.Namespace, summary: dict, streamed: dict, loads: list[float]) -> None:
     """``benchmarks/results/smollm2-P-<bits>bit.{json,md}``: the whole `sqllm quantize` run, its stages and
     its perplexity, with the load average (1 min) at its start, after the quantization and after the eval."""
-    name = f"smollm2-P-{a.bits}bit"
+    name = f"smollm2-P-{'' if a.method == 'squeezellm' else 'squeezellm-plus-'}{a.bits}bit"
     doc = {"machine": machine_info(), "commit": git_commit(str(ROOT)), "load_average": loads,
-           "protocol": {"calibration": P, "eval_windows": WINDOWS, "bits": a.bits, "fisher_dtype": a.fisher_dtype},
+           "protocol": {"calibration": P, "eval_windows": WINDOWS, "method": a.method, "bits": a.bits,
+                        "fisher_dtype": a.fisher_dtype},
            **streamed, "summary": summary}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     q = streamed["quantize"]
     rows = [[stage, f"{sec:.1f}"] for stage, sec in streamed["stages"].items()]
     rows += [["whole `sqllm quantize` (wall, child process)", f"{q['seconds']:.1f}"]]
     m = doc["machine"]
-    md = (f"# SmolLM2 SqueezeLLM {a.bits}-bit under protocol P: `sqllm quantize` stage by stage\n\n"
+    label = "SqueezeLLM" if a.method == "squeezellm" else "SqueezeLLM+"
+    md = (f"# SmolLM2 {label} {a.bits}-bit under protocol P: `sqllm quantize` stage by stage\n\n"
           f"{markdown_table(['stage', 'seconds'], rows)}\n\n"
           f"Perplexity over the first {WINDOWS} windows of 2048 tokens of wiki.test.raw: "
           f"{streamed['perplexity']:.3f} ({streamed['bits_per_weight']:.3f} bits/weight). Calibration "
