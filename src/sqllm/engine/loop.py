@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..codes import QuantizedMatrix
 from ..errors import InvalidConfig
 from ..methods import LayerStats, MethodSpec, StageOptions, StatContext
-from ..models import ArchSpec
+from ..models import ArchSpec, linear_names
 from . import distributed as dist
 from .stream import ActivationCache, InMemoryParts, ModelParts, block_output, first_block_inputs
 
@@ -296,8 +296,7 @@ def _kept_fisher(
     written, reads it back lazily, one block at a time. Returns the table or a reader of it."""
     from .fisher import fisher_reader, save_fisher
 
-    names = [f"{parts.block_name(b)}.{n}" for b in range(parts.n_blocks) for n in parts.arch.linears]
-    shapes = {n: tuple(parts.model.get_submodule(n).weight.shape) for n in names}
+    shapes = {n: tuple(parts.model.get_submodule(n).weight.shape) for n in linear_names(parts.model, parts.arch)}
     if work is not None and work.fisher_path.is_file():
         return fisher_reader(work.fisher_path, shapes)
     table = compute()
@@ -315,9 +314,9 @@ def _resident_fisher(parts: ModelParts, windows: Tensor, opts: EngineOptions, cl
     one forward and one backward (:func:`~sqllm.engine.fisher.compute_fisher`), no block computed twice."""
     from .fisher import compute_fisher
 
-    names = [f"{parts.block_name(b)}.{n}" for b in range(parts.n_blocks) for n in parts.arch.linears]
     with clock("fisher"), parts.loaded(parts.tensor_names()):
-        return compute_fisher(parts.model, names, windows, amp=opts.fisher_amp, progress=opts.progress)
+        return compute_fisher(parts.model, linear_names(parts.model, parts.arch), windows, amp=opts.fisher_amp,
+                              progress=opts.progress)
 
 
 class FisherTable:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import cpu_kernels
+from .kernels import cpu_kernels, may_call_directly
 from .kernels.ops import DECODE_TOKENS
 
 HEAD_TILE = 1 << 20  # weight elements widened to the compute dtype at once (4 MiB of float32)
@@ -54,9 +54,7 @@ def _decode_kernels(x: Tensor, weight: Tensor) -> ModuleType | None:
     """The compiled CPU kernels when they can multiply ``x [m, n]`` by the 16-bit ``weight`` directly: a
     decode step (m <= DECODE_TOKENS) on CPU with no gradient wanted. Prefill keeps the widened tiles, whose
     cost the matmul amortizes."""
-    if not 1 <= x.shape[0] <= DECODE_TOKENS or x.device.type != "cpu" or not weight.is_contiguous():
-        return None
-    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+    if not 1 <= x.shape[0] <= DECODE_TOKENS or not weight.is_contiguous() or not may_call_directly(x):
         return None
     return cpu_kernels()
 

@@ -116,9 +116,7 @@ class QuantLinear(nn.Module):
         if self.dense_cache is not None:
             y = x2 @ self.dense_cache.to(x.dtype).T
         else:
-            # The ops themselves where autograd or torch.compile must see them.
-            eager = x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling()
-            direct = kernels.direct_kernels() if eager else None
+            direct = kernels.direct_kernels() if kernels.may_call_directly(x) else None
             y = self.packed_product(x2, direct or torch.ops.sqllm)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)

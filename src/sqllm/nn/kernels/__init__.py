@@ -98,7 +98,7 @@ _loaded: ModuleType | None = None  # what cpu_kernels() returned, once it return
 
 def kernels_registered() -> bool:
     """Whether the compiled kernels are the ops' CPU implementations (after their first CPU call)."""
-    return cpu_kernels.cache_info().currsize > 0 and cpu_kernels() is not None
+    return _loaded is not None
 
 
 @contextlib.contextmanager
@@ -135,6 +135,12 @@ def triton_path() -> Iterator[None]:
 
 
 _overrides = 0  # open _cpu_implementations blocks; while any is open, calls must go through the dispatcher
+
+
+def may_call_directly(x: torch.Tensor) -> bool:
+    """Whether a product with ``x`` may call the compiled functions without the dispatcher: ``x`` on CPU,
+    no gradient wanted (autograd needs the ops), and no ``torch.compile`` tracing (it needs them too)."""
+    return x.is_cpu and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
 
 
 def direct_kernels() -> ModuleType | None:
