@@ -147,9 +147,10 @@ def load_packed(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | N
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise CorruptCheckpoint(f"tensor {leftover[0]!r} is missing from the checkpoint at {path}")
+    dense16 = set((qc.get("dense16") or {}).get("tensors") or ())
     if dtype is not None:
-        _cast_full_precision(model, dtype, set((qc.get("dense16") or {}).get("tensors") or ()))
-    if (qc.get("dense16") or {}).get("tensors"):
+        _cast_full_precision(model, dtype, dense16)
+    if dense16:
         use_dense16(model, _compute_dtype(model))
     model.to(torch.device(device)).eval()
     tokenizer = (AutoTokenizer.from_pretrained(path, trust_remote_code=False)
