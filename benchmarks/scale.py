@@ -200,8 +200,11 @@ def measured(argv: list[str], log: Path) -> dict:
             "exit_code": proc.returncode, "log": str(log)}
 
 
-def run_shape(name: str, runs: list[str], out_root: Path) -> list[dict]:
-    """Quantize the random ``name`` model with each of ``runs`` and evaluate the packed output."""
+def run_shape(name: str, runs: list[str], out_root: Path, resume: bool = False) -> list[dict]:
+    """Quantize the random ``name`` model with each of ``runs`` and evaluate the packed output.
+
+    ``resume`` continues a killed quantization from its work folder (``sqllm quantize --resume``); the row
+    then records it, because its wall time covers only the resumed part."""
     import json as _json
 
     from sqllm.report import git_commit, machine_info
@@ -216,9 +219,9 @@ def run_shape(name: str, runs: list[str], out_root: Path) -> list[dict]:
         cli = [sys.executable, "-m", "sqllm.cli"]
         q = measured([*cli, "quantize", str(ckpt), *RUNS[run], "--calib", str(WIKI / "wiki.valid.tokens"),
                       "--nsamples", str(CALIB["nsamples"]), "--calib-seqlen", str(CALIB["calib_seqlen"]),
-                      "--output", str(out), "--overwrite", "--json", str(qjson)],
+                      "--output", str(out), "--resume" if resume else "--overwrite", "--json", str(qjson)],
                      out_root / f"{name}-{run}.quantize.log")
-        row["quantize"] = q
+        row["quantize"] = {**q, "resumed": resume}
         if q["exit_code"] == 0:
             summary = _json.loads(qjson.read_text())
             row["bits_per_weight"] = summary["bits_per_weight"]["total"]
@@ -257,7 +260,8 @@ def _save_row(row: dict) -> None:
         ["shape", "params", "run", "bits/weight", "quantize s", "quantize peak RSS GiB", "eval s", "eval peak RSS GiB",
          "stages (s)", "load avg", "CPU"],
         [[r["shape"], f"{r['params'] / 1e9:.2f}B", r["run"], f"{r.get('bits_per_weight', float('nan')):.3f}",
-          f"{r['quantize']['seconds']:.0f}", f"{r['quantize']['peak_rss_mib'] * gib:.2f}",
+          f"{r['quantize']['seconds']:.0f}" + (" (resumed)" if r["quantize"].get("resumed") else ""),
+          f"{r['quantize']['peak_rss_mib'] * gib:.2f}",
           f"{r['eval'].get('seconds', float('nan')):.0f}", f"{r['eval'].get('peak_rss_mib', float('nan')) * gib:.2f}",
           ", ".join(f"{k} {v:.0f}" for k, v in r.get("stages", {}).items()), f"{r['load_average']:.1f}",
           r.get("cpu", "-")]
@@ -269,7 +273,8 @@ def _save_row(row: dict) -> None:
           f"weights is meaningless; the runs measure memory and time). Peak RSS is each child process's own "
           f"(wait4). Vocabulary 49152 (SmolLM2's tokenizer). Machines: {m['cores']} cores, torch {m['torch']}, "
           f"the CPU of each run in the table (the machine under this project changes between sessions), "
-          f"shared with other jobs (load average at each run's start in the table).\n")
+          f"shared with other jobs (load average at each run's start in the table). A run marked '(resumed)' was "
+          f"killed and continued with `--resume`: its seconds count only the resumed part.\n")
     (RESULTS / "scale.md").write_text(md)
 
 
@@ -283,13 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("shape", choices=list(SHAPES))
     r.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS)
     r.add_argument("--out", type=Path, default=BIG / "out")
+    r.add_argument("--resume", action="store_true", help="continue killed runs from their work folders")
     a = p.parse_args(argv)
     if a.cmd == "build":
         for name in a.shapes:
             build_checkpoint(name, a.dest / f"llama-{name}-random")
     else:
         a.out.mkdir(parents=True, exist_ok=True)
-        for row in run_shape(a.shape, a.runs, a.out):
+        for row in run_shape(a.shape, a.runs, a.out, a.resume):
             print({k: row.get(k) for k in ("shape", "run", "bits_per_weight", "stages")},
                   row["quantize"]["peak_rss_mib"])
 
