@@ -67,6 +67,35 @@ def test_hessian_matches_direct_computation():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_linears_fed_one_tensor_share_their_hessian_but_not_their_input_sample():
+    """q/k/v (and gate/up) receive the same tensor: one Hessian product serves them all, and it equals
+    the Hessian of the inputs each receives; the seeded input samples stay per linear."""
+    model = tiny_model("llama")
+    windows = _windows(n=5, L=12)
+    seen: dict = {}
+    quantize_blocks(model, arch_spec(model), _recording_identity(seen), RTNConfig(4), windows=windows,
+                    opts=EngineOptions(batch_size=2, progress=False))
+    p = "model.layers.1."
+    for a, b in [("self_attn.q_proj", "self_attn.k_proj"), ("self_attn.q_proj", "self_attn.v_proj"),
+                 ("mlp.gate_proj", "mlp.up_proj")]:
+        assert torch.equal(seen[p + a].hessian, seen[p + b].hessian)
+    assert not torch.equal(seen[p + "self_attn.q_proj"].inputs, seen[p + "self_attn.k_proj"].inputs)
+    block = get_blocks(model, arch_spec(model))[0]
+    inputs = capture_first_block_inputs(model, arch_spec(model), windows, 8)
+    captured: dict = {}
+    handles = [block.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: captured.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for n in ("mlp.up_proj", "mlp.down_proj")]
+    with torch.no_grad():
+        block(inputs.hidden, **inputs.kwargs)
+    for h in handles:
+        h.remove()
+    for name in ("mlp.up_proj", "mlp.down_proj"):
+        x = torch.cat(captured[name])
+        torch.testing.assert_close(seen["model.layers.0." + name].hessian, 2.0 / x.shape[0] * x.T @ x,
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_second_block_sees_quantized_outputs():
     """Block 1's statistics are computed on block 0's outputs *after* block 0 was quantized."""
     model = tiny_model("llama")

@@ -51,10 +51,13 @@ class LayerStatistic:
     """A statistic of one linear's calibration inputs, accumulated by the block loop's hooks.
 
     name: the :class:`LayerStats` field the result fills;  make: ``(in_features, ctx) -> Accumulator``
+    shared: the result depends on the input stream alone, so linears fed the very same tensor (q/k/v,
+            gate/up) share one accumulator instead of each repeating the work
     """
 
     name: str
     make: Callable[[int, StatContext], Accumulator]
+    shared: bool = False
 
 
 def _hessian(n_in: int, ctx: StatContext) -> Accumulator:
@@ -70,8 +73,8 @@ def _inputs(n_in: int, ctx: StatContext) -> Accumulator:
 
 
 # H = 2/n * sum_t x_t x_t^T over calibration tokens, [in, in] float32 (GPTQ's layer Hessian)
-HESSIAN = LayerStatistic("hessian", _hessian)
-# a seeded sample of calibration input rows, [n_tok, in] float32
+HESSIAN = LayerStatistic("hessian", _hessian, shared=True)
+# a seeded sample of calibration input rows, [n_tok, in] float32 (each linear draws with its own seed)
 INPUTS = LayerStatistic("inputs", _inputs)
 
 

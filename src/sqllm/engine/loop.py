@@ -130,19 +130,35 @@ def _collect(
     block: nn.Module, names: tuple[str, ...], method: MethodSpec, inputs: BlockInputs, opts: EngineOptions
 ) -> dict[str, LayerStats]:
     """Run the block once with hooks on ``names`` and return each linear's statistics, summed over the
-    data-parallel ranks when there are several (each rank runs its own windows)."""
+    data-parallel ranks when there are several (each rank runs its own windows).
+
+    A linear whose input is the very tensor the previously hooked linear received (q/k/v, gate/up) takes
+    that linear's accumulators of ``shared`` statistics: on a LLaMA block this skips three of seven
+    Hessian products, with bit-identical results."""
     n_windows = inputs.hidden.shape[0]
     per_batch = math.ceil(opts.input_rows / math.ceil(n_windows / opts.batch_size))
-    accs: dict[str, list[Any]] = {}
+    accs: dict[str, dict[str, Any]] = {}
     for i, name in enumerate(names):
         n_in = block.get_submodule(name).in_features
         ctx = StatContext(input_rows=opts.input_rows, per_batch=per_batch, seed=opts.seed + i)
-        accs[name] = [(stat.name, stat.make(n_in, ctx)) for stat in method.layer_stats]
+        accs[name] = {stat.name: stat.make(n_in, ctx) for stat in method.layer_stats}
+    shared_kinds = {stat.name for stat in method.layer_stats if stat.shared}
+    source: dict[str, str] = {}  # linear -> the linear whose input (and shared accumulators) it shares
+    last: list[Any] = [None, None]  # (name, input) of the latest hook call
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            for _, acc in accs[name]:
-                acc.update(args[0].detach())
+            x = args[0].detach()
+            if name not in source:  # the first batch decides, the later ones must agree
+                source[name] = source[last[0]] if last[1] is x else name
+                for kind in shared_kinds:
+                    accs[name][kind] = accs[source[name]][kind]
+            elif (source[name] != name) != (last[1] is x):
+                raise RuntimeError(f"{name}: its input stopped being (or started being) the previous linear's")
+            last[:] = name, x
+            for kind, acc in accs[name].items():
+                if source[name] == name or kind not in shared_kinds:
+                    acc.update(x)
 
         return hook
 
@@ -152,10 +168,10 @@ def _collect(
     finally:
         for h in handles:
             h.remove()
-    for n in names:
-        for _, acc in accs[n]:
-            dist.reduce_accumulator(acc)
-    return {n: LayerStats(name=n, **{kind: acc.result() for kind, acc in accs[n]}) for n in names}
+        last[:] = None, None
+    for acc in {id(a): a for n in names for a in accs[n].values()}.values():
+        dist.reduce_accumulator(acc)
+    return {n: LayerStats(name=n, **{kind: acc.result() for kind, acc in accs[n].items()}) for n in names}
 
 
 def _solve_group(

@@ -127,16 +127,14 @@ def solve_tables(w: Tensor, lut: Tensor, codes: Tensor, extracted: Tensor, metri
     """
     out, n_in = w.shape
     k = lut.shape[1]
-    keep = (~extracted).float()
-    s = metric.scale * keep
-    t = w * s
-    onehot = torch.zeros(out, n_in, k).scatter_(2, codes.long().unsqueeze(2), 1.0)
-    b = onehot * s.unsqueeze(2)  # [out, in, K]
-    # C B and C t for all rows in one product: C [in, in] @ [in, out * (K + 1)].
-    rhs = torch.cat([b, t.unsqueeze(2)], dim=2).permute(1, 0, 2).reshape(n_in, -1)
-    cb = (metric.corr @ rhs).reshape(n_in, out, k + 1).permute(1, 0, 2)  # [out, in, K + 1]
-    gh = torch.bmm(b.transpose(1, 2).double(), cb.double())  # [out, K, K + 1]
-    g, h = gh[..., :k], gh[..., k]
+    s = metric.scale * (~extracted)
+    bt = torch.zeros(out, k, n_in).scatter_(1, codes.long().unsqueeze(1), s.unsqueeze(1))  # B_r^T, [out, K, in]
+    # B_r^T C and t_r^T C for every row in one product (C is symmetric): [out * (K + 1), in] @ [in, in].
+    m = torch.cat([bt.reshape(out * k, n_in), w * s]) @ metric.corr
+    bc, tc = m[: out * k].reshape(out, k, n_in).double(), m[out * k:].double()
+    btd = bt.double()
+    g = torch.bmm(bc, btd.transpose(1, 2))  # [out, K, K]
+    h = torch.bmm(btd, tc.unsqueeze(2)).squeeze(2)  # [out, K]
     ridge = 1e-9 * torch.diagonal(g, dim1=1, dim2=2).sum(1).clamp_min(1e-30) / k
     eye = torch.eye(k, dtype=torch.float64)
     return torch.linalg.solve(g + ridge[:, None, None] * eye, h + ridge[:, None] * lut.double())
@@ -194,7 +192,8 @@ def _take_better(
 def _single_threaded() -> Iterator[None]:
     """One intra-op thread, the caller's count restored afterwards. The sweep is thousands of small ops:
     with 2 threads on a loaded 2-core machine every op waits at a thread barrier for a descheduled
-    thread (measured: a 576 x 576 sweep took 6.5 CPU s on 2 threads, 0.26 on 1)."""
+    thread (measured: a 576 x 576 sweep took 6.5 CPU s on 2 threads, 0.26 on 1). The table solve's
+    products would gain from a second thread on an idle machine, but lose 4x on a busy one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
