@@ -7,6 +7,8 @@ evaluation is the first ``--windows`` (40 for P) windows of 2048 tokens of ``wik
 
     python benchmarks/squeezellm_plus.py --fisher /work/ckpt/fisher-P.safetensors            # every row, 40 windows
     python benchmarks/squeezellm_plus.py --fisher F --windows 8 --only "SqueezeLLM+ 3-bit"   # a quick look
+    python benchmarks/squeezellm_plus.py --fisher-dtype-table fisher-P.safetensors fisher-bf16-P.safetensors
+        # results/fisher-dtype-P.{json,md}: the cached settings run with both Fisher files, side by side
 
 Each finished row is appended to ``results/runs-P.jsonl`` (keyed by its configuration and the number of
 windows), so an interrupted run resumes; ``results/squeezellm_plus.{json,md}`` are rewritten after
@@ -146,14 +148,59 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fisher_dtype_table(fp32: str, bf16: str) -> None:
+    """results/fisher-dtype-P.{json,md}: every setting cached in runs-P.jsonl with both Fisher files,
+    side by side. The per-window NLL differences are paired (same windows), so their standard error says
+    how much of a gap the 40 evaluation windows can resolve."""
+    runs = [json.loads(line) for line in (RESULTS / "runs-P.jsonl").read_text().splitlines()]
+    by_fisher: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        key = json.loads(r["key"])
+        setting = json.dumps({k: v for k, v in key.items() if k != "fisher"}, sort_keys=True)
+        by_fisher.setdefault(key["fisher"], {})[setting] = r
+    pairs = [(by_fisher[fp32][k], by_fisher[bf16][k]) for k in by_fisher.get(fp32, {}) if k in by_fisher.get(bf16, {})]
+    if not pairs:
+        sys.exit(f"runs-P.jsonl holds no setting run with both {fp32!r} and {bf16!r}")
+    rows = []
+    for a, b in pairs:
+        d = torch.tensor(b["window_nll"], dtype=torch.float64) - torch.tensor(a["window_nll"], dtype=torch.float64)
+        rows.append({"setting": a["label"], "bits_per_weight": a["bits_per_weight"], "ppl_fp32_fisher": a["perplexity"],
+                     "ppl_bf16_fisher": b["perplexity"], "mean_nll_diff": float(d.mean()),
+                     "stderr_nll_diff": float(d.std() / len(d) ** 0.5), "windows": len(d)})
+    doc = {"fisher_fp32": fp32, "fisher_bf16": bf16, "machine": machine_info(), "commit": git_commit(str(ROOT)),
+           "rows": rows}
+    (RESULTS / "fisher-dtype-P.json").write_text(json.dumps(doc, indent=2) + "\n")
+    table = markdown_table(
+        ["setting", "bits/weight", "ppl, fp32 Fisher", "ppl, bf16 Fisher", "change", "NLL diff / window (± s.e.)"],
+        [[r["setting"], f"{r['bits_per_weight']:.3f}", f"{r['ppl_fp32_fisher']:.2f}", f"{r['ppl_bf16_fisher']:.2f}",
+          f"{r['ppl_bf16_fisher'] / r['ppl_fp32_fisher'] - 1:+.1%}",
+          f"{r['mean_nll_diff']:+.4f} ± {r['stderr_nll_diff']:.4f}"] for r in rows])
+    (RESULTS / "fisher-dtype-P.md").write_text(
+        "# The Fisher pass in fp32 or in bf16 autocast: quantized SmolLM2 under protocol P\n\n" + table + "\n\n"
+        f"Both Fisher tables come from the same 32 x 2048 calibration windows of protocol P (`{fp32}`: fp32 "
+        f"forward and backward; `{bf16}`: bf16 autocast, gradients squared and summed in fp32). Each row "
+        f"quantizes with one of them, all else equal, and is evaluated on the first 40 windows of 2048 tokens "
+        f"of wiki.test.raw. The last column is the bf16 run's mean per-window NLL minus the fp32 run's, with "
+        f"its paired standard error over the windows. Rows from `results/runs-P.jsonl` "
+        f"(`benchmarks/squeezellm_plus.py`). Commit {doc['commit']}.\n")
+    print((RESULTS / "fisher-dtype-P.md").read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fisher", required=True, help="Fisher file of protocol P (sqllm sensitivity)")
+    ap.add_argument("--fisher", help="Fisher file of protocol P (sqllm sensitivity)")
+    ap.add_argument("--fisher-dtype-table", nargs=2, metavar=("FP32_FISHER", "BF16_FISHER"),
+                    help="instead of running: compare the cached runs made with these two Fisher files (names)")
     ap.add_argument("--fisher-seconds", type=float, help="wall time of the sensitivity run that made it")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--only", nargs="+", help="labels of the rows to run (default: all)")
     ap.add_argument("--name", default="squeezellm_plus", help="results/<name>.{json,md}")
     a = ap.parse_args()
+    if a.fisher_dtype_table:
+        fisher_dtype_table(*a.fisher_dtype_table)
+        return
+    if not a.fisher:
+        ap.error("--fisher is required to run rows")
     cache_path = RESULTS / "runs-P.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
     protocol = {
