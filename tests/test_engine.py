@@ -9,6 +9,7 @@ from conftest import tiny_model
 from sqllm.codes import QuantizedMatrix
 from sqllm.config import RTNConfig
 from sqllm.engine.loop import EngineOptions, capture_first_block_inputs, quantize_blocks
+from sqllm.engine.stats import HessianAccumulator
 from sqllm.methods import HESSIAN, INPUTS, LayerStats, MethodSpec, get_method
 from sqllm.models import arch_spec, get_blocks, linear_names
 
@@ -67,14 +68,19 @@ def test_hessian_matches_direct_computation():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_linears_fed_one_tensor_share_their_hessian_but_not_their_input_sample():
+def test_linears_fed_one_tensor_share_their_hessian_but_not_their_input_sample(monkeypatch):
     """q/k/v (and gate/up) receive the same tensor: one Hessian product serves them all, and it equals
     the Hessian of the inputs each receives; the seeded input samples stay per linear."""
     model = tiny_model("llama")
     windows = _windows(n=5, L=12)
     seen: dict = {}
+    updates = []
+    update = HessianAccumulator.update
+    monkeypatch.setattr(HessianAccumulator, "update", lambda acc, x: updates.append(1) or update(acc, x))
     quantize_blocks(model, arch_spec(model), _recording_identity(seen), RTNConfig(4), windows=windows,
                     opts=EngineOptions(batch_size=2, progress=False))
+    n_blocks, n_batches = len(get_blocks(model, arch_spec(model))), 3  # 5 windows in batches of 2
+    assert len(updates) == n_blocks * n_batches * 4  # the inputs of q, o, gate and down: 4 of 7 linears
     p = "model.layers.1."
     for a, b in [("self_attn.q_proj", "self_attn.k_proj"), ("self_attn.q_proj", "self_attn.v_proj"),
                  ("mlp.gate_proj", "mlp.up_proj")]:
@@ -94,6 +100,22 @@ def test_linears_fed_one_tensor_share_their_hessian_but_not_their_input_sample()
         x = torch.cat(captured[name])
         torch.testing.assert_close(seen["model.layers.0." + name].hessian, 2.0 / x.shape[0] * x.T @ x,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_in", [7, 576, 1100])
+def test_hessian_accumulator_upper_blocks_mirror_to_the_full_product(n_in):
+    """Only the upper block triangle is multiplied; the result equals the float64 product of all the
+    batches to float32 round-off and is exactly symmetric off the diagonal blocks."""
+    x = torch.randn(3, 200, n_in, generator=torch.Generator().manual_seed(n_in))
+    acc = HessianAccumulator(n_in)
+    acc.update(x[0])
+    acc.update(x[1:])
+    xx = x.reshape(-1, n_in).double()
+    h = acc.result()
+    torch.testing.assert_close(h.double(), 2.0 / xx.shape[0] * xx.T @ xx, rtol=1e-5, atol=1e-5)
+    for a, b in zip(acc.edges[:-1], acc.edges[1:]):
+        assert torch.equal(h[b:, a:b], h[a:b, b:].T)
+    assert len(acc.edges) - 1 == -(-n_in // 512)
 
 
 def test_second_block_sees_quantized_outputs():

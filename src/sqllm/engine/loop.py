@@ -148,7 +148,7 @@ def _collect(
 
     def hook_for(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
+            x = args[0]  # compared as the module received it: every detach() is a new object
             if name not in source:  # the first batch decides, the later ones must agree
                 source[name] = source[last[0]] if last[1] is x else name
                 for kind in shared_kinds:
@@ -158,7 +158,7 @@ def _collect(
             last[:] = name, x
             for kind, acc in accs[name].items():
                 if source[name] == name or kind not in shared_kinds:
-                    acc.update(x)
+                    acc.update(x.detach())
 
         return hook
 
