@@ -7,8 +7,9 @@ evaluation is the first ``--windows`` (40 for P) windows of 2048 tokens of ``wik
 
     python benchmarks/squeezellm_plus.py --fisher /work/ckpt/fisher-P.safetensors            # every row, 40 windows
     python benchmarks/squeezellm_plus.py --fisher F --windows 8 --only "SqueezeLLM+ 3-bit"   # a quick look
-    python benchmarks/squeezellm_plus.py --fisher-dtype-table fisher-P.safetensors fisher-bf16-P.safetensors
-        # results/fisher-dtype-P.{json,md}: the cached settings run with both Fisher files, side by side
+    python benchmarks/squeezellm_plus.py --fisher-dtype-table F32 F16
+        # results/fisher-dtype-P.{json,md}: two Fisher files (fp32 and bf16 passes) and the settings
+        # cached with both at one commit, side by side
 
 Each finished row is appended to ``results/runs-P.jsonl`` (keyed by its configuration and the number of
 windows), so an interrupted run resumes; ``results/squeezellm_plus.{json,md}`` are rewritten after
@@ -148,27 +149,35 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fisher_dtype_table(fp32: str, bf16: str) -> None:
-    """results/fisher-dtype-P.{json,md}: every setting cached in runs-P.jsonl with both Fisher files,
-    side by side. The per-window NLL differences are paired (same windows), so their standard error says
-    how much of a gap the 40 evaluation windows can resolve."""
+def fisher_dtype_table(fp32_path: str, bf16_path: str) -> None:
+    """results/fisher-dtype-P.{json,md}: how far the bf16 Fisher file is from the fp32 one, and every
+    setting cached in runs-P.jsonl with both files, side by side. The per-window NLL differences are
+    paired (same windows), so their standard error says how much of a gap 40 windows can resolve."""
+    from safetensors.torch import load_file
+
+    from fisher_pass import SENSITIVE, compare
+
+    fp32, bf16 = Path(fp32_path).name, Path(bf16_path).name
+    tables = compare(load_file(fp32_path), load_file(bf16_path))
     runs = [json.loads(line) for line in (RESULTS / "runs-P.jsonl").read_text().splitlines()]
     by_fisher: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
         key = json.loads(r["key"])
         setting = json.dumps({k: v for k, v in key.items() if k != "fisher"}, sort_keys=True)
         by_fisher.setdefault(key["fisher"], {})[setting] = r
-    pairs = [(by_fisher[fp32][k], by_fisher[bf16][k]) for k in by_fisher.get(fp32, {}) if k in by_fisher.get(bf16, {})]
+    # Only runs of one commit pair up: between commits the solvers changed as well as the Fisher.
+    pairs = [(a, by_fisher[bf16][k]) for k, a in by_fisher.get(fp32, {}).items()
+             if k in by_fisher.get(bf16, {}) and a["commit"] == by_fisher[bf16][k]["commit"]]
     if not pairs:
-        sys.exit(f"runs-P.jsonl holds no setting run with both {fp32!r} and {bf16!r}")
+        sys.exit(f"runs-P.jsonl holds no setting run with both {fp32!r} and {bf16!r} at one commit")
     rows = []
     for a, b in pairs:
         d = torch.tensor(b["window_nll"], dtype=torch.float64) - torch.tensor(a["window_nll"], dtype=torch.float64)
         rows.append({"setting": a["label"], "bits_per_weight": a["bits_per_weight"], "ppl_fp32_fisher": a["perplexity"],
                      "ppl_bf16_fisher": b["perplexity"], "mean_nll_diff": float(d.mean()),
                      "stderr_nll_diff": float(d.std() / len(d) ** 0.5), "windows": len(d)})
-    doc = {"fisher_fp32": fp32, "fisher_bf16": bf16, "machine": machine_info(), "commit": git_commit(str(ROOT)),
-           "rows": rows}
+    doc = {"fisher_fp32": fp32, "fisher_bf16": bf16, "tables": tables, "machine": machine_info(),
+           "commit": git_commit(str(ROOT)), "rows": rows}
     (RESULTS / "fisher-dtype-P.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown_table(
         ["setting", "bits/weight", "ppl, fp32 Fisher", "ppl, bf16 Fisher", "change", "NLL diff / window (± s.e.)"],
@@ -176,13 +185,18 @@ def fisher_dtype_table(fp32: str, bf16: str) -> None:
           f"{r['ppl_bf16_fisher'] / r['ppl_fp32_fisher'] - 1:+.1%}",
           f"{r['mean_nll_diff']:+.4f} ± {r['stderr_nll_diff']:.4f}"] for r in rows])
     (RESULTS / "fisher-dtype-P.md").write_text(
-        "# The Fisher pass in fp32 or in bf16 autocast: quantized SmolLM2 under protocol P\n\n" + table + "\n\n"
+        "# The Fisher pass in fp32 or in bf16 autocast: quantized SmolLM2 under protocol P\n\n"
+        f"The bf16 table against the fp32 one, per linear: relative L2 distance {tables['rel_l2_mean']:.4f} mean, "
+        f"{tables['rel_l2_max']:.4f} worst; of the fp32 table's top {SENSITIVE}% positions (SqueezeLLM's "
+        f"sensitive values) {tables['top_overlap_mean']:.1%} are in the bf16 table's, {tables['top_overlap_min']:.1%} "
+        f"in the worst linear.\n\n" + table + "\n\n"
         f"Both Fisher tables come from the same 32 x 2048 calibration windows of protocol P (`{fp32}`: fp32 "
         f"forward and backward; `{bf16}`: bf16 autocast, gradients squared and summed in fp32). Each row "
         f"quantizes with one of them, all else equal, and is evaluated on the first 40 windows of 2048 tokens "
         f"of wiki.test.raw. The last column is the bf16 run's mean per-window NLL minus the fp32 run's, with "
         f"its paired standard error over the windows. Rows from `results/runs-P.jsonl` "
-        f"(`benchmarks/squeezellm_plus.py`). Commit {doc['commit']}.\n")
+        f"(`benchmarks/squeezellm_plus.py`), paired only when both ran at the same commit "
+        f"({', '.join(sorted({a['commit'][:12] for a, _ in pairs}))}).\n")
     print((RESULTS / "fisher-dtype-P.md").read_text())
 
 
@@ -190,7 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fisher", help="Fisher file of protocol P (sqllm sensitivity)")
     ap.add_argument("--fisher-dtype-table", nargs=2, metavar=("FP32_FISHER", "BF16_FISHER"),
-                    help="instead of running: compare the cached runs made with these two Fisher files (names)")
+                    help="instead of running: compare these two Fisher files and the cached runs made with them")
     ap.add_argument("--fisher-seconds", type=float, help="wall time of the sensitivity run that made it")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--only", nargs="+", help="labels of the rows to run (default: all)")
