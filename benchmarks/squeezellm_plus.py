@@ -165,25 +165,36 @@ def fisher_dtype_table(fp32_path: str, bf16_path: str) -> None:
         key = json.loads(r["key"])
         setting = json.dumps({k: v for k, v in key.items() if k != "fisher"}, sort_keys=True)
         by_fisher.setdefault(key["fisher"], {})[setting] = r
-    # Only runs of one commit pair up: between commits the solvers changed as well as the Fisher.
+    # Only runs of one commit pair up: between commits the solvers changed as well as the Fisher. A run
+    # that follows another in one session sees the tree dirty by the first one's cached row.
+    def commit(r: dict[str, Any]) -> str:
+        return r["commit"].removesuffix("-dirty")
+
     pairs = [(a, by_fisher[bf16][k]) for k, a in by_fisher.get(fp32, {}).items()
-             if k in by_fisher.get(bf16, {}) and a["commit"] == by_fisher[bf16][k]["commit"]]
+             if k in by_fisher.get(bf16, {}) and commit(a) == commit(by_fisher[bf16][k])]
     if not pairs:
         sys.exit(f"runs-P.jsonl holds no setting run with both {fp32!r} and {bf16!r} at one commit")
     rows = []
     for a, b in pairs:
         d = torch.tensor(b["window_nll"], dtype=torch.float64) - torch.tensor(a["window_nll"], dtype=torch.float64)
+        # the same setting with the other Fisher files on record: how far runs move without a dtype change
+        others = [f"{r['perplexity']:.2f} ({json.loads(r['key'])['fisher']}, {commit(r)[:8]})" for r in runs
+                  if r["key"] not in (a["key"], b["key"])
+                  and json.dumps({k: v for k, v in json.loads(r["key"]).items() if k != "fisher"}, sort_keys=True)
+                  == json.dumps({k: v for k, v in json.loads(a["key"]).items() if k != "fisher"}, sort_keys=True)]
         rows.append({"setting": a["label"], "bits_per_weight": a["bits_per_weight"], "ppl_fp32_fisher": a["perplexity"],
                      "ppl_bf16_fisher": b["perplexity"], "mean_nll_diff": float(d.mean()),
-                     "stderr_nll_diff": float(d.std() / len(d) ** 0.5), "windows": len(d)})
+                     "stderr_nll_diff": float(d.std() / len(d) ** 0.5), "windows": len(d), "other_runs": others})
     doc = {"fisher_fp32": fp32, "fisher_bf16": bf16, "tables": tables, "machine": machine_info(),
            "commit": git_commit(str(ROOT)), "rows": rows}
     (RESULTS / "fisher-dtype-P.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown_table(
-        ["setting", "bits/weight", "ppl, fp32 Fisher", "ppl, bf16 Fisher", "change", "NLL diff / window (± s.e.)"],
+        ["setting", "bits/weight", "ppl, fp32 Fisher", "ppl, bf16 Fisher", "change", "NLL diff / window (± s.e.)",
+         "other runs of the setting"],
         [[r["setting"], f"{r['bits_per_weight']:.3f}", f"{r['ppl_fp32_fisher']:.2f}", f"{r['ppl_bf16_fisher']:.2f}",
           f"{r['ppl_bf16_fisher'] / r['ppl_fp32_fisher'] - 1:+.1%}",
-          f"{r['mean_nll_diff']:+.4f} ± {r['stderr_nll_diff']:.4f}"] for r in rows])
+          f"{r['mean_nll_diff']:+.4f} ± {r['stderr_nll_diff']:.4f}", "; ".join(r["other_runs"]) or "-"]
+         for r in rows])
     (RESULTS / "fisher-dtype-P.md").write_text(
         "# The Fisher pass in fp32 or in bf16 autocast: quantized SmolLM2 under protocol P\n\n"
         f"The bf16 table against the fp32 one, per linear: relative L2 distance {tables['rel_l2_mean']:.4f} mean, "
@@ -193,10 +204,11 @@ def fisher_dtype_table(fp32_path: str, bf16_path: str) -> None:
         f"Both Fisher tables come from the same 32 x 2048 calibration windows of protocol P (`{fp32}`: fp32 "
         f"forward and backward; `{bf16}`: bf16 autocast, gradients squared and summed in fp32). Each row "
         f"quantizes with one of them, all else equal, and is evaluated on the first 40 windows of 2048 tokens "
-        f"of wiki.test.raw. The last column is the bf16 run's mean per-window NLL minus the fp32 run's, with "
-        f"its paired standard error over the windows. Rows from `results/runs-P.jsonl` "
+        f"of wiki.test.raw. The NLL column is the bf16 run's mean per-window NLL minus the fp32 run's, with "
+        f"its paired standard error over the windows. The last column lists the same setting's other runs on record (other "
+        f"Fisher files, such as an fp32 pass made on another machine, and other commits). Rows from `results/runs-P.jsonl` "
         f"(`benchmarks/squeezellm_plus.py`), paired only when both ran at the same commit "
-        f"({', '.join(sorted({a['commit'][:12] for a, _ in pairs}))}).\n")
+        f"({', '.join(sorted({commit(a)[:12] for a, _ in pairs}))}).\n")
     print((RESULTS / "fisher-dtype-P.md").read_text())
 
 
