@@ -219,7 +219,7 @@ def robustness_rows(windows: int, path: Path) -> dict[str, dict[str, Any]]:
     for r in _jsonl(path):
         st = r["setting"]
         p_calib = st["method"] == "rtn" or (st["calib"] == "wiki" and st["nsamples"] == 32
-                                            and st["calib_seqlen"] == 2048 and st["fisher"] is None)
+                                            and st["calib_seqlen"] == 2048 and st.get("fisher") is None)
         nll = _wanted(windows, r["window_nll"].get("WikiText-2", []))
         if st["method"] not in ("rtn", "gptq", "slim") or not p_calib or "percdamp" in st["options"] or nll is None:
             continue
@@ -229,7 +229,7 @@ def robustness_rows(windows: int, path: Path) -> dict[str, dict[str, Any]]:
             "quant_seconds": r["quant_seconds"],
             "calibration": "none (data-free)" if st["method"] == "rtn" else "P: WikiText-2 valid 32x2048",
             "engine": "torch fp32 (dequantized weights)", "source": f"{path.name} (robustness.py)",
-            "loadavg": r["loadavg"], "commit": r["commit"]}
+            "loadavg": r.get("loadavg"), "commit": r["commit"]}  # its earliest rows did not record the load
     return rows
 
 
@@ -289,9 +289,9 @@ def peers(windows: int) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
     return [("HQQ 3-bit g64", "hqq", hf(hqq_quantize, 3)),
             ("bitsandbytes NF4 b64", "bnb", hf(bnb_quantize, "nf4", False)),
             ("HQQ 4-bit g64", "hqq", hf(hqq_quantize, 4)),
-            ("HQQ 2-bit g64", "hqq", hf(hqq_quantize, 2)),
-            ("bitsandbytes FP4 b64", "bnb", hf(bnb_quantize, "fp4", False)),
             ("sqllm RTN 4-bit g64", "sqllm", hf(rtn_quantize, 4, 64, with_tok=True)),
+            ("bitsandbytes FP4 b64", "bnb", hf(bnb_quantize, "fp4", False)),
+            ("HQQ 2-bit g64", "hqq", hf(hqq_quantize, 2)),
             ("bitsandbytes NF4 b64 double-quant", "bnb", hf(bnb_quantize, "nf4", True)),
             ("sqllm RTN 3-bit g64", "sqllm", hf(rtn_quantize, 3, 64, with_tok=True)),
             ("sqllm RTN 3-bit g128", "sqllm", hf(rtn_quantize, 3, 128, with_tok=True)),
@@ -301,7 +301,7 @@ def peers(windows: int) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
 # AutoRound's cost on this machine: 200 signed-gradient iterations per block, each a forward and backward
 # of one block (3.5M weights, ~8.3 MFLOP per token with attention) on a batch of 8 x 512 tokens, 30 blocks.
 AUTOROUND_COST = ("not run: 200 iterations x 30 blocks x forward+backward of a block on 8 x 512 tokens is "
-                  "about 6e14 FLOP, 2-3 hours of this shared 2-core CPU when idle (pass --only autoround)")
+                  "about 6e14 FLOP, 2-3 hours of this shared 2-core CPU when idle (--only autoround runs it)")
 
 
 def why_not(family: str) -> str | None:
@@ -347,10 +347,11 @@ def main() -> None:
         if row is None or len(row.get("window_nll", [])) < args.windows:
             reason = why_not(family)
             if family == "autoround" and not (args.only and "autoround" in args.only):
-                reason = reason or AUTOROUND_COST
+                reason = AUTOROUND_COST + ("" if reason is None else f"; besides, {reason}")
             if reason is not None or (args.only and family not in args.only):
                 rows.append({"label": label, "family": family,
-                             "error": reason or f"no {args.windows}-window run yet (excluded by --only)"})
+                             "error": reason or f"not measured yet: no cached {args.windows}-window run (one takes "
+                                                f"15-20 min of this shared 2-core CPU; --only {family} runs it)"})
                 continue
             try:
                 row = {"label": label, "family": family, **go(), "source": f"{RUNS.name} (peers.py)",
@@ -367,19 +368,22 @@ def main() -> None:
         print(f"{label}: {row['bits_per_weight']:.3f} b/w, ppl {math.exp(sum(row['window_nll']) / args.windows):.2f}",
               flush=True)
     have = {r["label"] for r in rows}
-    rows += [{"label": label, "family": "sqllm", "error": f"no {args.windows}-window run under any source yet"}
+    rows += [{"label": label, "family": "sqllm", "error": f"no {args.windows}-window run in runs-P.jsonl, "
+                                                          f"{args.robustness.name} or runs.jsonl yet"}
              for label in SQLLM_WANTED if label not in have]
     write(rows, args.windows)
 
 
+# bits/weight differences below this are ties on the front (SliM-LLM's bit map adds 0.0001 to g64's 2.5)
+TIE_BITS = 0.01
+
+
 def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows no other row beats on both bits/weight and perplexity (at most as many bits and lower
-    perplexity, or fewer bits and at most the perplexity), by increasing bits/weight."""
-    front: list[dict[str, Any]] = []
-    for r in sorted(rows, key=lambda r: (r["bits_per_weight"], r["perplexity"])):
-        if not front or r["perplexity"] < front[-1]["perplexity"]:
-            front.append(r)
-    return front
+    """Rows no other row beats: none has lower perplexity at bits/weight within ``TIE_BITS`` of theirs or
+    below, by increasing bits/weight."""
+    front = [r for r in rows if not any(o["bits_per_weight"] <= r["bits_per_weight"] + TIE_BITS
+                                        and o["perplexity"] < r["perplexity"] for o in rows)]
+    return sorted(front, key=lambda r: r["bits_per_weight"])
 
 
 def _loadavg_cell(r: dict[str, Any]) -> str:
@@ -430,7 +434,8 @@ def write(rows: list[dict[str, Any]], windows: int) -> None:
           f"column; indicative only): SqueezeLLM's exclude the Fisher pass, made once and read from its file "
           f"(317 s for P's 32 x 2048 windows, results/smollm2-P-squeezellm-plus-3bit.md); llama.cpp's are "
           f"peers.py's timing of llama.cpp's quantizer (one thread) remaking each scored file in a scratch folder "
-          f"({remade}). The Pareto front column marks the rows no other row beats on both axes.\n\n"
+          f"({remade}). The Pareto front column marks the rows no other row beats: none has a lower perplexity "
+          f"at fewer bits/weight (differences under {TIE_BITS} count as ties).\n\n"
           f"Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['loadavg'][0]:.1f} when "
           f"the table was written. Commit {doc['commit']}.\n")
     (RESULTS / "peers.md").write_text(md)
@@ -438,8 +443,15 @@ def write(rows: list[dict[str, Any]], windows: int) -> None:
     print(md)
 
 
+# the chart's left panel leaves out rows above this perplexity (2-bit collapses) so the rest stay readable;
+# its right panel zooms into the crowded 4-bit region
+PLOT_CAP = 300.0
+ZOOM_BITS = (4.3, 5.7)
+
+
 def plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], windows: int) -> None:
-    """Perplexity (log scale) against bits/weight, one marker per family, the Pareto front of all rows drawn."""
+    """Perplexity against bits/weight, one marker per family, the Pareto front of all rows drawn: the whole
+    range (log scale, rows above ``PLOT_CAP`` left out) and a linear zoom on ``ZOOM_BITS``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,29 +459,34 @@ def plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], windows: int) 
 
     styles = {"sqllm": ("o", "#1b7837"), "hqq": ("s", "#762a83"), "bnb": ("^", "#e08214"),
               "llama.cpp": ("D", "#2166ac"), "autoround": ("v", "#b2182b")}
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+    fig, (wide, zoom) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
     fp = next((r for r in rows if r["family"] == "fp32"), None)
-    if fp is not None:
-        ax.axhline(fp["perplexity"], color="#999", ls="--", lw=1, label=f"fp32 ({fp['perplexity']:.2f})")
-    shown = [r for r in front if r["perplexity"] < 1e4]
-    ax.step([r["bits_per_weight"] for r in shown], [r["perplexity"] for r in shown], where="post", color="#444",
-            lw=1, alpha=0.6, label="Pareto front (all rows)")
-    for family, (marker, color) in styles.items():
-        pts = [r for r in rows if r["family"] == family and r["perplexity"] < 1e4]
-        if not pts:
-            continue
-        ax.scatter([r["bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker, color=color,
-                   label=family, s=40, zorder=3)
-        for r in pts:
-            ax.annotate(r["label"].replace("sqllm ", "").replace("llama.cpp ", "").replace("bitsandbytes ", ""),
-                        (r["bits_per_weight"], r["perplexity"]), fontsize=6.5, xytext=(4, 2),
-                        textcoords="offset points")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits/weight of the quantized linears")
-    ax.set_ylabel(f"WikiText-2 perplexity ({windows} windows of {SEQLEN}, log scale)")
-    ax.set_title("SmolLM2-135M: sqllm and peers (lower left is better; rows above 10^4 omitted)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    shown = [r for r in rows if r["family"] != "fp32" and r["perplexity"] < PLOT_CAP]
+    in_zoom = [r for r in shown if ZOOM_BITS[0] <= r["bits_per_weight"] <= ZOOM_BITS[1]]
+    for ax, pts_all in ((wide, shown), (zoom, in_zoom)):
+        if fp is not None:
+            ax.axhline(fp["perplexity"], color="#999", ls="--", lw=1, label=f"fp32 ({fp['perplexity']:.2f})")
+        line = [r for r in front if r in pts_all]
+        ax.step([r["bits_per_weight"] for r in line], [r["perplexity"] for r in line], where="post", color="#444",
+                lw=1, alpha=0.6, label="Pareto front (all rows)")
+        for family, (marker, color) in styles.items():
+            pts = [r for r in pts_all if r["family"] == family]
+            if not pts:
+                continue
+            ax.scatter([r["bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker,
+                       color=color, label=family, s=40, zorder=3)
+            for r in pts:
+                ax.annotate(r["label"].replace("sqllm ", "").replace("llama.cpp ", "").replace("bitsandbytes ", ""),
+                            (r["bits_per_weight"], r["perplexity"]), fontsize=7, xytext=(4, 2),
+                            textcoords="offset points")
+        ax.set_xlabel("bits/weight of the quantized linears")
+        ax.grid(True, which="both", alpha=0.3)
+    wide.set_yscale("log")
+    wide.set_ylabel(f"WikiText-2 perplexity ({windows} windows of {SEQLEN})")
+    wide.set_title(f"all rows below perplexity {PLOT_CAP:.0f} (log scale)")
+    wide.legend(fontsize=8)
+    zoom.set_title(f"{ZOOM_BITS[0]}-{ZOOM_BITS[1]} bits/weight (linear scale)")
+    fig.suptitle("SmolLM2-135M, protocol P: sqllm and peers (lower left is better)")
     fig.tight_layout()
     fig.savefig(RESULTS / "peers.png", dpi=130)
     plt.close(fig)
