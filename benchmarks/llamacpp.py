@@ -123,18 +123,19 @@ def f32_gguf() -> Path:
 
 
 def quantize_gguf(ftype: str, *, pure: bool = False, token_embd: str | None = None,
-                  threads: int = 2) -> tuple[Path, float]:
+                  threads: int = 2, folder: Path | None = None) -> tuple[Path, float]:
     """llama.cpp's quantizer on the F32 GGUF. Returns (path, seconds; 0 when the file was cached).
 
     ftype:      a llama.cpp file type name without ``LLAMA_FTYPE_MOSTLY_`` (Q4_0, Q4_K_M, Q3_K_S, IQ4_NL, ...)
     pure:       every quantized tensor gets the file type's base type (no per-tensor mix)
     token_embd: ggml type name for the token embedding (e.g. Q8_0, the bundled model's own) or None for
                 llama.cpp's choice
+    folder:     where the file goes (default: the GGUF cache folder, whose files are reused)
     """
     import llama_cpp
 
     name = f"{MODEL}-{ftype}{'-pure' if pure else ''}{'-emb' + token_embd if token_embd else ''}.gguf"
-    out = gguf_dir() / name
+    out = (folder or gguf_dir()) / name
     if out.is_file():
         return out, 0.0
     params = llama_cpp.llama_model_quantize_default_params()

@@ -1,42 +1,46 @@
 """Peers side by side: what a user would pick instead of sqllm, on the same SmolLM2 weights and protocol.
 
-Each peer quantizes the same fp32 SmolLM2-135M (the dequantized bundled Q4_1 GGUF) and is evaluated with
-sqllm's perplexity protocol (first ``--windows`` non-overlapping 2048-token windows of WikiText-2 test,
-no BOS):
+Every row quantizes the same fp32 SmolLM2-135M (the dequantized bundled Q4_1 GGUF) and is scored under protocol
+P's evaluation: the first ``--windows`` (40) non-overlapping 2048-token windows of WikiText-2 test, no BOS.
 
-* HQQ (``hqq``): half-quadratic zero/scale optimization, data-free, 2/3/4 bits, group 64 along the input
-  dimension (``axis=1``); the weights are dequantized back into the fp32 model for evaluation;
-* bitsandbytes NF4 / FP4 (``bitsandbytes``' CPU backend), blocks of 64, with and without double-quantized
-  statistics; dequantized the same way;
-* AutoRound (``auto-round``): signed-gradient rounding and clipping, trained block by block;
-* llama.cpp's quantizers (``llama-cpp-python``): Q3_K, Q4_K, IQ4_NL and Q4_0 with every linear in that one
-  type (``pure``) and the token embedding left at Q8_0 (the bundled model's own), plus the Q3_K_M and Q4_K_M
-  mixes users pick; evaluated by llama.cpp itself on the same token windows (see ``llamacpp.py``).
+Measured here (each finished run cached in ``results/peers-runs.jsonl``):
 
-sqllm's rows are read from the cached runs of ``common.py`` (``results/runs.jsonl``), which hold per-window
-NLLs: the table uses the same first windows for every row. Each row states its calibration.
+* HQQ (``hqq``): its ``BaseQuantizeConfig`` settings at 2/3/4 bits, group 64 along the input dimension,
+  data-free; the weights are dequantized back into the fp32 model for evaluation;
+* bitsandbytes NF4 / FP4 (its CPU backend), blocks of 64, NF4 also with double-quantized statistics;
+* sqllm's RTN (data-free) where no other cache holds it at ``--windows`` windows;
+* AutoRound (``auto-round``) only with ``--only autoround``: hours of this CPU.
 
-    python benchmarks/peers.py [--windows 10] [--only hqq bnb llama.cpp autoround]
-        # results/peers.{json,md,png}; each finished peer is cached in results/peers-runs.jsonl
+Read from other benchmarks' caches (first source wins): SqueezeLLM / SqueezeLLM+ under protocol P
+(``results/runs-P.jsonl``, fp32-Fisher rows preferred), GPTQ / SliM-LLM / RTN under protocol P
+(robustness.py's ``results/robustness-runs.jsonl``, or ``--robustness``), llama.cpp's Q4_0, Q4_K_M,
+Q3_K_M and IQ4_NL made and scored by llamacpp.py (``results/llamacpp.json`` / ``llamacpp-ppl.jsonl``),
+and fp32 plus the 2-bit rows from ``results/runs.jsonl`` (older 32 x 512 calibration, marked "not P").
+
+    python benchmarks/peers.py [--windows 40] [--threads 1] [--only hqq bnb sqllm autoround]
+        # results/peers.{json,md,png}
 
 Bits/weight count what each format stores for the quantized linears (codes in their packing, scales,
-zeros, statistics); embeddings and the head are not counted for any row (sqllm keeps them in fp32).
+zeros, second-level statistics); embeddings and the head are not counted for any row.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
-from sqllm.api import evaluate_perplexity
+from sqllm.api import evaluate_perplexity, quantize
 from sqllm.models import linear_names, load_model
 from sqllm.report import git_commit, machine_info, markdown_table
 
@@ -44,80 +48,67 @@ MODEL = "smollm2-135m"
 RUNS = RESULTS / "peers-runs.jsonl"
 GROUP = 64
 
-# sqllm rows: (label in results/runs.jsonl, short label, calibration)
-SQLLM_ROWS = [
-    ("RTN 4-bit g64", "none"),
-    ("RTN 3-bit g64", "none"),
-    ("RTN 3-bit g128", "none"),
-    ("GPTQ 4-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
-    ("GPTQ 3-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
-    ("GPTQ 2-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
-    ("SliM-LLM 3-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
-    ("SliM-LLM 2-bit g64", "WikiText-2 valid 32x512, true-sequential off"),
-    ("SliM-LLM+ 2-bit g64", "WikiText-2 valid 32x512, true-sequential off, LWC on 16"),
-    ("SqueezeLLM 4-bit dense-only", "Fisher of WikiText-2 valid 32x512"),
-    ("SqueezeLLM 4-bit 0.45% sparse", "Fisher of WikiText-2 valid 32x512"),
-    ("SqueezeLLM 3-bit dense-only", "Fisher of WikiText-2 valid 32x512"),
-    ("SqueezeLLM 3-bit 0.05% sparse", "Fisher of WikiText-2 valid 32x512"),
-    ("SqueezeLLM 3-bit 0.45% sparse", "Fisher of WikiText-2 valid 32x512"),
-]
-
-
 # --- peers that hand back a dequantized weight per linear ------------------------------------------------
 
 def _apply_per_linear(model: torch.nn.Module, fn: Callable[[torch.Tensor], tuple[torch.Tensor, int]]) -> float:
-    """Replace every quantized linear's weight by ``fn(w)[0]`` and return the bits/weight ``fn`` reports."""
+    """Replace every quantized linear's weight ``[out, in]`` by ``fn(w)[0]`` (same shape) and return the
+    bits/weight over all of them from the stored bits ``fn(w)[1]`` reports."""
     bits = weights = 0
     for name in linear_names(model):
-        layer = model.get_submodule(name)
-        w = layer.weight.data.float()
+        weight = model.get_submodule(name).get_parameter("weight")
+        w = weight.data.float()
         deq, stored_bits = fn(w)
-        layer.weight.data = deq.to(layer.weight.dtype)
+        weight.data = deq.to(weight.dtype)
         bits += stored_bits
         weights += w.numel()
     return bits / weights
 
 
-def _tensor_bits(*tensors: torch.Tensor, float_bits: int | None = None) -> int:
-    """Stored bits of tensors; floating tensors count ``float_bits`` each when given (their deployed dtype)."""
-    total = 0
-    for t in tensors:
-        per = float_bits if (float_bits and t.is_floating_point()) else t.element_size() * 8
-        total += t.numel() * per
-    return total
+def _tensor_bits(*tensors: torch.Tensor) -> int:
+    """Stored bits of tensors in their own dtypes."""
+    return sum(t.numel() * t.element_size() * 8 for t in tensors)
 
 
 def hqq_quantize(model: torch.nn.Module, nbits: int) -> dict[str, Any]:
-    """HQQ on every linear: ``Quantizer.quantize`` with the half-quadratic optimizer, group 64 along the
-    input dimension, then its own ``dequantize``. Bits: HQQ's packed codes plus fp16 scale and zero per group
-    (its deployed compute dtype; here they are computed in fp32)."""
-    from hqq.core.quantize import Quantizer
+    """HQQ on every linear with the settings of its own ``BaseQuantizeConfig(nbits, group_size=64)``: the
+    half-quadratic optimizer, groups of 64 along the input dimension (``axis=1``), zero rounded at 4 bits
+    only; then its own ``dequantize``. Scale and zero are computed in fp32 and rounded to fp16, the dtype HQQ
+    deploys them in, before dequantizing. Bits: HQQ's bit-packed codes as stored (3-bit packs ten codes per
+    int32, so 3.2 bits per code) plus the fp16 scale and zero of each group."""
+    from hqq.core.quantize import BaseQuantizeConfig, Quantizer
+
+    params = BaseQuantizeConfig(nbits=nbits, group_size=GROUP)["weight_quant_params"]
 
     def one(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-        wq, meta = Quantizer.quantize(w, nbits=nbits, channel_wise=True, group_size=GROUP, optimize=True,
-                                      round_zero=False, axis=1, bitpack=True, compute_dtype=torch.float32,
-                                      device="cpu")
+        wq, meta = Quantizer.quantize(w, **params, bitpack=True, compute_dtype=torch.float32, device="cpu")
+        scale, zero = meta["scale"].half(), meta["zero"].half()
+        meta.update(scale=scale.float(), zero=zero.float())
         deq = Quantizer.dequantize(wq, meta).reshape(w.shape).float()
-        return deq, _tensor_bits(wq) + _tensor_bits(meta["scale"], meta["zero"], float_bits=16)
+        return deq, _tensor_bits(wq, scale, zero)
 
     return {"bits_per_weight": _apply_per_linear(model, one), "calibration": "none (data-free)"}
 
 
 def bnb_quantize(model: torch.nn.Module, quant_type: str, double_quant: bool) -> dict[str, Any]:
     """bitsandbytes 4-bit (``quantize_4bit`` / ``dequantize_4bit``, its CPU backend), blocks of 64 values
-    of the row-major weight (= groups of 64 input columns here). Bits: packed codes plus the stored block
-    statistics (fp32 absmax, or with double quantization uint8 absmax + its own fp32 scales and offset)."""
+    of the row-major weight (= groups of 64 input columns here). Bits: the packed codes plus every tensor of
+    the quantization state as bitsandbytes serializes it (``as_dict(packed=True)``: fp32 absmax per block,
+    or with double quantization uint8 absmax + fp32 absmax per 256 blocks and the 256-entry second-level
+    code; the 16-entry code and the packed state metadata, per matrix)."""
     import bitsandbytes.functional as bf
 
     def one(w: torch.Tensor) -> tuple[torch.Tensor, int]:
         packed, state = bf.quantize_4bit(w, blocksize=GROUP, compress_statistics=double_quant, quant_type=quant_type)
         deq = bf.dequantize_4bit(packed, state).float()
-        stats = [state.absmax]
-        if state.nested:
-            stats += [state.state2.absmax, state.offset]
-        return deq, _tensor_bits(packed) + _tensor_bits(*stats)
+        return deq, _tensor_bits(packed, *state.as_dict(packed=True).values())
 
     return {"bits_per_weight": _apply_per_linear(model, one), "calibration": "none (data-free)"}
+
+
+def rtn_quantize(model: torch.nn.Module, tok: Any, bits: int, group_size: int) -> dict[str, Any]:
+    """sqllm's RTN through the public API (data-free); bits/weight from its own storage accounting."""
+    result = quantize(model, tok, "rtn", bits=bits, group_size=group_size, progress=False)
+    return {"bits_per_weight": result.summary()["bits_per_weight"]["total"], "calibration": "none (data-free)"}
 
 
 def autoround_quantize(model: torch.nn.Module, tok: Any, bits: int, iters: int, nsamples: int,
@@ -137,137 +128,234 @@ def autoround_quantize(model: torch.nn.Module, tok: Any, bits: int, iters: int, 
             "calibration": f"WikiText-2 valid {nsamples}x{seqlen}, {iters} iterations"}
 
 
-# --- llama.cpp peers ----------------------------------------------------------------------------------------
+# --- rows made elsewhere -----------------------------------------------------------------------------------
 
-# (label, llama.cpp file type, pure): pure = every linear in the file type's base type
-LLAMA_PEERS = [
-    ("llama.cpp Q3_K (pure)", "Q3_K_S", True),
-    ("llama.cpp Q4_K (pure)", "Q4_K_S", True),
-    ("llama.cpp IQ4_NL (pure)", "IQ4_NL", True),
-    ("llama.cpp Q4_0 (pure)", "Q4_0", True),
-    ("llama.cpp Q2_K (pure)", "Q2_K", True),
-    ("llama.cpp Q3_K_M", "Q3_K_M", False),
-    ("llama.cpp Q4_K_M", "Q4_K_M", False),
+# llama.cpp's rows: the file types a user picks with llama-quantize, quantized (no importance matrix) and
+# scored on the same 40 token windows by llamacpp.py; label in results/llamacpp.json -> llama.cpp file type
+LLAMA_TYPES = {"llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_K_M": "Q4_K_M", "llama.cpp Q3_K_M": "Q3_K_M",
+               "llama.cpp IQ4_NL": "IQ4_NL"}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wanted(windows: int, nll: list[float]) -> list[float] | None:
+    """The first ``windows`` NLLs, or None when the run scored fewer."""
+    return nll[:windows] if len(nll) >= windows else None
+
+
+def llama_rows(windows: int) -> dict[str, dict[str, Any]]:
+    """llama.cpp rows of results/llamacpp.json with their per-window NLLs from results/llamacpp-ppl.jsonl
+    (the last cached run of each file with at least ``windows`` windows)."""
+    doc_path = RESULTS / "llamacpp.json"
+    if not doc_path.is_file():
+        return {}
+    nll_by_path: dict[str, list[float]] = {}
+    for r in _jsonl(RESULTS / "llamacpp-ppl.jsonl"):
+        nll = _wanted(windows, r["result"].get("window_nll", []))
+        if nll is not None:
+            nll_by_path[r["key"]["path"]] = nll
+    doc = json.loads(doc_path.read_text())
+    rows = {}
+    for r in doc["rows"]:
+        if r["label"] in LLAMA_TYPES and r["path"] in nll_by_path:
+            rows[r["label"]] = {
+                "label": r["label"], "family": "llama.cpp", "bits_per_weight": r["linears"],
+                "file_bits_per_weight": r["file"], "tensor_types": r["tensor_types"],
+                "window_nll": nll_by_path[r["path"]], "quant_seconds": None,
+                "calibration": "none (no importance matrix)", "engine": "llama.cpp",
+                "source": "results/llamacpp.json + llamacpp-ppl.jsonl (llamacpp.py)", "commit": doc["commit"]}
+    return rows
+
+
+def llama_quantize_seconds(ftype: str) -> dict[str, Any]:
+    """Time llama.cpp's quantizer (one thread) remaking, in a scratch folder, the file llamacpp.py scored
+    (made earlier without a recorded time); ``same_bytes`` checks that the remade file is that file."""
+    from llamacpp import gguf_dir, quantize_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        load_start = os.getloadavg()[0]
+        path, seconds = quantize_gguf(ftype, threads=1, folder=Path(tmp))
+        load_end = os.getloadavg()[0]
+        same = filecmp.cmp(path, gguf_dir() / path.name, shallow=False)
+    return {"quant_seconds": seconds, "loadavg": [load_start, load_end], "same_bytes": same}
+
+
+def _p_calibration(fisher: str) -> str:
+    dtype = "bf16" if "bf16" in fisher else "fp32"
+    return f"P: WikiText-2 valid 32x2048, {dtype} Fisher ({fisher})"
+
+
+def p_rows(windows: int) -> dict[str, dict[str, Any]]:
+    """SqueezeLLM / SqueezeLLM+ rows under protocol P (results/runs-P.jsonl, smollm2_stream.py). Where a
+    configuration was run with both the fp32 and the bf16 Fisher, the fp32 one is kept. Quantize seconds are
+    the run's stages; the Fisher pass itself was made once beforehand and read from its file."""
+    best: dict[str, tuple[bool, dict[str, Any]]] = {}
+    for r in _jsonl(RESULTS / "runs-P.jsonl"):
+        nll = _wanted(windows, r.get("window_nll", []))
+        if nll is None:
+            continue
+        fisher = json.loads(r["key"])["fisher"]
+        fp32 = "bf16" not in fisher
+        label = f"sqllm {r['label']}"
+        if label in best and best[label][0] and not fp32:
+            continue
+        best[label] = (fp32, {
+            "label": label, "family": "sqllm", "bits_per_weight": r["bits_per_weight"], "window_nll": nll,
+            "quant_seconds": sum(st["wall"] for st in r["stages"].values() if st),
+            "calibration": _p_calibration(fisher), "engine": "torch fp32 (dequantized weights)",
+            "source": "results/runs-P.jsonl (smollm2_stream.py)", "loadavg": [r["loadavg_start"][0], r["loadavg_end"][0]],
+            "commit": r["commit"]})
+    return {label: row for label, (_, row) in best.items()}
+
+
+def robustness_rows(windows: int, path: Path) -> dict[str, dict[str, Any]]:
+    """GPTQ / SliM-LLM / RTN rows under protocol P from robustness.py's cache (``final`` settings: library
+    defaults, WikiText-2 calibration), WikiText-2 NLLs only."""
+    rows = {}
+    for r in _jsonl(path):
+        st = r["setting"]
+        p_calib = st["method"] == "rtn" or (st["calib"] == "wiki" and st["nsamples"] == 32
+                                            and st["calib_seqlen"] == 2048 and st.get("fisher") is None)
+        nll = _wanted(windows, r["window_nll"].get("WikiText-2", []))
+        if st["method"] not in ("rtn", "gptq", "slim") or not p_calib or "percdamp" in st["options"] or nll is None:
+            continue
+        label = f"sqllm {st['label']}"
+        rows[label] = {
+            "label": label, "family": "sqllm", "bits_per_weight": r["bits_per_weight"], "window_nll": nll,
+            "quant_seconds": r["quant_seconds"],
+            "calibration": "none (data-free)" if st["method"] == "rtn" else "P: WikiText-2 valid 32x2048",
+            "engine": "torch fp32 (dequantized weights)", "source": f"{path.name} (robustness.py)",
+            "loadavg": r.get("loadavg"), "commit": r["commit"]}  # its earliest rows did not record the load
+    return rows
+
+
+# runs.jsonl rows (ppl.py / slim.py, 32 x 512 calibration, not P's) that nothing under P replaces yet
+OLD_CALIB = "WikiText-2 valid 32x512 (not P), true-sequential off"
+RUNS_ROWS = [
+    ("fp32 (dequantized Q4_1 GGUF)", "-"),
+    ("GPTQ 2-bit g64", OLD_CALIB),
+    ("SliM-LLM 2-bit g64", OLD_CALIB),
+    ("SliM-LLM+ 2-bit g64", OLD_CALIB + ", LWC on 16 windows"),
 ]
 
 
-def _wiki_tokens() -> torch.Tensor:
-    """WikiText-2 test as SmolLM2 token ids ``[1, T]`` (what llama.cpp is fed), tokenized once."""
-    if not _TOKENS:
-        from sqllm.data import eval_tokens
+def runs_rows(windows: int) -> dict[str, dict[str, Any]]:
+    """Rows of results/runs.jsonl (``common.run``'s cache) listed in ``RUNS_ROWS`` with ``windows`` NLLs."""
+    calibration = dict(RUNS_ROWS)
+    rows = {}
+    for r in _jsonl(RESULTS / "runs.jsonl"):
+        nll = _wanted(windows, r.get("window_nll", []))
+        if r["label"] not in calibration or nll is None:
+            continue
+        fp32 = r["method"] == "fp32"
+        label = r["label"] if fp32 else f"sqllm {r['label']}"
+        rows[label] = {
+            "label": label, "family": "fp32" if fp32 else "sqllm", "bits_per_weight": r["bits_per_weight"],
+            "window_nll": nll, "quant_seconds": None if fp32 else r["quant_seconds"],
+            "calibration": calibration[r["label"]], "engine": "torch fp32 (dequantized weights)",
+            "source": "results/runs.jsonl (common.py)", "commit": r["commit"]}
+    return rows
 
-        _TOKENS.append(eval_tokens(load_model(MODEL)[1], str(WIKI_TEST)))
-    return _TOKENS[0]
 
-
-_TOKENS: list[torch.Tensor] = []
-
-
-def llama_peer(ftype: str, pure: bool, windows: int, tokens: Callable[[], torch.Tensor]) -> dict[str, Any]:
-    from llamacpp import gguf_bits, gguf_perplexity, quantize_gguf
-
-    path, seconds = quantize_gguf(ftype, pure=pure, token_embd="Q8_0")
-    bits = gguf_bits(path)
-    ppl = gguf_perplexity(path, tokens(), windows)
-    return {"bits_per_weight": bits["linears"], "file_bits_per_weight": bits["file"],
-            "tensor_types": bits["tensor_types"], "quant_seconds": seconds, "window_nll": ppl["window_nll"],
-            "calibration": "none (no importance matrix)", "engine": "llama.cpp"}
+# sqllm rows the table should hold; one missing at ``--windows`` gets a line saying so
+SQLLM_WANTED = ["sqllm RTN 4-bit g64", "sqllm RTN 3-bit g64", "sqllm RTN 3-bit g128", "sqllm GPTQ 4-bit g64",
+                "sqllm GPTQ 3-bit g64", "sqllm SliM-LLM 3-bit g64"]
 
 
 # --- runner -------------------------------------------------------------------------------------------------
 
-def peers(windows: int, tokens: Callable[[], torch.Tensor]) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
-    """(label, family, run) of every peer; ``run`` returns bits/weight, calibration, window NLLs, seconds."""
+def peers(windows: int) -> list[tuple[str, str, Callable[[], dict[str, Any]]]]:
+    """(label, family, run) of every row peers.py measures itself; ``run`` returns bits/weight,
+    calibration, window NLLs, seconds and the load average around it."""
 
     def hf(fn: Callable[..., dict[str, Any]], *args: Any, with_tok: bool = False) -> Callable[[], dict[str, Any]]:
         def go() -> dict[str, Any]:
             torch.manual_seed(0)
             model, tok = load_model(MODEL)
+            load_start = os.getloadavg()[0]
             t = time.perf_counter()
             info = fn(model, tok, *args) if with_tok else fn(model, *args)
             info["quant_seconds"] = time.perf_counter() - t
             res = evaluate_perplexity(model, tok, str(WIKI_TEST), seqlen=SEQLEN, windows=windows, progress=False)
-            return {**info, "window_nll": res["window_nll"], "engine": "torch fp32 (dequantized weights)"}
+            return {**info, "window_nll": res["window_nll"], "engine": "torch fp32 (dequantized weights)",
+                    "loadavg": [load_start, os.getloadavg()[0]]}
         return go
 
-    out: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
     # most informative first: a run cut short keeps its finished rows in the cache
-    out += [("HQQ 3-bit g64", "hqq", hf(hqq_quantize, 3)),
+    return [("HQQ 3-bit g64", "hqq", hf(hqq_quantize, 3)),
             ("bitsandbytes NF4 b64", "bnb", hf(bnb_quantize, "nf4", False)),
             ("HQQ 4-bit g64", "hqq", hf(hqq_quantize, 4)),
-            ("HQQ 2-bit g64", "hqq", hf(hqq_quantize, 2)),
+            ("sqllm RTN 4-bit g64", "sqllm", hf(rtn_quantize, 4, 64, with_tok=True)),
             ("bitsandbytes FP4 b64", "bnb", hf(bnb_quantize, "fp4", False)),
-            ("bitsandbytes NF4 b64 double-quant", "bnb", hf(bnb_quantize, "nf4", True))]
-    out += [(label, "llama.cpp", lambda f=ftype, p=pure: llama_peer(f, p, windows, tokens))
-            for label, ftype, pure in LLAMA_PEERS]
-    out += [("AutoRound 3-bit g64", "autoround", hf(autoround_quantize, 3, 200, 32, 512, with_tok=True))]
-    return out
+            ("HQQ 2-bit g64", "hqq", hf(hqq_quantize, 2)),
+            ("bitsandbytes NF4 b64 double-quant", "bnb", hf(bnb_quantize, "nf4", True)),
+            ("sqllm RTN 3-bit g64", "sqllm", hf(rtn_quantize, 3, 64, with_tok=True)),
+            ("sqllm RTN 3-bit g128", "sqllm", hf(rtn_quantize, 3, 128, with_tok=True)),
+            ("AutoRound 3-bit g64", "autoround", hf(autoround_quantize, 3, 200, 32, 512, with_tok=True))]
 
 
 # AutoRound's cost on this machine: 200 signed-gradient iterations per block, each a forward and backward
 # of one block (3.5M weights, ~8.3 MFLOP per token with attention) on a batch of 8 x 512 tokens, 30 blocks.
-AUTOROUND_COST = ("not run by default: 200 iterations x 30 blocks x forward+backward of a block on 8 x 512 "
-                  "tokens is about 6e14 FLOP, 2-3 hours of this 2-core CPU when idle (pass --only autoround)")
+AUTOROUND_COST = ("not run: 200 iterations x 30 blocks x forward+backward of a block on 8 x 512 tokens is "
+                  "about 6e14 FLOP, 2-3 hours of this shared 2-core CPU when idle (--only autoround runs it)")
 
 
 def why_not(family: str) -> str | None:
     """One line saying why a peer family cannot run here, or None."""
     import importlib.util
 
-    module = {"hqq": "hqq", "bnb": "bitsandbytes", "llama.cpp": "llama_cpp", "autoround": "auto_round"}[family]
+    module = {"hqq": "hqq", "bnb": "bitsandbytes", "sqllm": "sqllm", "autoround": "auto_round"}[family]
     if importlib.util.find_spec(module) is None:
         return f"{module} is not installed (pip install it into the benchmark environment)"
     return None
 
 
-def _cached() -> dict[str, dict[str, Any]]:
-    if not RUNS.is_file():
-        return {}
-    rows = [json.loads(l) for l in RUNS.read_text().splitlines() if l.strip()]
-    return {r["label"]: r for r in rows}
-
-
-def sqllm_rows(windows: int) -> list[dict[str, Any]]:
-    """sqllm's rows from results/runs.jsonl (``common.run``'s cache) with at least ``windows`` NLLs."""
-    runs: dict[str, dict[str, Any]] = {}
-    for line in (RESULTS / "runs.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if len(r.get("window_nll", [])) >= windows:
-            runs[r["label"]] = r
-    rows = []
-    for label, calibration in SQLLM_ROWS + [("fp32 (dequantized Q4_1 GGUF)", "-")]:
-        r = runs.get(label)
-        if r is None:
-            rows.append({"label": f"sqllm {label}", "family": "sqllm", "error": f"no cached run with {windows} windows"})
-            continue
-        rows.append({"label": label if label.startswith("fp32") else f"sqllm {label}",
-                     "family": "fp32" if label.startswith("fp32") else "sqllm",
-                     "bits_per_weight": r["bits_per_weight"], "window_nll": r["window_nll"][:windows],
-                     "quant_seconds": r["quant_seconds"], "calibration": calibration,
-                     "engine": "torch fp32 (dequantized weights)", "source": "results/runs.jsonl"})
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, default=10)
-    ap.add_argument("--only", nargs="*", help="families to run: hqq bnb llama.cpp autoround")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--only", nargs="*", help="families to run: hqq bnb sqllm llama.cpp (its quantizer's time) autoround "
+                                           "(default: all but autoround)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--robustness", type=Path, default=RESULTS / "robustness-runs.jsonl",
+                    help="robustness.py's run cache holding the GPTQ / SliM-LLM / RTN rows under protocol P")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = sqllm_rows(args.windows)
-    cached = _cached()
-    for label, family, go in peers(args.windows, _wiki_tokens):
+    # first source wins: protocol P's runs, then robustness.py's, then llama.cpp's, then the older runs.jsonl
+    made: dict[str, dict[str, Any]] = {}
+    for source in (p_rows(args.windows), robustness_rows(args.windows, args.robustness), llama_rows(args.windows),
+                   runs_rows(args.windows)):
+        made = {**source, **made}
+    cached = {r["label"]: r for r in _jsonl(RUNS)}
+    for label, ftype in LLAMA_TYPES.items():
+        timing = cached.get(label)
+        if label in made and timing is None and (not args.only or "llama.cpp" in args.only):
+            timing = {"label": label, "family": "llama.cpp", **llama_quantize_seconds(ftype)}
+            with open(RUNS, "a") as f:
+                f.write(json.dumps(timing) + "\n")
+        if label in made and timing is not None:
+            made[label].update(quant_seconds=timing["quant_seconds"], loadavg=timing["loadavg"],
+                               quantizer_remade_same_bytes=timing["same_bytes"])
+    rows = list(made.values())
+    for label, family, go in peers(args.windows):
+        if label in made:
+            continue
         row = cached.get(label)
         if row is None or len(row.get("window_nll", [])) < args.windows:
             reason = why_not(family)
             if family == "autoround" and not (args.only and "autoround" in args.only):
-                reason = reason or AUTOROUND_COST
+                reason = AUTOROUND_COST + ("" if reason is None else f"; besides, {reason}")
             if reason is not None or (args.only and family not in args.only):
-                rows.append({"label": label, "family": family, "error": reason or "not measured yet (excluded by --only)"})
+                rows.append({"label": label, "family": family,
+                             "error": reason or f"not measured yet: no cached {args.windows}-window run (one takes "
+                                                f"15-20 min of this shared 2-core CPU; --only {family} runs it)"})
                 continue
             try:
-                row = {"label": label, "family": family, **go(), "commit": git_commit(str(ROOT))}
+                row = {"label": label, "family": family, **go(), "source": f"{RUNS.name} (peers.py)",
+                       "commit": git_commit(str(ROOT))}
             except Exception as exc:  # one line in the table says why this peer failed here
                 row = {"label": label, "family": family, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 print(f"{label}: {row['error']}", flush=True)
@@ -279,7 +367,27 @@ def main() -> None:
         rows.append(row)
         print(f"{label}: {row['bits_per_weight']:.3f} b/w, ppl {math.exp(sum(row['window_nll']) / args.windows):.2f}",
               flush=True)
+    have = {r["label"] for r in rows}
+    rows += [{"label": label, "family": "sqllm", "error": f"no {args.windows}-window run in runs-P.jsonl, "
+                                                          f"{args.robustness.name} or runs.jsonl yet"}
+             for label in SQLLM_WANTED if label not in have]
     write(rows, args.windows)
+
+
+# bits/weight differences below this are ties on the front (SliM-LLM's bit map adds 0.0001 to g64's 2.5)
+TIE_BITS = 0.01
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats: none has lower perplexity at bits/weight within ``TIE_BITS`` of theirs or
+    below, by increasing bits/weight."""
+    front = [r for r in rows if not any(o["bits_per_weight"] <= r["bits_per_weight"] + TIE_BITS
+                                        and o["perplexity"] < r["perplexity"] for o in rows)]
+    return sorted(front, key=lambda r: r["bits_per_weight"])
+
+
+def _loadavg_cell(r: dict[str, Any]) -> str:
+    return " / ".join(f"{x:.1f}" for x in r["loadavg"]) if r.get("loadavg") else "-"
 
 
 def write(rows: list[dict[str, Any]], windows: int) -> None:
@@ -287,35 +395,63 @@ def write(rows: list[dict[str, Any]], windows: int) -> None:
         if "window_nll" in r:
             r["perplexity"] = math.exp(sum(r["window_nll"]) / len(r["window_nll"]))
     machine = {**machine_info(), "loadavg": os.getloadavg()}
-    doc = {"protocol": f"first {windows} windows of {SEQLEN} tokens of {WIKI_TEST.name}, GPTQ protocol, no BOS",
-           "machine": machine, "commit": git_commit(str(ROOT)), "rows": rows}
-    (RESULTS / "peers.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     ok = sorted((r for r in rows if "perplexity" in r), key=lambda r: (r["family"] != "fp32", r["bits_per_weight"]))
+    front = pareto([r for r in ok if r["family"] != "fp32"])
+    on_front = {r["label"] for r in front}
+    for r in ok:
+        r["pareto"] = r["label"] in on_front
+    doc = {"protocol": f"first {windows} windows of {SEQLEN} tokens of {WIKI_TEST.name}, GPTQ protocol, no BOS",
+           "machine": machine, "commit": git_commit(str(ROOT)), "pareto_front": [r["label"] for r in front],
+           "rows": rows}
+    (RESULTS / "peers.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     table = markdown_table(
-        ["method", "bits/weight (linears)", f"WikiText-2 ppl ({windows} windows)", "quantize s", "calibration",
-         "evaluated with"],
-        [[r["label"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.2f}",
-          f"{r['quant_seconds']:.0f}" if r.get("quant_seconds") else "-", r["calibration"], r["engine"]] for r in ok])
+        ["method", "bits/weight (linears)", f"WikiText-2 ppl ({windows} windows)", "Pareto front", "quantize s",
+         "load avg (1 min) start / end", "calibration", "evaluated with", "from"],
+        [[r["label"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.2f}", "yes" if r["pareto"] else "",
+          f"{r['quant_seconds']:.0f}" if r.get("quant_seconds") is not None else "-", _loadavg_cell(r),
+          r["calibration"], r["engine"], r["source"]] for r in ok])
+    same = [r["quantizer_remade_same_bytes"] for r in ok if "quantizer_remade_same_bytes" in r]
+    remade = ("no file timed yet" if not same else "the remade files are byte-identical to the scored ones"
+              if all(same) else f"{same.count(False)} remade file(s) differ from the scored ones")
     failed = [r for r in rows if "error" in r]
     lines = "\n".join(f"- {r['label']}: {r['error']}" for r in failed)
     md = (f"# Peers on SmolLM2-135M: perplexity against bits/weight\n\n{table}\n\n"
-          + (f"Not run here:\n\n{lines}\n\n" if failed else "")
-          + f"![Pareto chart](peers.png)\n\n"
-          f"Protocol: {doc['protocol']}; every row scores the same windows. sqllm rows come from "
-          f"`results/runs.jsonl` (the cached runs of ppl.py / squeezellm.py / slim.py, calibrated on WikiText-2 "
-          f"validation with seed 0 as the calibration column says: not protocol P's 32x2048). llama.cpp rows are "
-          f"scored by llama.cpp on the same token windows; the others run in torch fp32 with the dequantized "
-          f"weights. Bits/weight count each format's stored codes, scales, zeros and statistics for the "
-          f"quantized linears only. Quantize seconds are wall time on a shared machine (indicative).\n\n"
-          f"Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['loadavg'][0]:.1f} at the "
-          f"end. Commit {doc['commit']}.\n")
+          + (f"Not in the table:\n\n{lines}\n\n" if failed else "")
+          + "![Pareto chart](peers.png)\n\n"
+          f"Protocol P's evaluation: {doc['protocol']}; every row scores the same {windows} windows of the same "
+          f"fp32 SmolLM2-135M weights (the dequantized bundled Q4_1 GGUF). Rows marked P were calibrated on protocol "
+          f"P's 32 x 2048 WikiText-2 validation windows (seed 0); the SqueezeLLM rows use P's fp32 Fisher where a "
+          f"run with it exists (the bf16 Fisher otherwise, as the calibration column says). Rows marked \"not P\" "
+          f"come from the older 32 x 512 calibration, kept until a run under P replaces them. HQQ and "
+          f"bitsandbytes are applied by peers.py with their own quantize/dequantize functions and evaluated in "
+          f"torch fp32 with the dequantized weights, as sqllm's rows are. llama.cpp rows are made and scored by "
+          f"llamacpp.py (llama.cpp's quantizer from an F32 GGUF of the same weights, no importance matrix; "
+          f"perplexity by llama.cpp on the same token windows); SmolLM2's hidden size 576 is not a multiple of "
+          f"256, so its K-quant mixes store the 576-wide rows in Q4_0/Q5_0/Q8_0 fallbacks, and Q3_K_M ends up at "
+          f"4.6 bits/weight. Bits/weight count each format's stored codes, scales, zeros and second-level "
+          f"statistics of the quantized linears only (embeddings and head excluded for every row). "
+          f"Quantize seconds are wall time on a shared 2-core machine beside other jobs (read them with the load "
+          f"column; indicative only): SqueezeLLM's exclude the Fisher pass, made once and read from its file "
+          f"(317 s for P's 32 x 2048 windows, results/smollm2-P-squeezellm-plus-3bit.md); llama.cpp's are "
+          f"peers.py's timing of llama.cpp's quantizer (one thread) remaking each scored file in a scratch folder "
+          f"({remade}). The Pareto front column marks the rows no other row beats: none has a lower perplexity "
+          f"at fewer bits/weight (differences under {TIE_BITS} count as ties).\n\n"
+          f"Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['loadavg'][0]:.1f} when "
+          f"the table was written. Commit {doc['commit']}.\n")
     (RESULTS / "peers.md").write_text(md)
-    plot(ok, windows)
+    plot(ok, front, windows)
     print(md)
 
 
-def plot(rows: list[dict[str, Any]], windows: int) -> None:
-    """Perplexity (log scale) against bits/weight, one marker per family, sqllm's Pareto front drawn."""
+# the chart's left panel leaves out rows above this perplexity (2-bit collapses) so the rest stay readable;
+# its right panel zooms into the crowded 4-bit region
+PLOT_CAP = 300.0
+ZOOM_BITS = (4.3, 5.7)
+
+
+def plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], windows: int) -> None:
+    """Perplexity against bits/weight, one marker per family, the Pareto front of all rows drawn: the whole
+    range (log scale, rows above ``PLOT_CAP`` left out) and a linear zoom on ``ZOOM_BITS``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,26 +459,34 @@ def plot(rows: list[dict[str, Any]], windows: int) -> None:
 
     styles = {"sqllm": ("o", "#1b7837"), "hqq": ("s", "#762a83"), "bnb": ("^", "#e08214"),
               "llama.cpp": ("D", "#2166ac"), "autoround": ("v", "#b2182b")}
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, (wide, zoom) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1.1, 1]})
     fp = next((r for r in rows if r["family"] == "fp32"), None)
-    if fp is not None:
-        ax.axhline(fp["perplexity"], color="#999", ls="--", lw=1, label=f"fp32 ({fp['perplexity']:.2f})")
-    for family, (marker, color) in styles.items():
-        pts = [r for r in rows if r["family"] == family and r["perplexity"] < 1e4]
-        if not pts:
-            continue
-        ax.scatter([r["bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker, color=color,
-                   label=family, s=40, zorder=3)
-        for r in pts:
-            ax.annotate(r["label"].replace("sqllm ", "").replace("llama.cpp ", ""),
-                        (r["bits_per_weight"], r["perplexity"]), fontsize=6.5, xytext=(4, 2),
-                        textcoords="offset points")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits/weight of the quantized linears")
-    ax.set_ylabel(f"WikiText-2 perplexity ({windows} windows of {SEQLEN}, log scale)")
-    ax.set_title("SmolLM2-135M: sqllm and peers (lower left is better; rows above 10^4 omitted)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    shown = [r for r in rows if r["family"] != "fp32" and r["perplexity"] < PLOT_CAP]
+    in_zoom = [r for r in shown if ZOOM_BITS[0] <= r["bits_per_weight"] <= ZOOM_BITS[1]]
+    for ax, pts_all in ((wide, shown), (zoom, in_zoom)):
+        if fp is not None:
+            ax.axhline(fp["perplexity"], color="#999", ls="--", lw=1, label=f"fp32 ({fp['perplexity']:.2f})")
+        line = [r for r in front if r in pts_all]
+        ax.step([r["bits_per_weight"] for r in line], [r["perplexity"] for r in line], where="post", color="#444",
+                lw=1, alpha=0.6, label="Pareto front (all rows)")
+        for family, (marker, color) in styles.items():
+            pts = [r for r in pts_all if r["family"] == family]
+            if not pts:
+                continue
+            ax.scatter([r["bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker,
+                       color=color, label=family, s=40, zorder=3)
+            for r in pts:
+                ax.annotate(r["label"].replace("sqllm ", "").replace("llama.cpp ", "").replace("bitsandbytes ", ""),
+                            (r["bits_per_weight"], r["perplexity"]), fontsize=7, xytext=(4, 2),
+                            textcoords="offset points")
+        ax.set_xlabel("bits/weight of the quantized linears")
+        ax.grid(True, which="both", alpha=0.3)
+    wide.set_yscale("log")
+    wide.set_ylabel(f"WikiText-2 perplexity ({windows} windows of {SEQLEN})")
+    wide.set_title(f"all rows below perplexity {PLOT_CAP:.0f} (log scale)")
+    wide.legend(fontsize=8)
+    zoom.set_title(f"{ZOOM_BITS[0]}-{ZOOM_BITS[1]} bits/weight (linear scale)")
+    fig.suptitle("SmolLM2-135M, protocol P: sqllm and peers (lower left is better)")
     fig.tight_layout()
     fig.savefig(RESULTS / "peers.png", dpi=130)
     plt.close(fig)
