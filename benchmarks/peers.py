@@ -12,7 +12,7 @@ Measured here (each finished run cached in ``results/peers-runs.jsonl``):
 * AutoRound (``auto-round``) only with ``--only autoround``: hours of this CPU.
 
 Read from other benchmarks' caches (first source wins): SqueezeLLM / SqueezeLLM+ under protocol P
-(``results/runs-P.jsonl``, fp32-Fisher rows preferred), GPTQ / SliM-LLM / RTN under protocol P
+(``results/runs-P.jsonl``, the latest run of each setting), GPTQ / SliM-LLM / RTN under protocol P
 (robustness.py's ``results/robustness-runs.jsonl``, or ``--robustness``), llama.cpp's Q4_0, Q4_K_M,
 Q3_K_M and IQ4_NL made and scored by llamacpp.py (``results/llamacpp.json`` / ``llamacpp-ppl.jsonl``),
 and fp32 plus the 2-bit rows from ``results/runs.jsonl`` (older 32 x 512 calibration, marked "not P").
@@ -190,26 +190,24 @@ def _p_calibration(fisher: str) -> str:
 
 
 def p_rows(windows: int) -> dict[str, dict[str, Any]]:
-    """SqueezeLLM / SqueezeLLM+ rows under protocol P (results/runs-P.jsonl, smollm2_stream.py). Where a
-    configuration was run with both the fp32 and the bf16 Fisher, the fp32 one is kept. Quantize seconds are
-    the run's stages; the Fisher pass itself was made once beforehand and read from its file."""
-    best: dict[str, tuple[bool, dict[str, Any]]] = {}
+    """SqueezeLLM / SqueezeLLM+ rows under protocol P (results/runs-P.jsonl, squeezellm_plus.py). The file
+    only grows, so the last run of a configuration is the one the current code made (an older mixed-table
+    run used an allocation since replaced), whichever Fisher file it read. Quantize seconds are the run's
+    stages; the Fisher pass itself was made once beforehand and read from its file."""
+    latest: dict[str, dict[str, Any]] = {}
     for r in _jsonl(RESULTS / "runs-P.jsonl"):
         nll = _wanted(windows, r.get("window_nll", []))
         if nll is None:
             continue
         fisher = json.loads(r["key"])["fisher"]
-        fp32 = "bf16" not in fisher
         label = f"sqllm {r['label']}"
-        if label in best and best[label][0] and not fp32:
-            continue
-        best[label] = (fp32, {
+        latest[label] = {
             "label": label, "family": "sqllm", "bits_per_weight": r["bits_per_weight"], "window_nll": nll,
             "quant_seconds": sum(st["wall"] for st in r["stages"].values() if st),
             "calibration": _p_calibration(fisher), "engine": "torch fp32 (dequantized weights)",
-            "source": "results/runs-P.jsonl (smollm2_stream.py)", "loadavg": [r["loadavg_start"][0], r["loadavg_end"][0]],
-            "commit": r["commit"]})
-    return {label: row for label, (_, row) in best.items()}
+            "source": "results/runs-P.jsonl (squeezellm_plus.py)", "loadavg": [r["loadavg_start"][0], r["loadavg_end"][0]],
+            "commit": r["commit"]}
+    return latest
 
 
 def robustness_rows(windows: int, path: Path) -> dict[str, dict[str, Any]]:
@@ -420,8 +418,9 @@ def write(rows: list[dict[str, Any]], windows: int) -> None:
           + "![Pareto chart](peers.png)\n\n"
           f"Protocol P's evaluation: {doc['protocol']}; every row scores the same {windows} windows of the same "
           f"fp32 SmolLM2-135M weights (the dequantized bundled Q4_1 GGUF). Rows marked P were calibrated on protocol "
-          f"P's 32 x 2048 WikiText-2 validation windows (seed 0); the SqueezeLLM rows use P's fp32 Fisher where a "
-          f"run with it exists (the bf16 Fisher otherwise, as the calibration column says). Rows marked \"not P\" "
+          f"P's 32 x 2048 WikiText-2 validation windows (seed 0); each SqueezeLLM row is the latest run of its "
+          f"setting in results/runs-P.jsonl, with the Fisher file (fp32 or bf16 pass) the calibration column names "
+          f"(results/fisher-dtype-P.md compares the two). Rows marked \"not P\" "
           f"come from the older 32 x 512 calibration, kept until a run under P replaces them. HQQ and "
           f"bitsandbytes are applied by peers.py with their own quantize/dequantize functions and evaluated in "
           f"torch fp32 with the dequantized weights, as sqllm's rows are. llama.cpp rows are made and scored by "
@@ -432,7 +431,7 @@ def write(rows: list[dict[str, Any]], windows: int) -> None:
           f"statistics of the quantized linears only (embeddings and head excluded for every row). "
           f"Quantize seconds are wall time on a shared 2-core machine beside other jobs (read them with the load "
           f"column; indicative only): SqueezeLLM's exclude the Fisher pass, made once and read from its file "
-          f"(317 s for P's 32 x 2048 windows, results/smollm2-P-squeezellm-plus-3bit.md); llama.cpp's are "
+          f"(5-6 minutes for P's 32 x 2048 windows in bf16: results/smollm2-P-squeezellm-plus-3bit.md); llama.cpp's are "
           f"peers.py's timing of llama.cpp's quantizer (one thread) remaking each scored file in a scratch folder "
           f"({remade}). The Pareto front column marks the rows no other row beats: none has a lower perplexity "
           f"at fewer bits/weight (differences under {TIE_BITS} count as ties).\n\n"
