@@ -140,8 +140,8 @@ def register_reference_gptq(ref_dir: str) -> None:
         return _DenseOnly(layer.weight.data.float(), cfg.bits, cfg.group_size or w.shape[1])
 
     gptq = METHODS["gptq"]
-    METHODS["gptq-ref"] = MethodSpec("gptq-ref", gptq.config_cls, frozenset({HESSIAN}), solve,
-                                     "IST-DASLab gptq.py (reference)")
+    METHODS["gptq-ref"] = MethodSpec("gptq-ref", gptq.config_cls, solve, "IST-DASLab gptq.py (reference)",
+                                     layer_stats=(HESSIAN,))
 
 
 # --- runs and cache --------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def study_settings() -> list[Setting]:
 def final_settings(percdamp: float | None, fisher: str | None) -> list[Setting]:
     """Protocol P (32 x 2048 WikiText-2 calibration) at 3 bits, with the library defaults and, when given,
     another damping. ``fisher``: protocol P's Fisher file for SqueezeLLM+ (None: computed on the windows)."""
-    p = dict(nsamples=32, calib_seqlen=2048)
+    p: dict[str, Any] = dict(nsamples=32, calib_seqlen=2048)
     s = [
         Setting("fp32", "fp32"),
         Setting("RTN 3-bit g64", "rtn", G3),
@@ -483,18 +483,18 @@ def report(name: str, title: str, rows: list[tuple[Setting, dict[str, Any]]], wi
     machine = {**machine_info(), "loadavg": os.getloadavg()}
     commits = sorted({r["commit"] for _, r in rows})
     # repository files relative to the repository, the shared data relative to the folder above it
-    doc = {"title": title, "windows": used, "seqlen": SEQLEN, "texts": {d: str(p.relative_to(
-           ROOT if p.is_relative_to(ROOT) else ROOT.parent)) for d, p in DOMAINS.items()}, "machine": machine, "commit": git_commit(str(ROOT)),
-           "run_commits": commits, "rows": records}
+    texts = {d: str(p.relative_to(ROOT if p.is_relative_to(ROOT) else ROOT.parent)) for d, p in DOMAINS.items()}
+    doc: dict[str, Any] = {"title": title, "windows": used, "seqlen": SEQLEN, "texts": texts, "machine": machine,
+                           "commit": git_commit(str(ROOT)), "run_commits": commits, "rows": records}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     headers = (["setting", "calibration", "bits/weight"] + [f"{d} ppl ({used[d]} windows)" for d in DOMAINS] +
                ["compared with (bits/weight)"] + [f"{d}: <= RTN (ppl gap)" for d in DOMAINS] +
                ["quantize s", "load avg start / end"])
-    texts = ", ".join(f"{d} = `{p}`" for d, p in doc["texts"].items())
     md = (f"# {title}\n\n{markdown_table(headers, table)}\n\n{notes}\n\n"
           f"Perplexity: GPTQ protocol, the first non-overlapping windows of {SEQLEN} tokens of each text, no BOS; "
           + ", ".join(f"{d}: {used[d]} windows" for d in DOMAINS) + " (the SQLite text has "
-          f"{max(r['available']['SQLite docs'] for _, r in rows)} whole windows). Texts: {texts}. Calibration "
+          f"{max(r['available']['SQLite docs'] for _, r in rows)} whole windows). Texts: "
+          + ", ".join(f"{d} = `{p}`" for d, p in texts.items()) + ". Calibration "
           f"'wiki' = WikiText-2 validation (`wiki.valid.tokens`), 'sqlite' = `benchmarks/data/sqlite-docs.calib.txt` "
           f"(other pages than the evaluation text), 'mix' = equal parts of both; windows drawn with "
           f"`sqllm.data.calibration_windows`, seed 0.\n\n"
