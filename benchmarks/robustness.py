@@ -44,7 +44,7 @@ DOMAINS = {"WikiText-2": WIKI_TEST, "SQLite docs": DATA / "sqlite-docs.eval.txt"
 CALIB_SOURCES = {"wiki": WIKI_VALID, "sqlite": DATA / "sqlite-docs.calib.txt"}
 RUNS = RESULTS / "robustness-runs.jsonl"
 SQUEEZELLM_PLUS = "squeezellm+"
-THREADS = [2]  # threads for evaluation forwards (--threads)  # the method another helper is building; its rows run once it is registered
+THREADS = [2]  # threads for evaluation forwards (--threads)
 
 
 @dataclass(frozen=True)
@@ -57,17 +57,22 @@ class Setting:
     calib: str = "wiki"  # key of CALIB_SOURCES, or "mix" (half WikiText, half SQLite calibration pages)
     nsamples: int = 16
     calib_seqlen: int = 512
+    # a Fisher file (``sqllm sensitivity``) for the methods that read one; None: computed on the windows
+    fisher: str | None = None
 
     def key(self) -> str:
-        cfg = {"method": self.method, "options": self.options}
+        cfg: dict[str, Any] = {"method": self.method, "options": self.options}
         if self.method != "rtn":
             cfg.update(calib=self.calib, nsamples=self.nsamples, calib_seqlen=self.calib_seqlen)
+        if self.fisher is not None:
+            cfg["fisher"] = Path(self.fisher).name
         return json.dumps(cfg, sort_keys=True)
 
     def calibration(self) -> str:
-        if self.method == "rtn":
+        if self.method in ("fp32", "rtn"):
             return "none"
-        return f"{self.calib} {self.nsamples}x{self.calib_seqlen}"
+        text = f"{self.calib} {self.nsamples}x{self.calib_seqlen}"
+        return text + (f", Fisher from {Path(self.fisher).name}" if self.fisher else "")
 
 
 def mixed_calibration_file() -> Path:
@@ -135,8 +140,8 @@ def register_reference_gptq(ref_dir: str) -> None:
         return _DenseOnly(layer.weight.data.float(), cfg.bits, cfg.group_size or w.shape[1])
 
     gptq = METHODS["gptq"]
-    METHODS["gptq-ref"] = MethodSpec("gptq-ref", gptq.config_cls, frozenset({HESSIAN}), solve,
-                                     "IST-DASLab gptq.py (reference)")
+    METHODS["gptq-ref"] = MethodSpec("gptq-ref", gptq.config_cls, solve, "IST-DASLab gptq.py (reference)",
+                                     layer_stats=(HESSIAN,))
 
 
 # --- runs and cache --------------------------------------------------------------------------------------
@@ -161,10 +166,13 @@ def run(setting: Setting, windows: int) -> dict[str, Any]:
         return cached
     torch.manual_seed(0)
     model, tok = load_model(MODEL)
+    loadavg_start = os.getloadavg()[0]
     summary: dict[str, Any] = {"seconds": 0.0, "bits_per_weight": {"total": 32.0}}
     if setting.method != "fp32":
-        calib = {} if setting.method == "rtn" else dict(calib=calib_path(setting), nsamples=setting.nsamples,
-                                                      calib_seqlen=setting.calib_seqlen, seed=0)
+        calib: dict[str, Any] = {} if setting.method == "rtn" else dict(
+            calib=calib_path(setting), nsamples=setting.nsamples, calib_seqlen=setting.calib_seqlen, seed=0)
+        if setting.fisher is not None and METHODS[setting.method].fisher:
+            calib["fisher"] = setting.fisher
         # one thread: the solvers' column loops are many small ops, which a second thread slows down on a
         # busy machine (6x on GPTQ here); the calibration forwards lose less than that
         torch.set_num_threads(1)
@@ -173,13 +181,15 @@ def run(setting: Setting, windows: int) -> dict[str, Any]:
     torch.set_num_threads(THREADS[0])
     row: dict[str, Any] = {"key": setting.key(), "setting": asdict(setting), "calibration": setting.calibration(),
                            "bits_per_weight": summary["bits_per_weight"]["total"], "quant_seconds": summary["seconds"],
-                           "window_nll": {}, "available": {}, "eval_seconds": {}, "commit": git_commit(str(ROOT))}
+                           "window_nll": {}, "available": {}, "eval_seconds": {}, "commit": git_commit(str(ROOT)),
+                           "threads": THREADS[0]}
     for domain, path in DOMAINS.items():
         t = time.perf_counter()
         res = evaluate_perplexity(model, tok, str(path), seqlen=SEQLEN, windows=windows, progress=False)
         row["window_nll"][domain] = res["window_nll"]
         row["available"][domain] = res["windows"] if res["windows"] < windows else _available(tok, path)
         row["eval_seconds"][domain] = time.perf_counter() - t
+    row["loadavg"] = [loadavg_start, os.getloadavg()[0]]  # 1-minute load at the start and at the end
     RUNS.parent.mkdir(parents=True, exist_ok=True)
     with open(RUNS, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -222,10 +232,10 @@ def study_settings() -> list[Setting]:
     return s
 
 
-def final_settings(percdamp: float | None) -> list[Setting]:
+def final_settings(percdamp: float | None, fisher: str | None) -> list[Setting]:
     """Protocol P (32 x 2048 WikiText-2 calibration) at 3 bits, with the library defaults and, when given,
-    the recommended damping."""
-    p = dict(nsamples=32, calib_seqlen=2048)
+    another damping. ``fisher``: protocol P's Fisher file for SqueezeLLM+ (None: computed on the windows)."""
+    p: dict[str, Any] = dict(nsamples=32, calib_seqlen=2048)
     s = [
         Setting("fp32", "fp32"),
         Setting("RTN 3-bit g64", "rtn", G3),
@@ -237,7 +247,7 @@ def final_settings(percdamp: float | None) -> list[Setting]:
         s += [Setting(f"GPTQ 3-bit g64 percdamp {percdamp}", "gptq", {**G3, "percdamp": percdamp}, **p),
               Setting(f"SliM-LLM 3-bit g64 percdamp {percdamp}", "slim", {**G3, "percdamp": percdamp}, **p)]
     if SQUEEZELLM_PLUS in METHODS:
-        s.append(Setting("SqueezeLLM+ 3-bit", SQUEEZELLM_PLUS, dict(bits=3), **p))
+        s.append(Setting("SqueezeLLM+ 3-bit", SQUEEZELLM_PLUS, dict(bits=3), fisher=fisher, **p))
     return s
 
 
@@ -432,41 +442,72 @@ def _write_layer_study(rows: list[dict[str, Any]], names: list[str], windows: in
 
 # --- report ----------------------------------------------------------------------------------------------
 
+def rtn_reference(bits: float, rtn: list[tuple[Setting, dict[str, Any]]]) -> tuple[Setting, dict[str, Any]] | None:
+    """The RTN run a method of ``bits`` bits/weight is compared with: the one with the fewest bits/weight
+    not below ``bits`` (so RTN never has fewer bits than the method), else the one with the most."""
+    if not rtn:
+        return None
+    above = [sr for sr in rtn if sr[1]["bits_per_weight"] >= bits - 1e-9]
+    if above:
+        return min(above, key=lambda sr: sr[1]["bits_per_weight"])
+    return max(rtn, key=lambda sr: sr[1]["bits_per_weight"])
+
+
 def report(name: str, title: str, rows: list[tuple[Setting, dict[str, Any]]], windows: int, notes: str) -> None:
-    """``results/<name>.{json,md}``: perplexity on both texts, each setting's calibration, and gaps to RTN."""
-    rtn = next((r for s, r in rows if s.method == "rtn" and s.options == G3), None)
+    """``results/<name>.{json,md}``: perplexity on both texts, each setting's calibration and bits/weight,
+    and whether each method is at least as good as RTN at matching bits/weight on each text."""
+    rtn = [(s, r) for s, r in rows if s.method == "rtn"]
 
     def ppl(r: dict[str, Any], d: str) -> float:
         return _ppl(r["window_nll"][d], windows)
 
-    table = []
+    table, records = [], []
     for s, r in rows:
+        ref = None if s.method in ("fp32", "rtn") else rtn_reference(r["bits_per_weight"], rtn)
+        beats = {d: ppl(r, d) <= ppl(ref[1], d) for d in DOMAINS} if ref else {}
         cells = [s.label, s.calibration(), f"{r['bits_per_weight']:.3f}"]
-        for d in DOMAINS:
-            cells.append(f"{ppl(r, d):.2f}")
-        cells.append("-" if rtn is None or s.method in ("fp32", "rtn") else
-                     ("yes" if ppl(r, "SQLite docs") <= ppl(rtn, "SQLite docs") else "**no**"))
-        cells.append(f"{r['quant_seconds']:.0f}")
+        cells += [f"{ppl(r, d):.2f}" for d in DOMAINS]
+        cells.append(f"{ref[0].label} ({ref[1]['bits_per_weight']:.3f})" if ref else "-")
+        cells += [("yes" if beats[d] else "**no**") + f" ({ppl(r, d) - ppl(ref[1], d):+.2f})" if ref else "-"
+                  for d in DOMAINS]
+        load = r.get("loadavg")
+        cells += [f"{r['quant_seconds']:.0f}", f"{load[0]:.1f} / {load[1]:.1f}" if load else "not recorded"]
         table.append(cells)
+        records.append({"label": s.label, "setting": asdict(s), "calibration": s.calibration(),
+                        "bits_per_weight": r["bits_per_weight"], "quant_seconds": r["quant_seconds"],
+                        "eval_seconds": r["eval_seconds"], "loadavg_start_end": load, "commit": r["commit"],
+                        **{f"ppl {d}": ppl(r, d) for d in DOMAINS},
+                        "rtn_compared": ref[0].label if ref else None,
+                        **{f"<= RTN on {d}": beats.get(d) for d in DOMAINS}})
     used = {d: min(windows, max(r["available"][d] for _, r in rows)) for d in DOMAINS}
     machine = {**machine_info(), "loadavg": os.getloadavg()}
-    doc = {"title": title, "windows": used, "seqlen": SEQLEN, "texts": {d: str(p.relative_to(ROOT.parent))
-           for d, p in DOMAINS.items()}, "machine": machine, "commit": git_commit(str(ROOT)),
-           "rows": [{"label": s.label, "setting": asdict(s), "calibration": s.calibration(),
-                     "bits_per_weight": r["bits_per_weight"], "quant_seconds": r["quant_seconds"],
-                     **{f"ppl {d}": ppl(r, d) for d in DOMAINS}} for s, r in rows]}
+    commits = sorted({r["commit"] for _, r in rows})
+    # repository files relative to the repository, the shared data relative to the folder above it
+    texts = {d: str(p.relative_to(ROOT if p.is_relative_to(ROOT) else ROOT.parent)) for d, p in DOMAINS.items()}
+    doc: dict[str, Any] = {"title": title, "windows": used, "seqlen": SEQLEN, "texts": texts, "machine": machine,
+                           "commit": git_commit(str(ROOT)), "run_commits": commits, "rows": records}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    headers = ["setting", "calibration", "bits/weight"] + [f"{d} ppl ({used[d]} windows)" for d in DOMAINS] + \
-              ["SQLite <= RTN 3-bit g64", "quantize s"]
-    texts = ", ".join(f"{d} = {p}" for d, p in doc["texts"].items())
+    headers = (["setting", "calibration", "bits/weight"] + [f"{d} ppl ({used[d]} windows)" for d in DOMAINS] +
+               ["compared with (bits/weight)"] + [f"{d}: <= RTN (ppl gap)" for d in DOMAINS] +
+               ["quantize s", "load avg start / end"])
     md = (f"# {title}\n\n{markdown_table(headers, table)}\n\n{notes}\n\n"
-          f"Perplexity: GPTQ protocol, non-overlapping windows of {SEQLEN} tokens from the start of each text, "
-          f"no BOS. Texts: {texts}. Calibration "
+          f"Perplexity: GPTQ protocol, the first non-overlapping windows of {SEQLEN} tokens of each text, no BOS; "
+          + ", ".join(f"{d}: {used[d]} windows" for d in DOMAINS) + " (the SQLite text has "
+          f"{max(r['available']['SQLite docs'] for _, r in rows)} whole windows). Texts: "
+          + ", ".join(f"{d} = `{p}`" for d, p in texts.items()) + ". Calibration "
           f"'wiki' = WikiText-2 validation (`wiki.valid.tokens`), 'sqlite' = `benchmarks/data/sqlite-docs.calib.txt` "
-          f"(other pages than the evaluation text), 'mix' = equal parts of both; windows drawn with seed 0.\n\n"
-          f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, load average "
-          f"{machine['loadavg'][0]:.1f} at the end (shared machine: quantize times are only indicative). "
-          f"Commit {doc['commit']}.\n")
+          f"(other pages than the evaluation text), 'mix' = equal parts of both; windows drawn with "
+          f"`sqllm.data.calibration_windows`, seed 0.\n\n"
+          f"'<= RTN': the row's perplexity is at most that of the RTN row with the fewest bits/weight not below "
+          f"its own (so RTN never has fewer bits); the gap is the row's perplexity minus RTN's. bits/weight counts "
+          f"every quantized linear's codes, scales, zeros, tables and outliers; the embeddings and head are not "
+          f"quantized and not counted.\n\n"
+          f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; shared with other jobs, "
+          f"1-minute load average per run in the last column and {machine['loadavg'][0]:.1f} when the table "
+          f"was written (quantize times are only indicative). Solvers ran on 1 thread, evaluations on "
+          f"{', '.join(sorted({str(r.get('threads', 'unrecorded')) for _, r in rows}))}. "
+          f"Runs made at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}; table written at "
+          f"{doc['commit']}.\n")
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
@@ -477,8 +518,9 @@ STUDY_NOTES = (
     "headers)."
 )
 FINAL_NOTES = (
-    "Protocol P: calibration 32 windows of 2048 tokens of WikiText-2 validation (seed 0); "
-    "SqueezeLLM+ appears once its method is registered (another helper is building it)."
+    "Protocol P: calibration 32 windows of 2048 tokens of WikiText-2 validation (seed 0), the library's "
+    "default settings unless the row names another; SqueezeLLM+ reads protocol P's Fisher (`sqllm "
+    "sensitivity` on the same windows, bf16 autocast) when `--fisher` gives its file."
 )
 
 
@@ -488,6 +530,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="windows per text (study: 4, final: 40)")
     ap.add_argument("--reference-gptq", metavar="DIR", help="folder holding IST-DASLab/gptq's gptq.py and quant.py")
     ap.add_argument("--percdamp", type=float, default=None, help="final: also run GPTQ/SliM-LLM with this damping")
+    ap.add_argument("--fisher", metavar="PATH", help="final: SqueezeLLM+ reads this Fisher file (sqllm sensitivity "
+                    "on the same 32 x 2048 windows) instead of computing one")
     ap.add_argument("--only", nargs="*", help="run only the settings whose labels contain one of these strings")
     ap.add_argument("--threads", type=int, default=2, help="threads for the forward passes (solvers use 1)")
     args = ap.parse_args()
@@ -498,9 +542,11 @@ def main() -> None:
     if args.table == "layers":
         layer_study(args.windows or 4)
         return
+    if args.fisher and not Path(args.fisher).is_file():
+        sys.exit(f"--fisher {args.fisher!r}: no such file")
     THREADS[0] = args.threads
     windows = args.windows or (4 if args.table == "study" else 40)
-    settings = study_settings() if args.table == "study" else final_settings(args.percdamp)
+    settings = study_settings() if args.table == "study" else final_settings(args.percdamp, args.fisher)
     if args.only:
         settings = [s for s in settings if any(o in s.label for o in args.only)]
     rows = []
