@@ -94,6 +94,22 @@ def test_windows_are_seeded_and_in_bounds(tmp_path):
         assert torch.equal(row, stream[start : start + 32])
 
 
+def test_windows_follow_gptqs_seeded_loop():
+    """Protocol P's calibration: the offsets GPTQ's datautils draw after ``random.seed(seed)``, one
+    ``random.randint(0, T - seqlen - 1)`` per window, in that order."""
+    import random
+
+    ids = torch.arange(5000)
+    state = random.getstate()
+    try:
+        random.seed(0)
+        want = [random.randint(0, ids.numel() - 2048 - 1) for _ in range(32)]
+    finally:
+        random.setstate(state)
+    got = sample_windows(ids, 32, 2048, seed=0)
+    assert got[:, 0].tolist() == want and torch.equal(got[:, -1] - got[:, 0], torch.full((32,), 2047))
+
+
 def test_too_little_text():
     with pytest.raises(NotEnoughText, match="10 tokens"):
         sample_windows(torch.arange(10), 4, 32, seed=0)

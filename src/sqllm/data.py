@@ -9,6 +9,7 @@ whole text once.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -173,9 +174,11 @@ def sample_windows(ids: Tensor, n: int, seqlen: int, seed: int, what: str = "tex
             f"{what} has {ids.numel()} tokens, too few for windows of {seqlen}; "
             f"use a shorter --calib-seqlen or a longer text"
         )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    # GPTQ's calibration loop (its datautils): Python's generator seeded with ``seed``, one
+    # ``randint(0, T - seqlen - 1)`` per window, so protocol P draws the reference code's offsets.
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(n)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
 def eval_tokens(tokenizer: Any, source: str) -> Tensor:
