@@ -149,6 +149,17 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting(run: dict[str, Any]) -> str:
+    """A cached run's configuration without its Fisher file: what a comparison of Fisher files pairs on."""
+    return json.dumps({k: v for k, v in json.loads(run["key"]).items() if k != "fisher"}, sort_keys=True)
+
+
+def _code_commit(run: dict[str, Any]) -> str:
+    """The commit a run's code came from. A run that follows another in one session sees the tree dirty
+    with the first one's cached row, so "-dirty" alone does not tell the code apart."""
+    return run["commit"].removesuffix("-dirty")
+
+
 def fisher_dtype_table(fp32_path: str, bf16_path: str) -> None:
     """results/fisher-dtype-P.{json,md}: how far the bf16 Fisher file is from the fp32 one, and every
     setting cached in runs-P.jsonl with both files, side by side. The per-window NLL differences are
@@ -159,29 +170,21 @@ def fisher_dtype_table(fp32_path: str, bf16_path: str) -> None:
 
     fp32, bf16 = Path(fp32_path).name, Path(bf16_path).name
     tables = compare(load_file(fp32_path), load_file(bf16_path))
-    runs = [json.loads(line) for line in (RESULTS / "runs-P.jsonl").read_text().splitlines()]
+    runs = list(_cached(RESULTS / "runs-P.jsonl").values())
     by_fisher: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
-        key = json.loads(r["key"])
-        setting = json.dumps({k: v for k, v in key.items() if k != "fisher"}, sort_keys=True)
-        by_fisher.setdefault(key["fisher"], {})[setting] = r
-    # Only runs of one commit pair up: between commits the solvers changed as well as the Fisher. A run
-    # that follows another in one session sees the tree dirty by the first one's cached row.
-    def commit(r: dict[str, Any]) -> str:
-        return r["commit"].removesuffix("-dirty")
-
+        by_fisher.setdefault(json.loads(r["key"])["fisher"], {})[_setting(r)] = r
+    # Only runs of one commit pair up: between commits the solvers changed as well as the Fisher.
     pairs = [(a, by_fisher[bf16][k]) for k, a in by_fisher.get(fp32, {}).items()
-             if k in by_fisher.get(bf16, {}) and commit(a) == commit(by_fisher[bf16][k])]
+             if k in by_fisher.get(bf16, {}) and _code_commit(a) == _code_commit(by_fisher[bf16][k])]
     if not pairs:
         sys.exit(f"runs-P.jsonl holds no setting run with both {fp32!r} and {bf16!r} at one commit")
     rows = []
     for a, b in pairs:
         d = torch.tensor(b["window_nll"], dtype=torch.float64) - torch.tensor(a["window_nll"], dtype=torch.float64)
         # the same setting with the other Fisher files on record: how far runs move without a dtype change
-        others = [f"{r['perplexity']:.2f} ({json.loads(r['key'])['fisher']}, {commit(r)[:8]})" for r in runs
-                  if r["key"] not in (a["key"], b["key"])
-                  and json.dumps({k: v for k, v in json.loads(r["key"]).items() if k != "fisher"}, sort_keys=True)
-                  == json.dumps({k: v for k, v in json.loads(a["key"]).items() if k != "fisher"}, sort_keys=True)]
+        others = [f"{r['perplexity']:.2f} ({json.loads(r['key'])['fisher']}, {_code_commit(r)[:8]})" for r in runs
+                  if r["key"] not in (a["key"], b["key"]) and _setting(r) == _setting(a)]
         rows.append({"setting": a["label"], "bits_per_weight": a["bits_per_weight"], "ppl_fp32_fisher": a["perplexity"],
                      "ppl_bf16_fisher": b["perplexity"], "mean_nll_diff": float(d.mean()),
                      "stderr_nll_diff": float(d.std() / len(d) ** 0.5), "windows": len(d), "other_runs": others})
@@ -208,7 +211,7 @@ def fisher_dtype_table(fp32_path: str, bf16_path: str) -> None:
         f"its paired standard error over the windows. The last column lists the same setting's other runs on record (other "
         f"Fisher files, such as an fp32 pass made on another machine, and other commits). Rows from `results/runs-P.jsonl` "
         f"(`benchmarks/squeezellm_plus.py`), paired only when both ran at the same commit "
-        f"({', '.join(sorted({commit(a)[:12] for a, _ in pairs}))}).\n")
+        f"({', '.join(sorted({_code_commit(a)[:12] for a, _ in pairs}))}).\n")
     print((RESULTS / "fisher-dtype-P.md").read_text())
 
 
