@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from sqllm.codes import QuantizedMatrix
 from sqllm.config import RTNConfig
-from sqllm.engine.loop import EngineOptions, capture_first_block_inputs, quantize_blocks
+from sqllm.engine.loop import EngineOptions, _collect, capture_first_block_inputs, quantize_blocks, run_block
 from sqllm.engine.stats import HessianAccumulator
 from sqllm.methods import HESSIAN, INPUTS, LayerStats, MethodSpec, get_method
 from sqllm.models import arch_spec, get_blocks, linear_names
@@ -100,6 +100,35 @@ def test_linears_fed_one_tensor_share_their_hessian_but_not_their_input_sample(m
         x = torch.cat(captured[name])
         torch.testing.assert_close(seen["model.layers.0." + name].hessian, 2.0 / x.shape[0] * x.T @ x,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_statistics_forward_stops_after_the_group_and_matches_a_full_forward(family):
+    """Each group's statistics forward ends once the group's linears have their inputs: the modules after
+    them never run, and the Hessians equal, bit for bit, ones accumulated over a complete forward."""
+    model = tiny_model(family)
+    arch = arch_spec(model)
+    windows = _windows(n=5, L=12)
+    opts = EngineOptions(batch_size=2, progress=False)
+    block = get_blocks(model, arch)[0]
+    inputs = capture_first_block_inputs(model, arch, windows, 8)
+    method = _recording_identity({})
+    for i, group in enumerate(arch.sequential):
+        ran: list[str] = []
+        later = [n for g in arch.sequential[i + 1:] for n in g]
+        probes = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: ran.append(n)) for n in later]
+        got = _collect(block, group, method, inputs, opts)
+        for h in probes:
+            h.remove()
+        assert ran == []
+        accs = {n: HessianAccumulator(block.get_submodule(n).in_features) for n in group}
+        handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: accs[n].update(a[0]))
+                   for n in group]
+        run_block(block, inputs, opts.batch_size)
+        for h in handles:
+            h.remove()
+        for n in group:
+            assert torch.equal(got[n].hessian, accs[n].result()), n
 
 
 @pytest.mark.parametrize("n_in", [7, 576, 1100])

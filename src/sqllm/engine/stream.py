@@ -370,8 +370,8 @@ class ActivationCache:
             self.files.pop(i).unlink(missing_ok=True)
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward once it has what it came for (caught by whoever registered it)."""
 
 
 def first_block_inputs(parts: ModelParts, windows: Tensor, batch_size: int) -> tuple[Tensor, dict[str, Any]]:
@@ -386,7 +386,7 @@ def first_block_inputs(parts: ModelParts, windows: Tensor, batch_size: int) -> t
         hidden.append(args[0] if args else kwargs["hidden_states"])
         if not shared:
             shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
+        raise StopForward
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -394,7 +394,7 @@ def first_block_inputs(parts: ModelParts, windows: Tensor, batch_size: int) -> t
             for batch in windows.split(batch_size):
                 try:
                     parts.model(batch.to(parts.device), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         handle.remove()

@@ -165,7 +165,8 @@ def refine_tables(
     best = row_objective(w, _dequantize(lut, codes, w, extracted), metric)
     info = {"objective_start": float(best.sum()), "rows_codes_improved": 0, "rows_tables_improved": 0}
     for _ in range(iters):
-        new_codes = sweep_codes(w, lut, extracted, metric, u)
+        with _single_threaded():
+            new_codes = sweep_codes(w, lut, extracted, metric, u)
         lut, codes, best, n = _take_better(w, extracted, metric, best, (lut, codes), (lut, new_codes))
         info["rows_codes_improved"] += n
         new_lut, new_codes = _sorted_table(fp16_grid(solve_tables(w, lut, codes, extracted, metric).float()), codes)
@@ -190,10 +191,10 @@ def _take_better(
 
 @contextmanager
 def _single_threaded() -> Iterator[None]:
-    """One intra-op thread, the caller's count restored afterwards. The sweep is thousands of small ops:
-    with 2 threads on a loaded 2-core machine every op waits at a thread barrier for a descheduled
-    thread (measured: a 576 x 576 sweep took 6.5 CPU s on 2 threads, 0.26 on 1). The table solve's
-    products would gain from a second thread on an idle machine, but lose 4x on a busy one."""
+    """One intra-op thread, the caller's count restored afterwards. The code sweep is thousands of small
+    ops: with 2 threads on a loaded 2-core machine every op waits at a thread barrier for a descheduled
+    thread (measured: a 576 x 576 sweep took 6.5 CPU s on 2 threads, 0.26 on 1). The table solve and
+    the objectives are large products, which keep the caller's threads (1.8x faster on 2 idle cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -215,8 +216,7 @@ def squeezellm_plus_quantize(
     """
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match weight {tuple(w.shape)}")
-    with _single_threaded():
-        return _refined(w, fisher, hessian, cfg, row_bits)
+    return _refined(w, fisher, hessian, cfg, row_bits)
 
 
 def _refined(
