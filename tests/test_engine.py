@@ -116,13 +116,13 @@ def test_statistics_forward_stops_after_the_group_and_matches_a_full_forward(fam
     for i, group in enumerate(arch.sequential):
         ran: list[str] = []
         later = [n for g in arch.sequential[i + 1:] for n in g]
-        probes = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: ran.append(n)) for n in later]
+        probes = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n, ran=ran: ran.append(n)) for n in later]
         got = _collect(block, group, method, inputs, opts)
         for h in probes:
             h.remove()
         assert ran == []
         accs = {n: HessianAccumulator(block.get_submodule(n).in_features) for n in group}
-        handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: accs[n].update(a[0]))
+        handles = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n, accs=accs: accs[n].update(a[0]))
                    for n in group]
         run_block(block, inputs, opts.batch_size)
         for h in handles:
