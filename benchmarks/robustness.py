@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
+from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.methods import HESSIAN, METHODS, LayerStats, MethodSpec
 from sqllm.models import load_model
@@ -147,9 +147,7 @@ def register_reference_gptq(ref_dir: str) -> None:
 # --- runs and cache --------------------------------------------------------------------------------------
 
 def _cached() -> dict[str, dict[str, Any]]:
-    if not RUNS.is_file():
-        return {}
-    return {r["key"]: r for r in (json.loads(l) for l in RUNS.read_text().splitlines() if l.strip())}
+    return {r["key"]: r for r in jsonl_rows(RUNS)}
 
 
 def _ppl(nll: list[float], windows: int) -> float:
