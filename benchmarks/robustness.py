@@ -45,6 +45,9 @@ CALIB_SOURCES = {"wiki": WIKI_VALID, "sqlite": DATA / "sqlite-docs.calib.txt"}
 RUNS = RESULTS / "robustness-runs.jsonl"
 SQUEEZELLM_PLUS = "squeezellm+"
 THREADS = [2]  # threads for evaluation forwards (--threads)
+# Calibration offsets follow GPTQ's random.seed loop since 680e8fc; runs cached before it (torch's
+# generator, no "sampler" in their key) are not reused.
+SAMPLER = "gptq-loop"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Setting:
         cfg: dict[str, Any] = {"method": self.method, "options": self.options}
         if self.method != "rtn":
             cfg.update(calib=self.calib, nsamples=self.nsamples, calib_seqlen=self.calib_seqlen)
+        if self.method not in ("fp32", "rtn"):
+            cfg["sampler"] = SAMPLER
         if self.fisher is not None:
             cfg["fisher"] = Path(self.fisher).name
         return json.dumps(cfg, sort_keys=True)
