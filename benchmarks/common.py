@@ -58,13 +58,17 @@ def _truncate(row: dict[str, Any], windows: int) -> dict[str, Any]:
             "eval_seconds": row["eval_seconds"] * windows / len(row["window_nll"])}
 
 
+def jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The records of a benchmark's JSONL cache, oldest first (none when the file does not exist yet)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _cache(windows: int) -> dict[str, dict[str, Any]]:
     """Cached runs with at least ``windows`` per-window NLLs, by configuration key."""
-    path = RESULTS / "runs.jsonl"
-    if not path.is_file():
-        return {}
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    return {r["key"]: _truncate(r, windows) for r in rows if len(r.get("window_nll", [])) >= windows}
+    return {r["key"]: _truncate(r, windows) for r in jsonl_rows(RESULTS / "runs.jsonl")
+            if len(r.get("window_nll", [])) >= windows}
 
 
 def run(label: str, method: str | None, windows: int = WINDOWS, engine: dict | None = None,

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
+from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.models import linear_names, load_model
 from sqllm.report import git_commit, machine_info, markdown_table
@@ -136,12 +136,6 @@ LLAMA_TYPES = {"llama.cpp Q4_0": "Q4_0", "llama.cpp Q4_K_M": "Q4_K_M", "llama.cp
                "llama.cpp IQ4_NL": "IQ4_NL"}
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _wanted(windows: int, nll: list[float]) -> list[float] | None:
     """The first ``windows`` NLLs, or None when the run scored fewer."""
     return nll[:windows] if len(nll) >= windows else None
@@ -154,7 +148,7 @@ def llama_rows(windows: int) -> dict[str, dict[str, Any]]:
     if not doc_path.is_file():
         return {}
     nll_by_path: dict[str, list[float]] = {}
-    for r in _jsonl(RESULTS / "llamacpp-ppl.jsonl"):
+    for r in jsonl_rows(RESULTS / "llamacpp-ppl.jsonl"):
         nll = _wanted(windows, r["result"].get("window_nll", []))
         if nll is not None:
             nll_by_path[r["key"]["path"]] = nll
@@ -195,7 +189,7 @@ def p_rows(windows: int) -> dict[str, dict[str, Any]]:
     run used an allocation since replaced), whichever Fisher file it read. Quantize seconds are the run's
     stages; the Fisher pass itself was made once beforehand and read from its file."""
     latest: dict[str, dict[str, Any]] = {}
-    for r in _jsonl(RESULTS / "runs-P.jsonl"):
+    for r in jsonl_rows(RESULTS / "runs-P.jsonl"):
         nll = _wanted(windows, r.get("window_nll", []))
         if nll is None:
             continue
@@ -214,7 +208,7 @@ def robustness_rows(windows: int, path: Path) -> dict[str, dict[str, Any]]:
     """GPTQ / SliM-LLM / RTN rows under protocol P from robustness.py's cache (``final`` settings: library
     defaults, WikiText-2 calibration), WikiText-2 NLLs only."""
     rows = {}
-    for r in _jsonl(path):
+    for r in jsonl_rows(path):
         st = r["setting"]
         p_calib = st["method"] == "rtn" or (st["calib"] == "wiki" and st["nsamples"] == 32
                                             and st["calib_seqlen"] == 2048 and st.get("fisher") is None)
@@ -245,7 +239,7 @@ def runs_rows(windows: int) -> dict[str, dict[str, Any]]:
     """Rows of results/runs.jsonl (``common.run``'s cache) listed in ``RUNS_ROWS`` with ``windows`` NLLs."""
     calibration = dict(RUNS_ROWS)
     rows = {}
-    for r in _jsonl(RESULTS / "runs.jsonl"):
+    for r in jsonl_rows(RESULTS / "runs.jsonl"):
         nll = _wanted(windows, r.get("window_nll", []))
         if r["label"] not in calibration or nll is None:
             continue
@@ -327,7 +321,7 @@ def main() -> None:
     for source in (p_rows(args.windows), robustness_rows(args.windows, args.robustness), llama_rows(args.windows),
                    runs_rows(args.windows)):
         made = {**source, **made}
-    cached = {r["label"]: r for r in _jsonl(RUNS)}
+    cached = {r["label"]: r for r in jsonl_rows(RUNS)}
     for label, ftype in LLAMA_TYPES.items():
         timing = cached.get(label)
         if label in made and timing is None and (not args.only or "llama.cpp" in args.only):

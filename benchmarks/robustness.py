@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
+from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.methods import HESSIAN, METHODS, LayerStats, MethodSpec
 from sqllm.models import load_model
@@ -45,6 +45,9 @@ CALIB_SOURCES = {"wiki": WIKI_VALID, "sqlite": DATA / "sqlite-docs.calib.txt"}
 RUNS = RESULTS / "robustness-runs.jsonl"
 SQUEEZELLM_PLUS = "squeezellm+"
 THREADS = [2]  # threads for evaluation forwards (--threads)
+# Calibration offsets follow GPTQ's random.seed loop since 680e8fc; runs cached before it (torch's
+# generator, no "sampler" in their key) are not reused.
+SAMPLER = "gptq-loop"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Setting:
         cfg: dict[str, Any] = {"method": self.method, "options": self.options}
         if self.method != "rtn":
             cfg.update(calib=self.calib, nsamples=self.nsamples, calib_seqlen=self.calib_seqlen)
+        if self.method not in ("fp32", "rtn"):
+            cfg["sampler"] = SAMPLER
         if self.fisher is not None:
             cfg["fisher"] = Path(self.fisher).name
         return json.dumps(cfg, sort_keys=True)
@@ -147,9 +152,7 @@ def register_reference_gptq(ref_dir: str) -> None:
 # --- runs and cache --------------------------------------------------------------------------------------
 
 def _cached() -> dict[str, dict[str, Any]]:
-    if not RUNS.is_file():
-        return {}
-    return {r["key"]: r for r in (json.loads(l) for l in RUNS.read_text().splitlines() if l.strip())}
+    return {r["key"]: r for r in jsonl_rows(RUNS)}
 
 
 def _ppl(nll: list[float], windows: int) -> float:

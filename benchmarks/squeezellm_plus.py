@@ -33,16 +33,10 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
+from common import RESULTS, ROOT, WIKI_TEST, WIKI_VALID, jsonl_rows
 from sqllm import api, methods
 from sqllm.report import git_commit, machine_info, markdown_table
 
-RESULTS = ROOT / "benchmarks" / "results"
-DATA = ROOT.parent / "shared" / "data"
-WIKI_VALID = DATA / "wikitext-2" / "wiki.valid.tokens"
-WIKI_TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
 MODEL = "smollm2-135m"
 CALIB = {"nsamples": 32, "calib_seqlen": 2048, "seed": 0}
 SPARSE = {"sensitive_pct": 0.05, "outlier_pct": 0.40}  # 0.45%: the most Fisher-sensitive, then the largest
@@ -92,9 +86,7 @@ def _key(method: str, options: dict[str, Any], fisher: str, windows: int) -> str
 
 
 def _cached(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+    return {r["key"]: r for r in jsonl_rows(path)}
 
 
 def run_row(label: str, method: str, options: dict[str, Any], fisher: str, windows: int) -> dict[str, Any]:

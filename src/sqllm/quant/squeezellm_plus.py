@@ -28,8 +28,6 @@ sparse part stay exact (zero error) and are left out of both steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +35,7 @@ from torch import Tensor
 
 from ..codes import LUTCodes, QuantizedMatrix, SparseOutliers, fp16_grid
 from ..config import SqueezeLLMPlusConfig
-from .gptq import hessian_inverse_factor
+from .gptq import hessian_inverse_factor, single_threaded
 from .squeezellm import _exact_sparse, squeezellm_quantize
 
 _BLOCK = 128  # columns per lazy-batch block of the code sweep (GPTQ §4)
@@ -165,7 +163,7 @@ def refine_tables(
     best = row_objective(w, _dequantize(lut, codes, w, extracted), metric)
     info = {"objective_start": float(best.sum()), "rows_codes_improved": 0, "rows_tables_improved": 0}
     for _ in range(iters):
-        with _single_threaded():
+        with single_threaded():
             new_codes = sweep_codes(w, lut, extracted, metric, u)
         lut, codes, best, n = _take_better(w, extracted, metric, best, (lut, codes), (lut, new_codes))
         info["rows_codes_improved"] += n
@@ -187,20 +185,6 @@ def _take_better(
     lut = torch.where(take[:, None], new[0], old[0])
     codes = torch.where(take[:, None], new[1], old[1])
     return lut, codes, torch.where(take, obj, best), int(take.sum())
-
-
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    """One intra-op thread, the caller's count restored afterwards. The code sweep is thousands of small
-    ops: with 2 threads on a loaded 2-core machine every op waits at a thread barrier for a descheduled
-    thread (measured: a 576 x 576 sweep took 6.5 CPU s on 2 threads, 0.26 on 1). The table solve and
-    the objectives are large products, which keep the caller's threads (1.8x faster on 2 idle cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def squeezellm_plus_quantize(
