@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows
+from common import EVAL_TEXT, RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.methods import HESSIAN, METHODS, LayerStats, MethodSpec
 from sqllm.models import load_model
@@ -64,7 +64,7 @@ class Setting:
     fisher: str | None = None
 
     def key(self) -> str:
-        cfg: dict[str, Any] = {"method": self.method, "options": self.options}
+        cfg: dict[str, Any] = {"method": self.method, "options": self.options, "eval_text": EVAL_TEXT}
         if self.method != "rtn":
             cfg.update(calib=self.calib, nsamples=self.nsamples, calib_seqlen=self.calib_seqlen)
         if self.method not in ("fp32", "rtn"):

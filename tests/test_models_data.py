@@ -82,6 +82,21 @@ def test_local_sources(tmp_path):
         load_text("no-such-dataset")
 
 
+def test_line_ends_read_as_newlines(tmp_path):
+    """CRLF and CR files give the text of their LF twin, as the GPTQ protocol's ``datasets`` rows have it."""
+    lines = [" = Title = ", "", " First line , with a comma . ", " Second @-@ line "]
+    for name, sep in (("lf.raw", b"\n"), ("crlf.raw", b"\r\n"), ("cr.raw", b"\r")):
+        (tmp_path / name).write_bytes(sep.join(line.encode() for line in lines) + sep)
+        assert load_text(str(tmp_path / name)) == "\n".join(lines) + "\n"
+
+
+def test_real_test_text_has_no_carriage_returns(wiki_test):
+    """The shared ``wiki.test.raw`` ends its lines with CRLF; read as text, no ``\\r`` is left to tokenize."""
+    assert b"\r\n" in wiki_test.read_bytes()
+    text = load_text(str(wiki_test))
+    assert "\r" not in text and text == wiki_test.read_text(encoding="utf-8")
+
+
 def test_windows_are_seeded_and_in_bounds(tmp_path):
     (tmp_path / "t.txt").write_text("abcdefghij" * 50)
     a = calibration_windows(_CharTok(), str(tmp_path / "t.txt"), 6, 32, seed=1)

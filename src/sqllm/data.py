@@ -31,7 +31,11 @@ DATASETS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 
 
 def _read_text_file(path: Path) -> str:
-    """The UTF-8 text of ``path``; a binary file is refused by name rather than tokenized as noise."""
+    r"""The UTF-8 text of ``path`` with ``\r\n`` and ``\r`` line ends read as ``\n`` (Python's text mode);
+    a binary file is refused by name rather than tokenized as noise. The line ends matter: the copy of
+    ``wiki.test.raw`` here ends its lines with ``\r\n``, while the GPTQ protocol scores the text as the
+    ``datasets`` rows give it, with ``\n``; kept, the ``\r`` tokens move SmolLM2's full-precision
+    perplexity on protocol P's 40 windows from 20.57 to 20.24."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -41,7 +45,7 @@ def _read_text_file(path: Path) -> str:
         ) from None
     if "\x00" in text:
         raise InvalidConfig(f"text file {str(path)!r} holds NUL bytes, so it is binary; give a plain text file")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _read_local(path: Path) -> str:
