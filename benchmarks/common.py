@@ -8,8 +8,10 @@ full-precision and RTN rows instead of recomputing them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,11 +37,14 @@ MODEL = "smollm2-135m"
 # over more windows serves any shorter table, and a longer run extends them.
 WINDOWS = 10
 SEQLEN = 2048
-# How the evaluation text was read, part of every cached run's key. sqllm reads "\r\n" line ends as "\n"
-# (data._read_text_file), as the GPTQ protocol's `datasets` rows have them; from 5d04afc until that fix
-# it kept the "\r" of this copy of wiki.test.raw (fp32: 20.24 instead of 20.57 on P's 40 windows). Runs
-# cached without this field may come from that span, so none of them is reused.
+# How the evaluation text was read. sqllm reads "\r\n" line ends as "\n" (data._read_text_file), as the
+# GPTQ protocol's `datasets` rows have them; from CRLF_SINCE until LF_FIX it kept the "\r" of this copy of
+# wiki.test.raw (fp32: 20.24 instead of 20.57 on P's 40 windows). Caches keyed by configuration
+# (runs-P.jsonl, robustness-runs.jsonl) put EVAL_TEXT in the key; the others check each run's commit
+# (scored_on_lf_text).
 EVAL_TEXT = "lf"
+CRLF_SINCE = "5d04afc"
+LF_FIX = "964b7c8"
 # Calibration for Hessian methods: 32 windows of 512 tokens (CPU budget; GPTQ's paper uses 128 x 2048).
 CALIB = {"nsamples": 32, "calib_seqlen": 512, "seed": 0}
 # Fisher for SqueezeLLM: 32 windows of 512 tokens (the paper's 100 x 512; it shows ~10 suffice).
@@ -53,7 +58,7 @@ PROTOCOL = {
 
 
 def _key(cfg: dict[str, Any]) -> str:
-    return json.dumps({**{k: v for k, v in cfg.items() if k != "windows"}, "eval_text": EVAL_TEXT}, sort_keys=True)
+    return json.dumps({k: v for k, v in cfg.items() if k != "windows"}, sort_keys=True)
 
 
 def _truncate(row: dict[str, Any], windows: int) -> dict[str, Any]:
@@ -70,10 +75,24 @@ def jsonl_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@functools.cache
+def _descends(commit: str, ancestor: str) -> int:
+    """``git merge-base --is-ancestor`` of this clone: 0 yes, 1 no, other: ``commit`` is unknown here."""
+    return subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", ancestor, commit],
+                          capture_output=True).returncode
+
+
+def scored_on_lf_text(row: dict[str, Any]) -> bool:
+    """Whether a cached run scored the text read with "\n" line ends: it was made before CRLF_SINCE or
+    after LF_FIX. A run without a commit, or at one this clone does not hold, is not trusted."""
+    commit = str(row.get("commit") or "").removesuffix("-dirty")
+    return bool(commit) and (_descends(commit, LF_FIX) == 0 or _descends(commit, CRLF_SINCE) == 1)
+
+
 def _cache(windows: int) -> dict[str, dict[str, Any]]:
     """Cached runs with at least ``windows`` per-window NLLs, by configuration key."""
     return {r["key"]: _truncate(r, windows) for r in jsonl_rows(RESULTS / "runs.jsonl")
-            if len(r.get("window_nll", [])) >= windows}
+            if len(r.get("window_nll", [])) >= windows and scored_on_lf_text(r)}
 
 
 def run(label: str, method: str | None, windows: int = WINDOWS, engine: dict | None = None,

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
+from common import EVAL_TEXT, RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID
 from sqllm.models import cache_dir, resolve_alias
 from sqllm.report import git_commit, machine_info, markdown_table
 
@@ -308,7 +308,7 @@ def cached_perplexity(path: Path, windows: int, compute: Any) -> dict[str, Any]:
     """``compute()`` for the model at ``path``, or the result of an earlier run on the same weights over at
     least ``windows`` windows from ``PPL_CACHE``, cut to its first ``windows`` (perplexity is deterministic;
     only speed must come from the run itself)."""
-    key = {"path": str(path), "fingerprint": _fingerprint(path)}
+    key = {"path": str(path), "fingerprint": _fingerprint(path), "eval_text": EVAL_TEXT}
     if PPL_CACHE.is_file():
         for line in PPL_CACHE.read_text().splitlines():
             rec = json.loads(line)

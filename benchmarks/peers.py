@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from common import RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows
+from common import EVAL_TEXT, LF_FIX, RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows, scored_on_lf_text
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.models import linear_names, load_model
 from sqllm.report import git_commit, machine_info, markdown_table
@@ -150,7 +150,7 @@ def llama_rows(windows: int) -> dict[str, dict[str, Any]]:
     nll_by_path: dict[str, list[float]] = {}
     for r in jsonl_rows(RESULTS / "llamacpp-ppl.jsonl"):
         nll = _wanted(windows, r["result"].get("window_nll", []))
-        if nll is not None:
+        if nll is not None and r["key"].get("eval_text") == EVAL_TEXT:
             nll_by_path[r["key"]["path"]] = nll
     doc = json.loads(doc_path.read_text())
     rows = {}
@@ -191,7 +191,7 @@ def p_rows(windows: int) -> dict[str, dict[str, Any]]:
     latest: dict[str, dict[str, Any]] = {}
     for r in jsonl_rows(RESULTS / "runs-P.jsonl"):
         nll = _wanted(windows, r.get("window_nll", []))
-        if nll is None:
+        if nll is None or json.loads(r["key"]).get("eval_text") != EVAL_TEXT:
             continue
         fisher = json.loads(r["key"])["fisher"]
         label = f"sqllm {r['label']}"
@@ -213,6 +213,8 @@ def robustness_rows(windows: int, path: Path) -> dict[str, dict[str, Any]]:
         p_calib = st["method"] == "rtn" or (st["calib"] == "wiki" and st["nsamples"] == 32
                                             and st["calib_seqlen"] == 2048 and st.get("fisher") is None)
         nll = _wanted(windows, r["window_nll"].get("WikiText-2", []))
+        if json.loads(r["key"]).get("eval_text") != EVAL_TEXT:
+            continue
         if st["method"] not in ("rtn", "gptq", "slim") or not p_calib or "percdamp" in st["options"] or nll is None:
             continue
         label = f"sqllm {st['label']}"
@@ -241,7 +243,7 @@ def runs_rows(windows: int) -> dict[str, dict[str, Any]]:
     rows = {}
     for r in jsonl_rows(RESULTS / "runs.jsonl"):
         nll = _wanted(windows, r.get("window_nll", []))
-        if r["label"] not in calibration or nll is None:
+        if r["label"] not in calibration or nll is None or not scored_on_lf_text(r):
             continue
         fp32 = r["method"] == "fp32"
         label = r["label"] if fp32 else f"sqllm {r['label']}"
@@ -321,7 +323,9 @@ def main() -> None:
     for source in (p_rows(args.windows), robustness_rows(args.windows, args.robustness), llama_rows(args.windows),
                    runs_rows(args.windows)):
         made = {**source, **made}
-    cached = {r["label"]: r for r in jsonl_rows(RUNS)}
+    # quantizer timings (no window_nll) do not depend on the evaluation text; scored runs must have read it
+    # with LF line ends
+    cached = {r["label"]: r for r in jsonl_rows(RUNS) if "window_nll" not in r or scored_on_lf_text(r)}
     for label, ftype in LLAMA_TYPES.items():
         timing = cached.get(label)
         if label in made and timing is None and (not args.only or "llama.cpp" in args.only):
@@ -332,6 +336,10 @@ def main() -> None:
             made[label].update(quant_seconds=timing["quant_seconds"], loadavg=timing["loadavg"],
                                quantizer_remade_same_bytes=timing["same_bytes"])
     rows = list(made.values())
+    rows += [{"label": label, "family": "llama.cpp",
+              "error": f"no llamacpp.py run scored on the test text read with LF line ends (its runs before {LF_FIX} "
+                       f"kept wiki.test.raw's \\r); rerun benchmarks/llamacpp.py, which needs llama-cpp-python"}
+             for label in LLAMA_TYPES if label not in made]
     for label, family, go in peers(args.windows):
         if label in made:
             continue

@@ -37,7 +37,8 @@ def single_threaded() -> Iterator[None]:
     """One intra-op thread, the caller's count restored afterwards, for column sweeps: thousands of small
     ops, each of which waits at a thread barrier when a second thread is descheduled (on a 2-core machine
     with one other busy job, a 2048 x 5632 GPTQ sweep took 19.5 s on 2 threads and 9.7 s on 1; on 2 idle
-    cores the whole solve takes the same time either way, 5.2 s against 5.3). The large products around the sweeps (lazy-batch updates, Cholesky, table solves) keep every thread."""
+    cores the whole solve takes the same time either way, 5.2 s against 5.3). The large products around
+    the sweeps (lazy-batch updates, Cholesky, table solves) keep every thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
