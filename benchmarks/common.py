@@ -8,6 +8,7 @@ full-precision and RTN rows instead of recomputing them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -57,7 +58,32 @@ PROTOCOL = {
 }
 
 
+# Option values the cache keys leave implicit: what each option defaulted to when the caches began. A key
+# holds such an option only where the run used another value, whether set or by a default that has moved
+# since, so runs cached before a default moved keep their keys, and each run is keyed by the value it used
+# (GPTQ's percdamp default went from 0.01 to 0.3; runs that did not set it before that are 0.01 runs).
+KEYED_DEFAULTS = {"percdamp": 0.01}
+
+
+def keyed_options(method: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with each KEYED_DEFAULTS option of ``method`` at the value the run uses, left out where
+    that is the implicit value."""
+    from sqllm.methods import METHODS
+
+    spec = METHODS.get(method or "")
+    if spec is None:
+        return options
+    out = {k: v for k, v in options.items() if k not in KEYED_DEFAULTS}
+    for f in dataclasses.fields(spec.config_cls):
+        if f.name in KEYED_DEFAULTS:
+            value = options.get(f.name, f.default)
+            if value != KEYED_DEFAULTS[f.name]:
+                out[f.name] = value
+    return out
+
+
 def _key(cfg: dict[str, Any]) -> str:
+    cfg = {**cfg, "options": keyed_options(cfg.get("method"), cfg.get("options", {}))}
     return json.dumps({k: v for k, v in cfg.items() if k != "windows"}, sort_keys=True)
 
 

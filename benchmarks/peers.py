@@ -39,7 +39,18 @@ from typing import Any
 
 import torch
 
-from common import EVAL_TEXT, LF_FIX, RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows, scored_on_lf_text
+from common import (
+    EVAL_TEXT,
+    LF_FIX,
+    RESULTS,
+    ROOT,
+    SEQLEN,
+    WIKI_TEST,
+    WIKI_VALID,
+    jsonl_rows,
+    keyed_options,
+    scored_on_lf_text,
+)
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.models import linear_names, load_model
 from sqllm.report import git_commit, machine_info, markdown_table
@@ -215,9 +226,14 @@ def robustness_rows(windows: int, path: Path) -> dict[str, dict[str, Any]]:
         nll = _wanted(windows, r["window_nll"].get("WikiText-2", []))
         if json.loads(r["key"]).get("eval_text") != EVAL_TEXT:
             continue
-        if st["method"] not in ("rtn", "gptq", "slim") or not p_calib or "percdamp" in st["options"] or nll is None:
+        if st["method"] not in ("rtn", "gptq", "slim") or not p_calib or nll is None:
             continue
-        label = f"sqllm {st['label']}"
+        # the library's present defaults only: a run with another damping than the method's default is a
+        # variant, and one made at a default that has moved since is not the default any more
+        plain = {k: v for k, v in st["options"].items() if k != "percdamp"}
+        if json.loads(r["key"])["options"] != keyed_options(st["method"], plain):
+            continue
+        label = f"sqllm {st['label'].split(' percdamp')[0]}"
         rows[label] = {
             "label": label, "family": "sqllm", "bits_per_weight": r["bits_per_weight"], "window_nll": nll,
             "quant_seconds": r["quant_seconds"],

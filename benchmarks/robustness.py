@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from common import EVAL_TEXT, RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows
+from common import EVAL_TEXT, RESULTS, ROOT, SEQLEN, WIKI_TEST, WIKI_VALID, jsonl_rows, keyed_options
 from sqllm.api import evaluate_perplexity, quantize
 from sqllm.methods import HESSIAN, METHODS, LayerStats, MethodSpec
 from sqllm.models import load_model
@@ -64,7 +64,8 @@ class Setting:
     fisher: str | None = None
 
     def key(self) -> str:
-        cfg: dict[str, Any] = {"method": self.method, "options": self.options, "eval_text": EVAL_TEXT}
+        cfg: dict[str, Any] = {"method": self.method, "options": keyed_options(self.method, self.options),
+                               "eval_text": EVAL_TEXT}
         if self.method != "rtn":
             cfg.update(calib=self.calib, nsamples=self.nsamples, calib_seqlen=self.calib_seqlen)
         if self.method not in ("fp32", "rtn"):
@@ -210,12 +211,15 @@ def _available(tok: Any, path: Path) -> int:
 # --- the settings ----------------------------------------------------------------------------------------
 
 G3 = dict(bits=3, group_size=64)
+# The original GPTQ's damping, where the studies started (sqllm's GPTQ default is 0.3 since they ran).
+ORIGINAL_PERCDAMP = 0.01
 
 
 def study_settings() -> list[Setting]:
     """The end-to-end grid, at the issue's calibration (16 x 512 WikiText-2 windows) unless varied, with
-    true-sequential off (as the benchmarks' cached runs; it saves three block passes per block)."""
-    g3 = {**G3, "true_sequential": False}
+    true-sequential off (as the benchmarks' cached runs; it saves three block passes per block), and the
+    original GPTQ's damping (0.01), which the grid varies."""
+    g3 = {**G3, "true_sequential": False, "percdamp": ORIGINAL_PERCDAMP}
     s = [
         Setting("fp32", "fp32"),
         Setting("RTN 3-bit g64", "rtn", G3),
@@ -235,9 +239,10 @@ def study_settings() -> list[Setting]:
     return s
 
 
-def final_settings(percdamp: float | None, fisher: str | None) -> list[Setting]:
-    """Protocol P (32 x 2048 WikiText-2 calibration) at 3 bits, with the library defaults and, when given,
-    another damping. ``fisher``: protocol P's Fisher file for SqueezeLLM+ (None: computed on the windows)."""
+def final_settings(percdamps: list[float], fisher: str | None) -> list[Setting]:
+    """Protocol P (32 x 2048 WikiText-2 calibration) at 3 bits, with the library defaults and the given
+    other dampings (a variant that equals a default row is that row). ``fisher``: protocol P's Fisher file
+    for SqueezeLLM+ (None: computed on the windows)."""
     p: dict[str, Any] = dict(nsamples=32, calib_seqlen=2048)
     s = [
         Setting("fp32", "fp32"),
@@ -246,12 +251,13 @@ def final_settings(percdamp: float | None, fisher: str | None) -> list[Setting]:
         Setting("GPTQ 3-bit g64", "gptq", G3, **p),
         Setting("SliM-LLM 3-bit g64", "slim", G3, **p),
     ]
-    if percdamp is not None:
-        s += [Setting(f"GPTQ 3-bit g64 percdamp {percdamp}", "gptq", {**G3, "percdamp": percdamp}, **p),
-              Setting(f"SliM-LLM 3-bit g64 percdamp {percdamp}", "slim", {**G3, "percdamp": percdamp}, **p)]
+    for d in percdamps:
+        s += [Setting(f"GPTQ 3-bit g64 percdamp {d}", "gptq", {**G3, "percdamp": d}, **p),
+              Setting(f"SliM-LLM 3-bit g64 percdamp {d}", "slim", {**G3, "percdamp": d}, **p)]
     if SQUEEZELLM_PLUS in METHODS:
         s.append(Setting("SqueezeLLM+ 3-bit", SQUEEZELLM_PLUS, dict(bits=3), fisher=fisher, **p))
-    return s
+    keys: set[str] = set()
+    return [x for x in s if not (x.key() in keys or keys.add(x.key()))]
 
 
 # --- layer-level study: one forward pass, many solver settings ---------------------------------------------
@@ -383,17 +389,18 @@ def layer_study(windows: int) -> None:
 
     rtn = solve("rtn", {}, **G3)
     rtn_err = {d: {n: _layer_error(weights[n], rtn[n], held[d][n]) for n in names} for d in DOMAINS}
-    variants: list[tuple[str, str, str, dict[str, Any]]] = [("GPTQ", "wiki 16x512", "gptq", {})]
+    base = {"percdamp": ORIGINAL_PERCDAMP}
+    variants: list[tuple[str, str, str, dict[str, Any]]] = [("GPTQ", "wiki 16x512", "gptq", base)]
     if "gptq-ref" in METHODS:
-        variants.append(("GPTQ, reference gptq.py", "wiki 16x512", "gptq-ref", {}))
+        variants.append(("GPTQ, reference gptq.py", "wiki 16x512", "gptq-ref", base))
     variants += [(f"GPTQ percdamp {d}", "wiki 16x512", "gptq", {"percdamp": d}) for d in (0.1, 0.3, 1.0)]
     variants += [
-        ("GPTQ act-order + static groups", "wiki 16x512", "gptq", {"act_order": True, "static_groups": True}),
-        ("GPTQ", "wiki 4x512", "gptq", {}),
-        ("GPTQ", "wiki 8x512", "gptq", {}),
-        ("GPTQ", "wiki 8x512 + sqlite 8x512", "gptq", {}),
-        ("GPTQ", "sqlite 8x512", "gptq", {}),
-        ("SliM-LLM", "wiki 16x512", "slim", {}),
+        ("GPTQ act-order + static groups", "wiki 16x512", "gptq", {**base, "act_order": True, "static_groups": True}),
+        ("GPTQ", "wiki 4x512", "gptq", base),
+        ("GPTQ", "wiki 8x512", "gptq", base),
+        ("GPTQ", "wiki 8x512 + sqlite 8x512", "gptq", base),
+        ("GPTQ", "sqlite 8x512", "gptq", base),
+        ("SliM-LLM", "wiki 16x512", "slim", base),
         ("SliM-LLM percdamp 0.1", "wiki 16x512", "slim", {"percdamp": 0.1}),
     ]
     rows = []
@@ -522,7 +529,8 @@ STUDY_NOTES = (
 )
 FINAL_NOTES = (
     "Protocol P: calibration 32 windows of 2048 tokens of WikiText-2 validation (seed 0), the library's "
-    "default settings unless the row names another; SqueezeLLM+ reads protocol P's Fisher (`sqllm "
+    "default settings unless the row names another (Hessian damping `percdamp`: GPTQ 0.3, the original GPTQ's "
+    "0.01 for SliM-LLM and SqueezeLLM+); SqueezeLLM+ reads protocol P's Fisher (`sqllm "
     "sensitivity` on the same windows, bf16 autocast) when `--fisher` gives its file."
 )
 
@@ -532,11 +540,14 @@ def main() -> None:
     ap.add_argument("table", choices=["layers", "study", "final"])
     ap.add_argument("--windows", type=int, default=None, help="windows per text (study: 4, final: 40)")
     ap.add_argument("--reference-gptq", metavar="DIR", help="folder holding IST-DASLab/gptq's gptq.py and quant.py")
-    ap.add_argument("--percdamp", type=float, default=None, help="final: also run GPTQ/SliM-LLM with this damping")
+    ap.add_argument("--percdamp", type=float, nargs="+", default=[],
+                    help="final: also run GPTQ/SliM-LLM with these dampings")
     ap.add_argument("--fisher", metavar="PATH", help="final: SqueezeLLM+ reads this Fisher file (sqllm sensitivity "
                     "on the same 32 x 2048 windows) instead of computing one")
     ap.add_argument("--only", nargs="*", help="run only the settings whose labels contain one of these strings")
     ap.add_argument("--threads", type=int, default=2, help="threads for the forward passes (solvers use 1)")
+    ap.add_argument("--cached", action="store_true",
+                    help="final, study: write the table from cached runs only, naming the settings without one")
     args = ap.parse_args()
     if args.reference_gptq:
         if not (Path(args.reference_gptq) / "gptq.py").is_file():
@@ -552,6 +563,10 @@ def main() -> None:
     settings = study_settings() if args.table == "study" else final_settings(args.percdamp, args.fisher)
     if args.only:
         settings = [s for s in settings if any(o in s.label for o in args.only)]
+    if args.cached:
+        cached = _cached()
+        print("".join(f"not cached, left out: {s.label}\n" for s in settings if s.key() not in cached), end="")
+        settings = [s for s in settings if s.key() in cached]
     rows = []
     for s in settings:
         rows.append((s, run(s, windows)))

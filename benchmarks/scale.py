@@ -191,9 +191,11 @@ def measured(argv: list[str], log: Path) -> dict:
     import subprocess
     import time
 
+    # the child runs this checkout's sqllm, as the parent does, whatever an installed copy points at
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"argv": argv, "seconds": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024,
@@ -222,18 +224,21 @@ def run_shape(name: str, runs: list[str], out_root: Path, resume: bool = False) 
                       "--output", str(out), "--resume" if resume else "--overwrite", "--json", str(qjson)],
                      out_root / f"{name}-{run}.quantize.log")
         row["quantize"] = {**q, "resumed": resume}
-        if q["exit_code"] == 0:
-            summary = _json.loads(qjson.read_text())
-            row["bits_per_weight"] = summary["bits_per_weight"]["total"]
-            row["stages"] = summary["stages"]
-            test_text = WIKI.parent / "wikitext-2-raw" / "wiki.test.raw"
-            e = measured([*cli, "eval", str(out), "--ppl", str(test_text),
-                          "--seqlen", str(EVAL["seqlen"]), "--windows", str(EVAL["windows"]), "--json", str(ejson)],
-                         out_root / f"{name}-{run}.eval.log")
-            row["eval"] = {**EVAL, **e}
-            if e["exit_code"] == 0:
-                row["perplexity"] = _json.loads(ejson.read_text())["perplexity"]
-            row["packed_mib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+        if q["exit_code"] != 0:
+            # a failed run measures nothing: keep the table's earlier row of this shape and run, if any
+            tail = Path(q["log"]).read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+            sys.exit(f"{name} {run}: sqllm quantize exited with {q['exit_code']} ({q['log']}): {tail[0]}")
+        summary = _json.loads(qjson.read_text())
+        row["bits_per_weight"] = summary["bits_per_weight"]["total"]
+        row["stages"] = summary["stages"]
+        test_text = WIKI.parent / "wikitext-2-raw" / "wiki.test.raw"
+        e = measured([*cli, "eval", str(out), "--ppl", str(test_text),
+                      "--seqlen", str(EVAL["seqlen"]), "--windows", str(EVAL["windows"]), "--json", str(ejson)],
+                     out_root / f"{name}-{run}.eval.log")
+        row["eval"] = {**EVAL, **e}
+        if e["exit_code"] == 0:
+            row["perplexity"] = _json.loads(ejson.read_text())["perplexity"]
+        row["packed_mib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
         rows.append(row)
         _save_row(row)
     return rows

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from common import EVAL_TEXT, RESULTS, ROOT, WIKI_TEST, WIKI_VALID, jsonl_rows
+from common import EVAL_TEXT, RESULTS, ROOT, WIKI_TEST, WIKI_VALID, jsonl_rows, keyed_options
 from sqllm import api, methods
 from sqllm.report import git_commit, machine_info, markdown_table
 
@@ -81,7 +81,7 @@ class _SolveTimer:
 
 
 def _key(method: str, options: dict[str, Any], fisher: str, windows: int) -> str:
-    return json.dumps({"model": MODEL, "method": method, "options": options, "calib": CALIB,
+    return json.dumps({"model": MODEL, "method": method, "options": keyed_options(method, options), "calib": CALIB,
                        "fisher": Path(fisher).name, "windows": windows, "eval_text": EVAL_TEXT}, sort_keys=True)
 
 

@@ -122,7 +122,7 @@ def test_singular_hessian_is_retried_with_more_damping():
 def test_negative_definite_hessian_raises_naming_the_layer():
     w, _, _ = _layer(n_in=64)
     with pytest.raises(NumericalError, match=r"model\.layers\.3\.mlp\.down_proj.*damping 0\.01, 0\.1, 1, 10"):
-        gptq_quantize(w, -torch.eye(64), GPTQConfig(3), name="model.layers.3.mlp.down_proj")
+        gptq_quantize(w, -torch.eye(64), GPTQConfig(3, percdamp=0.01), name="model.layers.3.mlp.down_proj")
 
 
 def test_non_finite_hessian_raises():

@@ -57,6 +57,11 @@ def method_options() -> dict[str, dict[str, Any]]:
                 "methods": [],
             })
             opt["methods"].append(method)
+            opt.setdefault("defaults", {})[method] = f.default
+    for opt in options.values():
+        defaults = opt.pop("defaults")
+        if len(set(map(repr, defaults.values()))) > 1:  # one flag, several methods' defaults: name each
+            opt["kwargs"]["help"] += " (default: " + ", ".join(f"{m} {d}" for m, d in defaults.items()) + ")"
     return options
 
 
