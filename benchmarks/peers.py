@@ -190,8 +190,9 @@ def llama_quantize_seconds(ftype: str) -> dict[str, Any]:
 
 
 def _p_calibration(fisher: str) -> str:
-    dtype = "bf16" if "bf16" in fisher else "fp32"
-    return f"P: WikiText-2 valid 32x2048, {dtype} Fisher ({fisher})"
+    # the Fisher file's metadata holds the requested --fisher-dtype ("auto"), not the one it resolved to,
+    # so the row names the file rather than guess the pass's precision from its name
+    return f"P: WikiText-2 valid 32x2048, Fisher file {fisher}"
 
 
 def p_rows(windows: int) -> dict[str, dict[str, Any]]:

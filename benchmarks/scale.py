@@ -249,17 +249,21 @@ def _save_row(row: dict) -> None:
     replaces the older line) and rewrite results/scale.{json,md}."""
     import json as _json
 
+    from sqllm.output import write_file
     from sqllm.report import machine_info, markdown_table
+
+    def put(path: Path, text: str) -> None:  # a kill mid-write leaves the earlier file whole
+        write_file(path, lambda tmp: tmp.write_text(text))
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "scale.jsonl"
     rows = [_json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     rows = [r for r in rows if (r["shape"], r["run"]) != (row["shape"], row["run"])] + [row]
-    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    put(path, "".join(_json.dumps(r) + "\n" for r in rows))
     doc = {"machine": machine_info(), "protocol": {"calibration": CALIB, "eval": EVAL,
                                                   "weights": f"random N(0, {INIT_STD}^2) bf16, norms 1"},
            "rows": rows}
-    (RESULTS / "scale.json").write_text(_json.dumps(doc, indent=2) + "\n")
+    put(RESULTS / "scale.json", _json.dumps(doc, indent=2) + "\n")
     gib = 1 / 1024
     table = markdown_table(
         ["shape", "params", "run", "bits/weight", "quantize s", "quantize peak RSS GiB", "eval s", "eval peak RSS GiB",
@@ -280,7 +284,7 @@ def _save_row(row: dict) -> None:
           f"the CPU of each run in the table (the machine under this project changes between sessions), "
           f"shared with other jobs (load average at each run's start in the table). A run marked '(resumed)' was "
           f"killed and continued with `--resume`: its seconds count only the resumed part.\n")
-    (RESULTS / "scale.md").write_text(md)
+    put(RESULTS / "scale.md", md)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,9 +69,9 @@ class GPTQConfig:
     group_size: int | None = option(None, GROUP_HELP)
     sym: bool = option(False, "symmetric grids (zero point in the middle)")
     # 0.3, not the original GPTQ's 0.01 (pass --percdamp 0.01 for it): under protocol P at 3-bit g64 on
-    # SmolLM2, 0.01 lost to RTN on text of another domain (SQLite docs 50.12 against RTN's 39.74), 0.3
-    # beat RTN there (38.19) and scored better in domain too (WikiText-2 58.19 against 61.81), and 1.0
-    # was worse on both (75.07, 46.17): benchmarks/results/robustness.md
+    # SmolLM2, 0.01 lost to RTN on text of another domain (SQLite docs 50.12 against RTN's 39.74); 0.1
+    # and 0.3 beat RTN there (38.23, 38.19) and scored better in domain too (WikiText-2 58.13, 58.19
+    # against 61.81); 1.0 was worse on both (75.07, 46.17): benchmarks/results/robustness.md
     percdamp: float = option(0.3, "Hessian damping, as a fraction of its mean diagonal")
     blocksize: int = option(128, "columns per GPTQ update block")
     act_order: bool = option(False, "quantize columns in order of decreasing Hessian diagonal")
