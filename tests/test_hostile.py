@@ -221,6 +221,20 @@ def test_sensitivity_output_needs_overwrite_and_a_fisher_file(capsys, no_load, t
     assert other.read_bytes() == b"not a fisher file"
 
 
+@pytest.mark.parametrize("asked, used", [("float32", "none"), ("bfloat16", "bfloat16"),
+                                         ("auto", "none" if api.fisher_dtype("auto", "cpu") is None else "bfloat16")])
+def test_sensitivity_file_names_the_precision_it_was_computed_in(capsys, tiny, text, tmp_path, asked, used):
+    out = tmp_path / "fisher.safetensors"
+    code, err = _run(capsys, "sensitivity", tiny, "--calib", text, "--calib-seqlen", "16", "--nsamples", "2",
+                     "--fisher-dtype", asked, "--output", out)
+    assert code == 0, err
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    assert (meta["fisher_dtype"], meta["autocast"]) == (asked, used)
+
+
 def test_sensitivity_file_is_replaced_atomically(tmp_path):
     path = tmp_path / "missing" / "f.safetensors"  # a missing folder is made
     api.save_sensitivity(path, {"a": torch.ones(2, 3)}, {"n": 1})

@@ -248,11 +248,12 @@ def _cmd_sensitivity(a: argparse.Namespace) -> None:
     api.check_context(path, a.calib_seqlen)
     out = api.check_sensitivity_output(a.output, a.overwrite, inputs=[a.model, path, a.calib])
     model, tok = api.load_model(path, packed=False)
+    amp = api.fisher_dtype(a.fisher_dtype, "cpu")
     fisher = api.compute_sensitivity(model, tok, a.calib, nsamples=a.nsamples, calib_seqlen=a.calib_seqlen,
-                                     seed=a.seed, grad_checkpointing=a.gradient_checkpointing,
-                                     amp=api.fisher_dtype(a.fisher_dtype, "cpu"))
+                                     seed=a.seed, grad_checkpointing=a.gradient_checkpointing, amp=amp)
+    # what the pass computed in, besides what was asked: "auto" depends on the machine that ran it
     meta = {"model": a.model, "calib": a.calib, "nsamples": a.nsamples, "seqlen": a.calib_seqlen, "seed": a.seed,
-            "fisher_dtype": a.fisher_dtype}
+            "fisher_dtype": a.fisher_dtype, "autocast": "none" if amp is None else str(amp).removeprefix("torch.")}
     if api.save_sensitivity(out, fisher, meta, overwrite=a.overwrite):
         print(f"wrote Fisher sensitivity of {len(fisher)} linears to {a.output}")
 
