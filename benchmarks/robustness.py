@@ -211,6 +211,7 @@ def _available(tok: Any, path: Path) -> int:
 # --- the settings ----------------------------------------------------------------------------------------
 
 G3 = dict(bits=3, group_size=64)
+G128 = dict(bits=3, group_size=128)  # the original GPTQ's and SliM-LLM's group size (protocol P's GPTQ row)
 # The original GPTQ's damping, where the studies started (sqllm's GPTQ default is 0.3 since they ran).
 ORIGINAL_PERCDAMP = 0.01
 
@@ -247,13 +248,15 @@ def final_settings(percdamps: list[float], fisher: str | None) -> list[Setting]:
     s = [
         Setting("fp32", "fp32"),
         Setting("RTN 3-bit g64", "rtn", G3),
-        Setting("RTN 3-bit g128", "rtn", dict(bits=3, group_size=128)),
+        Setting("RTN 3-bit g128", "rtn", G128),
         Setting("GPTQ 3-bit g64", "gptq", G3, **p),
         Setting("SliM-LLM 3-bit g64", "slim", G3, **p),
+        Setting("GPTQ 3-bit g128", "gptq", G128, **p),
     ]
     for d in percdamps:
         s += [Setting(f"GPTQ 3-bit g64 percdamp {d}", "gptq", {**G3, "percdamp": d}, **p),
-              Setting(f"SliM-LLM 3-bit g64 percdamp {d}", "slim", {**G3, "percdamp": d}, **p)]
+              Setting(f"SliM-LLM 3-bit g64 percdamp {d}", "slim", {**G3, "percdamp": d}, **p),
+              Setting(f"GPTQ 3-bit g128 percdamp {d}", "gptq", {**G128, "percdamp": d}, **p)]
     if SQUEEZELLM_PLUS in METHODS:
         s.append(Setting("SqueezeLLM+ 3-bit", SQUEEZELLM_PLUS, dict(bits=3), fisher=fisher, **p))
     keys: set[str] = set()
