@@ -22,11 +22,15 @@ of the ``sqllm sensitivity`` run that made the file with ``--fisher-seconds``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from sqllm.report import git_commit, machine_info, markdown_table
 MODEL = "smollm2-135m"
 CALIB = {"nsamples": 32, "calib_seqlen": 2048, "seed": 0}
 SPARSE = {"sensitive_pct": 0.05, "outlier_pct": 0.40}  # 0.45%: the most Fisher-sensitive, then the largest
+HEURISTIC = "heuristic@24bf6cf"  # the last commit whose SqueezeLLM used the multi-start Lloyd k-means
 
 ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("SqueezeLLM 4-bit dense", "squeezellm", dict(bits=4)),
@@ -52,6 +57,12 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("SqueezeLLM+ 2-bit dense", "squeezellm+", dict(bits=2)),
     ("SqueezeLLM+ 3-bit mixed", "squeezellm+", dict(bits=3, mixed=True)),
     ("SqueezeLLM 3-bit mixed", "squeezellm", dict(bits=3, mixed=True)),
+    # the issue's 2-bit bar; SliM-LLM+ takes no Fisher, its defaults train clipping on all 32 windows
+    ("SliM-LLM+ 2-bit g64", "slim+", dict(bits=2, group_size=64)),
+    # the exact k-means against the heuristic it replaced, all else equal (see heuristic_kmeans)
+    ("SqueezeLLM 4-bit dense, heuristic k-means", "squeezellm", dict(bits=4, kmeans=HEURISTIC)),
+    ("SqueezeLLM 3-bit dense, heuristic k-means", "squeezellm", dict(bits=3, kmeans=HEURISTIC)),
+    ("SqueezeLLM 3-bit 0.45%, heuristic k-means", "squeezellm", dict(bits=3, kmeans=HEURISTIC, **SPARSE)),
 ]
 
 
@@ -80,6 +91,31 @@ class _SolveTimer:
         methods.METHODS[self.name] = self.spec
 
 
+@contextlib.contextmanager
+def heuristic_kmeans(commit: str) -> Iterator[None]:
+    """SqueezeLLM's solver with the heuristic weighted k-means of ``commit`` (multi-start Lloyd, split-merge,
+    window DP; read from this checkout's git history) in place of the exact one, everything else as now:
+    the one-variable comparison behind "the exact k-means does not make SqueezeLLM worse"."""
+    from sqllm.codes import fp16_grid
+    from sqllm.quant import squeezellm
+
+    source = subprocess.run(["git", "show", f"{commit}:src/sqllm/quant/kmeans.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    old = types.ModuleType(f"kmeans_{commit}")
+    sys.modules[old.__name__] = old  # its dataclasses look their module up there
+    exec(compile(source, f"{commit}:src/sqllm/quant/kmeans.py", "exec"), old.__dict__)
+
+    def kmeans(x: torch.Tensor, weight: torch.Tensor | None, k: int, *, fp16: bool = False) -> Any:
+        return old.weighted_kmeans(x, weight, k, snap=fp16_grid if fp16 else None)
+
+    exact = squeezellm.weighted_kmeans
+    squeezellm.weighted_kmeans = kmeans
+    try:
+        yield
+    finally:
+        squeezellm.weighted_kmeans = exact
+
+
 def _key(method: str, options: dict[str, Any], fisher: str, windows: int) -> str:
     return json.dumps({"model": MODEL, "method": method, "options": keyed_options(method, options), "calib": CALIB,
                        "fisher": Path(fisher).name, "windows": windows, "eval_text": EVAL_TEXT}, sort_keys=True)
@@ -95,9 +131,11 @@ def run_row(label: str, method: str, options: dict[str, Any], fisher: str, windo
     model, tok = api.load_model(MODEL)
     load_avg = [round(v, 2) for v in os.getloadavg()]
     wall, cpu = time.perf_counter(), time.process_time()
-    with _SolveTimer(method) as solver:
+    quant_options = {k: v for k, v in options.items() if k != "kmeans"}
+    solver_swap = heuristic_kmeans(options["kmeans"].split("@")[1]) if "kmeans" in options else contextlib.nullcontext()
+    with _SolveTimer(method) as solver, solver_swap:
         result = api.quantize(model, tok, method, calib=str(WIKI_VALID), fisher=fisher, progress=False,
-                              **CALIB, **options)
+                              **CALIB, **quant_options)
     block_wall, block_cpu = time.perf_counter() - wall, time.process_time() - cpu
     wall, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,8 @@ from sqllm.codes import fp16_grid
 from sqllm.quant import kmeans
 from sqllm.quant.kmeans import weighted_kmeans, weighted_kmeans_objective
 
-KINDS = ["normal-uniform", "laplace-gamma", "t3-squared", "tiny-weights", "repeated-values", "some-zero-weights"]
+KINDS = ["normal-uniform", "laplace-gamma", "t3-squared", "tiny-weights", "repeated-values", "some-zero-weights",
+         "adjacent-floats"]
 
 
 def _rows(kind: str, rows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,7 +32,13 @@ def _rows(kind: str, rows: int, n: int, seed: int) -> tuple[torch.Tensor, torch.
         return x, u**12
     if kind == "repeated-values":  # a block grid, as weights dequantized from Q4 or stored in bf16
         return torch.round(x * 3) / 3, u
-    return x, u * (u > 0.3)  # extracted outliers carry weight 0
+    if kind == "adjacent-floats":  # values a few ulps apart, shuffled: the sort's radix alone misorders them
+        ulps = torch.randint(0, 600, (rows, n), generator=gen).float()
+        signs = torch.where(u > 0.5, 1.0, -1.0)
+        return signs * (1 + ulps * 2.0**-23) + (x > 1.5) * 2.0**-20, u
+    if kind == "some-zero-weights":
+        return x, u * (u > 0.3)  # extracted outliers carry weight 0
+    raise ValueError(kind)
 
 
 def _interval_costs(xs: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:

@@ -59,23 +59,23 @@ inline float key_float(uint32_t k) {
     return v;
 }
 
-// Sort ``items`` (key << 32 | column) by key: LSD radix on the key's four bytes, skipping bytes that
-// all items share (the sign/exponent byte often is). ``tmp`` is scratch of the same size.
+// Sort ``items`` (key << 32 | column) ascending: by key, equal keys by column. LSD radix on the key's
+// top three bytes, skipping bytes that all items share, then one insertion pass over the full items:
+// the radix leaves out of order only items whose keys agree to 24 bits (2^-15 of a value apart), rare
+// enough in a row of weights that the pass's branch is predicted, so it costs less than a fourth scatter.
 void radix_sort(std::vector<uint64_t>& items, std::vector<uint64_t>& tmp) {
     const size_t n = items.size();
-    uint32_t count[4][256];
+    uint32_t count[3][256];
     std::memset(count, 0, sizeof(count));
     for (uint64_t it : items) {
-        uint32_t k = uint32_t(it >> 32);
-        count[0][k & 255]++;
-        count[1][(k >> 8) & 255]++;
-        count[2][(k >> 16) & 255]++;
-        count[3][k >> 24]++;
+        count[0][(it >> 40) & 255]++;
+        count[1][(it >> 48) & 255]++;
+        count[2][it >> 56]++;
     }
     tmp.resize(n);
-    for (int pass = 0; pass < 4; ++pass) {
+    for (int pass = 0; pass < 3; ++pass) {
         uint32_t* c = count[pass];
-        const int shift = 32 + 8 * pass;
+        const int shift = 40 + 8 * pass;
         if (c[(items[0] >> shift) & 255] == n) continue;  // one digit everywhere: the pass is identity
         uint32_t sum = 0;
         for (int d = 0; d < 256; ++d) {
@@ -85,6 +85,14 @@ void radix_sort(std::vector<uint64_t>& items, std::vector<uint64_t>& tmp) {
         }
         for (uint64_t it : items) tmp[c[(it >> shift) & 255]++] = it;
         items.swap(tmp);
+    }
+    uint64_t* a = items.data();
+    for (size_t i = 1; i < n; ++i) {
+        if (a[i - 1] <= a[i]) continue;
+        const uint64_t v = a[i];
+        size_t j = i;
+        for (; j > 0 && a[j - 1] > v; --j) a[j] = a[j - 1];
+        a[j] = v;
     }
 }
 
