@@ -52,6 +52,7 @@ from common import (
     scored_on_lf_text,
 )
 from sqllm.api import evaluate_perplexity, quantize
+from sqllm.methods import METHODS
 from sqllm.models import linear_names, load_model
 from sqllm.report import git_commit, machine_info, markdown_table
 
@@ -189,10 +190,10 @@ def llama_quantize_seconds(ftype: str) -> dict[str, Any]:
     return {"quant_seconds": seconds, "loadavg": [load_start, load_end], "same_bytes": same}
 
 
-def _p_calibration(fisher: str) -> str:
+def _p_calibration(fisher: str | None) -> str:
     # the Fisher file's metadata holds the requested --fisher-dtype ("auto"), not the one it resolved to,
     # so the row names the file rather than guess the pass's precision from its name
-    return f"P: WikiText-2 valid 32x2048, Fisher file {fisher}"
+    return "P: WikiText-2 valid 32x2048" + (f", Fisher file {fisher}" if fisher else "")
 
 
 def p_rows(windows: int) -> dict[str, dict[str, Any]]:
@@ -203,9 +204,10 @@ def p_rows(windows: int) -> dict[str, dict[str, Any]]:
     latest: dict[str, dict[str, Any]] = {}
     for r in jsonl_rows(RESULTS / "runs-P.jsonl"):
         nll = _wanted(windows, r.get("window_nll", []))
-        if nll is None or json.loads(r["key"]).get("eval_text") != EVAL_TEXT:
+        # rows with another k-means swapped in are a study of the solver, not something a user runs
+        if nll is None or json.loads(r["key"]).get("eval_text") != EVAL_TEXT or "kmeans" in r["options"]:
             continue
-        fisher = json.loads(r["key"])["fisher"]
+        fisher = json.loads(r["key"])["fisher"] if METHODS[r["method"]].fisher else None
         label = f"sqllm {r['label']}"
         latest[label] = {
             "label": label, "family": "sqllm", "bits_per_weight": r["bits_per_weight"], "window_nll": nll,

@@ -72,3 +72,24 @@ def test_bitsandbytes_counts_every_stored_state_tensor(double_quant):
     assert floor < bits < floor + n_linears * 200 * 8 / weights
     for w in _linear_weights(model):
         assert _max_levels_per_group(w) <= 16
+
+
+def test_protocol_p_rows_skip_solver_studies_and_name_a_fisher_only_where_read(tmp_path, monkeypatch):
+    import json
+
+    def run(label: str, method: str, options: dict) -> dict:
+        key = {"method": method, "options": options, "fisher": "fisher-P.safetensors", "eval_text": peers.EVAL_TEXT}
+        stage = {"wall": 1.0, "cpu": 1.0}
+        return {"key": json.dumps(key), "label": label, "method": method, "options": options,
+                "window_nll": [3.0] * 40, "bits_per_weight": 3.0, "stages": {"fisher": None, "solve": stage},
+                "loadavg_start": [1.0], "loadavg_end": [1.0], "commit": "abc"}
+
+    runs = [run("SqueezeLLM 3-bit dense", "squeezellm", {"bits": 3}),
+            run("SqueezeLLM 3-bit dense, heuristic k-means", "squeezellm", {"bits": 3, "kmeans": "heuristic@24bf6cf"}),
+            run("SliM-LLM+ 2-bit g64", "slim+", {"bits": 2, "group_size": 64})]
+    (tmp_path / "runs-P.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    monkeypatch.setattr(peers, "RESULTS", tmp_path)
+    rows = peers.p_rows(40)
+    assert sorted(rows) == ["sqllm SliM-LLM+ 2-bit g64", "sqllm SqueezeLLM 3-bit dense"]
+    assert "fisher-P.safetensors" in rows["sqllm SqueezeLLM 3-bit dense"]["calibration"]
+    assert "Fisher" not in rows["sqllm SliM-LLM+ 2-bit g64"]["calibration"]
