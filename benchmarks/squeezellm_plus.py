@@ -173,6 +173,9 @@ def render(doc: dict[str, Any]) -> str:
         f"Evaluation: {p['eval']}. Calibration: {p['calibration']}. Fisher: {p['fisher']}.",
         "Bits/weight: codes, fp16 tables (and the width map of mixed tables) and the CSR sparse part of the "
         "quantized linears; embeddings and lm_head are not counted.",
+        "SliM-LLM+ reads no Fisher; its block-wise clipping training runs between the block's forwards and "
+        "counts in the first time column. Rows marked 'heuristic k-means' are SqueezeLLM with the k-means of "
+        "commit " + HEURISTIC.split("@")[1] + " swapped in (results/kmeans-quality-P.md).",
         f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores shared with other jobs "
         f"(load averages per row). Commit {doc['commit']}.",
     ]
