@@ -1,0 +1,40 @@
+"""benchmarks/squeezellm_plus.py's k-means study: the heuristic solver of an earlier commit swapped in for
+SqueezeLLM's exact one, and only inside the study."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "benchmarks"))
+
+import squeezellm_plus
+from sqllm.quant import squeezellm
+from sqllm.quant.kmeans import weighted_kmeans, weighted_kmeans_objective
+
+
+def _has_commit(commit: str) -> bool:
+    done = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _has_commit(squeezellm_plus.HEURISTIC.split("@")[1]), reason="shallow clone: no history")
+def test_heuristic_swap_is_scoped_and_never_beats_the_exact_optimum():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 200, generator=gen)
+    w = torch.rand(32, 200, generator=gen)
+    with squeezellm_plus.heuristic_kmeans(squeezellm_plus.HEURISTIC.split("@")[1]):
+        assert squeezellm.weighted_kmeans is not weighted_kmeans
+        lut, codes = squeezellm.weighted_kmeans(x, w, 8, fp16=True)
+    assert squeezellm.weighted_kmeans is weighted_kmeans
+    heuristic = weighted_kmeans_objective(x, w, lut, codes)
+    exact = weighted_kmeans_objective(x, w, *weighted_kmeans(x, w, 8, fp16=True))
+    assert lut.shape == (32, 8) and codes.shape == (32, 200)
+    # fp16 tables: the exact optimum is rounded too, so allow that rounding's share
+    assert bool((exact <= heuristic * (1 + 1e-3)).all())
+    assert float(heuristic.sum()) > float(exact.sum())
