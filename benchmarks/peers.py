@@ -204,10 +204,11 @@ def p_rows(windows: int) -> dict[str, dict[str, Any]]:
     latest: dict[str, dict[str, Any]] = {}
     for r in jsonl_rows(RESULTS / "runs-P.jsonl"):
         nll = _wanted(windows, r.get("window_nll", []))
+        key = json.loads(r["key"])
         # rows with another k-means swapped in are a study of the solver, not something a user runs
-        if nll is None or json.loads(r["key"]).get("eval_text") != EVAL_TEXT or "kmeans" in r["options"]:
+        if nll is None or key.get("eval_text") != EVAL_TEXT or "kmeans" in r["options"]:
             continue
-        fisher = json.loads(r["key"])["fisher"] if METHODS[r["method"]].fisher else None
+        fisher = key["fisher"] if METHODS[r["method"]].fisher else None
         label = f"sqllm {r['label']}"
         latest[label] = {
             "label": label, "family": "sqllm", "bits_per_weight": r["bits_per_weight"], "window_nll": nll,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -44,7 +45,8 @@ from sqllm.report import git_commit, machine_info, markdown_table
 MODEL = "smollm2-135m"
 CALIB = {"nsamples": 32, "calib_seqlen": 2048, "seed": 0}
 SPARSE = {"sensitive_pct": 0.05, "outlier_pct": 0.40}  # 0.45%: the most Fisher-sensitive, then the largest
-HEURISTIC = "heuristic@24bf6cf"  # the last commit whose SqueezeLLM used the multi-start Lloyd k-means
+HEURISTIC_COMMIT = "24bf6cf"  # the last commit whose SqueezeLLM used the multi-start Lloyd k-means
+HEURISTIC = f"heuristic@{HEURISTIC_COMMIT}"  # a row's ``kmeans`` option: that commit's solver
 
 ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("SqueezeLLM 4-bit dense", "squeezellm", dict(bits=4)),
@@ -61,7 +63,7 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("SqueezeLLM 3-bit mixed", "squeezellm", dict(bits=3, mixed=True)),
     # the issue's 2-bit bar; SliM-LLM+ takes no Fisher, its defaults train clipping on all 32 windows
     ("SliM-LLM+ 2-bit g64", "slim+", dict(bits=2, group_size=64)),
-    # the exact k-means against the heuristic it replaced, all else equal (see heuristic_kmeans)
+    # the exact k-means against the heuristic it replaced, all else equal (see kmeans_solver)
     ("SqueezeLLM 4-bit dense, heuristic k-means", "squeezellm", dict(bits=4, kmeans=HEURISTIC)),
     ("SqueezeLLM 3-bit dense, heuristic k-means", "squeezellm", dict(bits=3, kmeans=HEURISTIC)),
     ("SqueezeLLM 3-bit 0.45%, heuristic k-means", "squeezellm", dict(bits=3, kmeans=HEURISTIC, **SPARSE)),
@@ -93,19 +95,33 @@ class _SolveTimer:
         methods.METHODS[self.name] = self.spec
 
 
+@functools.cache
+def _heuristic_module(commit: str) -> types.ModuleType:
+    """``src/sqllm/quant/kmeans.py`` as of ``commit``, read from this checkout's git history, loaded once."""
+    source = subprocess.run(["git", "show", f"{commit}:src/sqllm/quant/kmeans.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"kmeans_{commit}")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up there
+    exec(compile(source, f"{commit}:src/sqllm/quant/kmeans.py", "exec"), module.__dict__)
+    return module
+
+
 @contextlib.contextmanager
-def heuristic_kmeans(commit: str) -> Iterator[None]:
-    """SqueezeLLM's solver with the heuristic weighted k-means of ``commit`` (multi-start Lloyd, split-merge,
-    window DP; read from this checkout's git history) in place of the exact one, everything else as now:
-    the one-variable comparison behind "the exact k-means does not make SqueezeLLM worse"."""
+def kmeans_solver(choice: str | None) -> Iterator[None]:
+    """SqueezeLLM's k-means for the duration: the exact one (``choice`` None), or ``"heuristic@<commit>"``,
+    the heuristic weighted k-means of that commit (multi-start Lloyd, split-merge, window DP) with
+    everything else as now: the one-variable comparison behind "the exact k-means does not make
+    SqueezeLLM worse"."""
+    if choice is None:
+        yield
+        return
+    kind, _, commit = choice.partition("@")
+    if kind != "heuristic" or not commit:
+        raise ValueError(f"kmeans={choice!r}: expected 'heuristic@<commit>'")
     from sqllm.codes import fp16_grid
     from sqllm.quant import squeezellm
 
-    source = subprocess.run(["git", "show", f"{commit}:src/sqllm/quant/kmeans.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    old = types.ModuleType(f"kmeans_{commit}")
-    sys.modules[old.__name__] = old  # its dataclasses look their module up there
-    exec(compile(source, f"{commit}:src/sqllm/quant/kmeans.py", "exec"), old.__dict__)
+    old = _heuristic_module(commit)
 
     def kmeans(x: torch.Tensor, weight: torch.Tensor | None, k: int, *, fp16: bool = False) -> Any:
         return old.weighted_kmeans(x, weight, k, snap=fp16_grid if fp16 else None)
@@ -134,8 +150,7 @@ def run_row(label: str, method: str, options: dict[str, Any], fisher: str, windo
     load_avg = [round(v, 2) for v in os.getloadavg()]
     wall, cpu = time.perf_counter(), time.process_time()
     quant_options = {k: v for k, v in options.items() if k != "kmeans"}
-    solver_swap = heuristic_kmeans(options["kmeans"].split("@")[1]) if "kmeans" in options else contextlib.nullcontext()
-    with _SolveTimer(method) as solver, solver_swap:
+    with _SolveTimer(method) as solver, kmeans_solver(options.get("kmeans")):
         result = api.quantize(model, tok, method, calib=str(WIKI_VALID), fisher=fisher, progress=False,
                               **CALIB, **quant_options)
     block_wall, block_cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -175,7 +190,7 @@ def render(doc: dict[str, Any]) -> str:
         "quantized linears; embeddings and lm_head are not counted.",
         "SliM-LLM+ reads no Fisher; its block-wise clipping training runs between the block's forwards and "
         "counts in the first time column. Rows marked 'heuristic k-means' are SqueezeLLM with the k-means of "
-        "commit " + HEURISTIC.split("@")[1] + " swapped in (results/kmeans-quality-P.md).",
+        "commit " + HEURISTIC_COMMIT + " swapped in (results/kmeans-quality-P.md).",
         f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores shared with other jobs "
         f"(load averages per row). Commit {doc['commit']}.",
     ]
@@ -260,10 +275,9 @@ def _kmeans_objectives(fisher: str, bits: int) -> dict[str, float]:
     from sqllm.quant.kmeans import weighted_kmeans_objective
 
     totals = {}
-    for solver in ("exact", "heuristic"):
-        swap = heuristic_kmeans(HEURISTIC.split("@")[1]) if solver == "heuristic" else contextlib.nullcontext()
+    for solver, choice in (("exact", None), ("heuristic", HEURISTIC)):
         total = 0.0
-        with swap, safe_open(str(weights_path()), "pt") as f, safe_open(fisher, "pt") as ff:
+        with kmeans_solver(choice), safe_open(str(weights_path()), "pt") as f, safe_open(fisher, "pt") as ff:
             for block in range(BLOCKS):
                 for name in LINEARS:
                     w, weight = load_matrix(f, block, name, ff)
@@ -275,7 +289,7 @@ def _kmeans_objectives(fisher: str, bits: int) -> dict[str, float]:
 
 def kmeans_table(fisher: str) -> None:
     """results/kmeans-quality-P.{json,md}: each SqueezeLLM setting with the exact k-means beside the same
-    setting with the heuristic it replaced (``heuristic_kmeans``), same Fisher file, paired per window;
+    setting with the heuristic it replaced (``kmeans_solver``), same Fisher file, paired per window;
     dense settings also get both solvers' total objective."""
     runs = [r for r in _cached(RESULTS / "runs-P.jsonl").values() if r["method"] == "squeezellm"]
     heuristic = {_setting_without_kmeans(r): r for r in runs if r["options"].get("kmeans") == HEURISTIC}
@@ -310,8 +324,8 @@ def kmeans_table(fisher: str) -> None:
         "# SqueezeLLM under protocol P: the exact weighted k-means against the heuristic it replaced\n\n"
         + table + "\n\n"
         f"Each pair quantizes SmolLM2 with the same Fisher file ({', '.join(sorted({r['fisher'] for r in rows}))}) "
-        f"and settings; the heuristic rows swap in the weighted k-means of commit {HEURISTIC.split('@')[1]} (multi-start "
-        "Lloyd, split-merge, window DP) and nothing else (`heuristic_kmeans` in `benchmarks/squeezellm_plus.py`). "
+        f"and settings; the heuristic rows swap in the weighted k-means of commit {HEURISTIC_COMMIT} (multi-start "
+        "Lloyd, split-merge, window DP) and nothing else (`kmeans_solver` in `benchmarks/squeezellm_plus.py`). "
         "The exact solver reaches the global optimum of every row's Fisher-weighted objective (SqueezeLLM Eq. 4), "
         "so its objective is never higher (the objective column: SqueezeLLM's `sum F (w - q)^2` over every linear, dense "
         "settings only, the exact total over the heuristic's); perplexity is the end measure that objective stands "

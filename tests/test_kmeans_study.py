@@ -23,12 +23,12 @@ def _has_commit(commit: str) -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.skipif(not _has_commit(squeezellm_plus.HEURISTIC.split("@")[1]), reason="shallow clone: no history")
+@pytest.mark.skipif(not _has_commit(squeezellm_plus.HEURISTIC_COMMIT), reason="shallow clone: no history")
 def test_heuristic_swap_is_scoped_and_never_beats_the_exact_optimum():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 200, generator=gen)
     w = torch.rand(32, 200, generator=gen)
-    with squeezellm_plus.heuristic_kmeans(squeezellm_plus.HEURISTIC.split("@")[1]):
+    with squeezellm_plus.kmeans_solver(squeezellm_plus.HEURISTIC):
         assert squeezellm.weighted_kmeans is not weighted_kmeans
         lut, codes = squeezellm.weighted_kmeans(x, w, 8, fp16=True)
     assert squeezellm.weighted_kmeans is weighted_kmeans
