@@ -8,7 +8,7 @@ import torch
 
 from sqllm.config import GPTQConfig, RTNConfig
 from sqllm.errors import InvalidConfig, NumericalError
-from sqllm.quant.gptq import gptq_quantize, hessian_error
+from sqllm.quant.gptq import gptq_quantize, hessian_error, hessian_inverse_factor
 from sqllm.quant.rtn import rtn_quantize
 
 
@@ -50,12 +50,31 @@ def test_identity_hessian_is_rtn_exactly(bits, group):
     _assert_same_codes(gptq, rtn_quantize(w, RTNConfig(bits, group)))
 
 
-def test_reported_error_is_the_error_of_the_returned_codes():
-    w, x, h = _layer()
-    qm = gptq_quantize(w, h, GPTQConfig(3, 64))
-    assert qm.info["hessian_error"] == hessian_error(w, qm.dequantize(), h)
-    direct = 2 / x.shape[0] * _out_err(w, qm.dequantize(), x) ** 2
-    assert qm.info["hessian_error"] == pytest.approx(direct, rel=1e-3)
+@pytest.mark.parametrize("kwargs", [{}, {"percdamp": 0.0}, {"percdamp": 1.0}, {"act_order": True, "static_groups": True}])
+@pytest.mark.parametrize("dead", [False, True])
+def test_reported_error_is_the_error_of_the_returned_codes(kwargs, dead):
+    # the sweep's O(out * in) identity against the direct tr(dW H dW^T) and the output error it stands for
+    w, x, _ = _layer()
+    if dead:
+        x[:, [5, 70]] = 0
+    h = 2 / x.shape[0] * x.T @ x
+    qm = gptq_quantize(w, h, GPTQConfig(3, 64, **kwargs))
+    direct = hessian_error(w, qm.dequantize(), h)
+    assert qm.info["hessian_error"] == pytest.approx(direct, rel=1e-4)
+    assert direct == pytest.approx(2 / x.shape[0] * _out_err(w, qm.dequantize(), x) ** 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("n", [5, 256, 300, 700])
+def test_hessian_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(n):
+    # against the definition, computed in float64: U upper with a positive diagonal and U^T U = (H + damp I)^-1
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / n
+    u, frac = hessian_inverse_factor(h.float(), 0.01)
+    damped = h + frac * torch.diagonal(h).mean() * torch.eye(n, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert frac == 0.01 and torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
+    torch.testing.assert_close(u.double(), ref, rtol=0, atol=2e-5 * float(ref.abs().max()))
 
 
 def test_partial_last_group():

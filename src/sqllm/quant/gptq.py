@@ -81,24 +81,46 @@ def _damping_schedule(percdamp: float) -> list[float]:
     return [percdamp] + [base * 10**k for k in range(1, DAMP_RETRIES + 1)]
 
 
+def lower_triangular_inverse(l: Tensor, base: int = 256) -> Tensor:
+    """``L^-1`` of a lower-triangular ``l: [n, n]`` with a nonzero diagonal, by halves (LAPACK's trtri
+    scheme, which torch does not expose): ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``,
+    the corner by two triangular solves. About ``n^3 / 3`` multiply-adds, all in large solves, where one
+    solve against the identity would take ``n^3 / 2``."""
+    n = l.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(l, torch.eye(n, dtype=l.dtype, device=l.device), upper=False)
+    k = n // 2
+    a, b, c = l[:k, :k], l[k:, k:], l[k:, :k]
+    inv = torch.zeros_like(l)
+    inv[:k, :k] = lower_triangular_inverse(a, base)
+    inv[k:, k:] = lower_triangular_inverse(b, base)
+    c_ainv = torch.linalg.solve_triangular(a, c, upper=False, left=False)
+    inv[k:, :k] = -torch.linalg.solve_triangular(b, c_ainv, upper=False)
+    return inv
+
+
 def hessian_inverse_factor(h: Tensor, percdamp: float, name: str = "") -> tuple[Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (so ``H^-1 = U^T U``), GPTQ §4 step 3.
 
     h: [in, in] float32, dead inputs already fixed. ``damp = frac * mean(diag H)`` (§4 step 3,
     "Cholesky reformulation"), ``frac = percdamp`` first, 10x larger on each of :data:`DAMP_RETRIES` retries.
+    ``U`` comes from one factorization and one triangular inverse, without forming ``H^-1``: with ``J``
+    the reversal permutation and ``J H J = L L^T``, ``H = (J L J)(J L J)^T`` with ``J L J`` upper, so
+    ``U = (J L J)^-1 = J L^-1 J`` (half the work of inverting ``H`` and factoring the inverse again).
     Returns (U [in, in], frac used). Raises NumericalError naming the layer when all attempts fail.
     """
     if not bool(torch.isfinite(h).all()):
         raise NumericalError(f"layer {name!r}: the Hessian has inf/NaN entries; check the calibration inputs")
     mean_diag = torch.diagonal(h).mean()
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    reversed_h = h.flip(0, 1)
     tried = _damping_schedule(percdamp)
     for frac in tried:
-        chol, info = torch.linalg.cholesky_ex(h + frac * mean_diag * eye)
+        chol, info = torch.linalg.cholesky_ex(reversed_h + frac * mean_diag * eye)
         if int(info) != 0:
             continue
-        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-        if int(info) == 0 and bool(torch.isfinite(u).all()):
+        u = lower_triangular_inverse(chol).flip(0, 1)
+        if bool(torch.isfinite(u).all()):
             return u, frac
     raise NumericalError(
         f"layer {name!r}: Hessian is not positive definite even with damping "
@@ -207,11 +229,35 @@ def hessian_error(w: Tensor, q: Tensor, h: Tensor) -> float:
     """``tr((W - Q) H (W - Q)^T)``: with ``H = 2/n X^T X`` this is ``2/n ||X W^T - X Q^T||_F^2``, the
     layer output error GPTQ minimizes (§3). w, q: [out, in]; h: [in, in] (undamped).
 
-    The product runs in float32 and only the final sum in float64: float64 products cost more than the
-    GPTQ sweep itself on 7B-sized matrices (``out * in**2`` multiply-adds), for a diagnostic that float32
-    gives to about 1e-6 relative."""
+    The product runs in float32 and only the final sum in float64 (float64 products would cost more than
+    the sweep). It still costs ``out * in**2`` multiply-adds, as much as the GPTQ sweep itself: the
+    solvers report :func:`sweep_hessian_error` instead, and this direct form is its reference."""
     d = (w - q).float()
     return float(((d @ h.float()) * d).sum(dtype=torch.float64))
+
+
+def sweep_hessian_error(w: Tensor, q: Tensor, rounded: Tensor, hinv_u: Tensor, damp: float, dead: Tensor,
+                        perm: Tensor | None = None) -> float:
+    """:func:`hessian_error` of a GPTQ sweep's result in ``O(out * in)``, from what the sweep rounded.
+
+    Each column's scaled error ``e_j = (r_j - q_j) / U_jj`` is what the sweep fed back, and the sweep
+    makes ``W - Q = E U`` (every column's update is row ``j`` of ``U`` times ``e_j``). With the damped
+    ``H_d = H + damp I = U^-1 U^-T`` this gives ``tr((W - Q) H_d (W - Q)^T) = ||E||^2``, so
+    ``tr((W - Q) H (W - Q)^T) = ||E||^2 - damp ||W - Q||^2``; inputs that :func:`drop_dead_inputs` gave
+    ``H_jj = 1`` count once more, for the undamped Hessian has zeros there.
+
+    w: [out, in] the weight swept (dead inputs zeroed); q, rounded: [out, in] from :func:`gptq_core`;
+    hinv_u: [in, in] in processing order; damp: absolute damping added to the Hessian; dead: [in] bool,
+    the inputs with ``H_jj == 0``; perm: the processing order, or None. Agrees with the direct form to float32
+    round-off of the sweep (relative 1e-4 on 4096-column layers).
+    """
+    u_diag = torch.diagonal(hinv_u)
+    if perm is not None:
+        u_diag = torch.empty_like(u_diag).index_copy_(0, perm, u_diag)
+    e = (rounded - q) / u_diag
+    d = w - q
+    total = e.pow(2).sum(dtype=torch.float64) - damp * d.pow(2).sum(dtype=torch.float64)
+    return float(total - d[:, dead].pow(2).sum(dtype=torch.float64))
 
 
 def check_hessian_shape(w: Tensor, h: Tensor | None) -> None:
@@ -227,7 +273,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = ""
     Grids are min-max (fp16 scales) per output channel or per ``group_size`` columns, fitted on the
     error-updated weights when a group starts, or on the original ``w`` with ``static_groups``.
     ``act_order`` quantizes columns by descending ``diag(H)`` (the reference code's act-order heuristic).
-    info: ``damp`` (damping fraction used), ``hessian_error`` (see :func:`hessian_error`).
+    info: ``damp`` (damping fraction used), ``hessian_error`` (see :func:`sweep_hessian_error`).
     """
     check_hessian_shape(w, hessian)
     w0, h0 = w.float(), hessian.float()
@@ -244,7 +290,9 @@ def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = ""
     def fit(wg: Tensor, bits: int, cols: slice) -> tuple[Tensor, Tensor]:
         return minmax_grid(wg, bits, cfg.sym)
 
-    dense, q, _ = gptq_core(
+    dense, q, rounded = gptq_core(
         w1, u, group_size, group_bits, fit, blocksize=cfg.blocksize, static_groups=cfg.static_groups, perm=perm
     )
-    return QuantizedMatrix(dense=dense, info={"damp": damp, "hessian_error": hessian_error(w0, q, h0)})
+    damp_abs = damp * float(torch.diagonal(h).mean())
+    err = sweep_hessian_error(w1, q, rounded, u, damp_abs, torch.diagonal(h0) == 0, perm)
+    return QuantizedMatrix(dense=dense, info={"damp": damp, "hessian_error": err})

@@ -25,9 +25,9 @@ from .gptq import (
     drop_dead_inputs,
     gptq_core,
     group_slices,
-    hessian_error,
     hessian_inverse_factor,
     nearest_codes,
+    sweep_hessian_error,
 )
 from .uniform import dequantize_grid, minmax_grid, quantize_to_grid
 
@@ -229,6 +229,8 @@ def slim_quantize(
         "group_bits": group_bits.tolist(),
         "kl": kls,
         "damp": damp,
-        "hessian_error": hessian_error(w0, q, h0),
+        "hessian_error": sweep_hessian_error(
+            w1, q, rounded, u, damp * float(torch.diagonal(h).mean()), torch.diagonal(h0) == 0
+        ),
     }
     return QuantizedMatrix(dense=dense, info=info, rounded=rounded if keep_rounded else None)
