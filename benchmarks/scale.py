@@ -217,7 +217,8 @@ def run_shape(name: str, runs: list[str], out_root: Path, resume: bool = False) 
         out = out_root / f"{name}-{run}"
         qjson, ejson = out_root / f"{name}-{run}.quantize.json", out_root / f"{name}-{run}.eval.json"
         row = {"shape": name, "params": SHAPES[name].n_params(), "run": run, "commit": git_commit(str(ROOT)),
-               "load_average": os.getloadavg()[0], "cpu": machine_info()["cpu"], "calibration": CALIB, "eval": EVAL}
+               "load_average": os.getloadavg()[0], "cpu": machine_info()["cpu"], "calibration": CALIB, "eval": EVAL,
+               "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)}  # what the children get
         cli = [sys.executable, "-m", "sqllm.cli"]
         q = measured([*cli, "quantize", str(ckpt), *RUNS[run], "--calib", str(WIKI / "wiki.valid.tokens"),
                       "--nsamples", str(CALIB["nsamples"]), "--calib-seqlen", str(CALIB["calib_seqlen"]),
@@ -267,12 +268,13 @@ def _save_row(row: dict) -> None:
     gib = 1 / 1024
     table = markdown_table(
         ["shape", "params", "run", "bits/weight", "quantize s", "quantize peak RSS GiB", "eval s", "eval peak RSS GiB",
-         "stages (s)", "load avg", "CPU"],
+         "stages (s)", "threads", "load avg", "CPU"],
         [[r["shape"], f"{r['params'] / 1e9:.2f}B", r["run"], f"{r.get('bits_per_weight', float('nan')):.3f}",
           f"{r['quantize']['seconds']:.0f}" + (" (resumed)" if r["quantize"].get("resumed") else ""),
           f"{r['quantize']['peak_rss_mib'] * gib:.2f}",
           f"{r['eval'].get('seconds', float('nan')):.0f}", f"{r['eval'].get('peak_rss_mib', float('nan')) * gib:.2f}",
-          ", ".join(f"{k} {v:.0f}" for k, v in r.get("stages", {}).items()), f"{r['load_average']:.1f}",
+          ", ".join(f"{k} {v:.0f}" for k, v in r.get("stages", {}).items()), r.get("threads", "-"),
+          f"{r['load_average']:.1f}",
           r.get("cpu", "-")]
          for r in rows])
     m = doc["machine"]
@@ -282,7 +284,8 @@ def _save_row(row: dict) -> None:
           f"weights is meaningless; the runs measure memory and time). Peak RSS is each child process's own "
           f"(wait4). Vocabulary 49152 (SmolLM2's tokenizer). Machines: {m['cores']} cores, torch {m['torch']}, "
           f"the CPU of each run in the table (the machine under this project changes between sessions), "
-          f"shared with other jobs (load average at each run's start in the table). A run marked '(resumed)' was "
+          f"shared with other jobs (load average at each run's start in the table); threads: torch's intra-op threads in the "
+          f"quantize and eval processes ('-': not recorded). A run marked '(resumed)' was "
           f"killed and continued with `--resume`: its seconds count only the resumed part.\n")
     put(RESULTS / "scale.md", md)
 
