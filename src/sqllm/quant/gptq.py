@@ -84,8 +84,8 @@ def _damping_schedule(percdamp: float) -> list[float]:
 def lower_triangular_inverse(l: Tensor, base: int = 256) -> Tensor:
     """``L^-1`` of a lower-triangular ``l: [n, n]`` with a nonzero diagonal, by halves (LAPACK's trtri
     scheme, which torch does not expose): ``[[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]]``,
-    the corner by two triangular solves. About ``n^3 / 3`` multiply-adds, all in large solves, where one
-    solve against the identity would take ``n^3 / 2``."""
+    the corner by two triangular solves. About ``n^3 / 3`` flops, all in large solves, where one solve
+    against the identity would take ``n^3``."""
     n = l.shape[0]
     if n <= base:
         return torch.linalg.solve_triangular(l, torch.eye(n, dtype=l.dtype, device=l.device), upper=False)
@@ -248,8 +248,8 @@ def sweep_hessian_error(w: Tensor, q: Tensor, rounded: Tensor, hinv_u: Tensor, d
 
     w: [out, in] the weight swept (dead inputs zeroed); q, rounded: [out, in] from :func:`gptq_core`;
     hinv_u: [in, in] in processing order; damp: absolute damping added to the Hessian; dead: [in] bool,
-    the inputs with ``H_jj == 0``; perm: the processing order, or None. Agrees with the direct form to float32
-    round-off of the sweep (relative 1e-4 on 4096-column layers).
+    the inputs with ``H_jj == 0``; perm: the processing order, or None. Agrees with the direct form to the
+    sweep's float32 round-off (relative 1e-7 on a 2048 x 4096 layer at damping 0.01 and 0.3).
     """
     u_diag = torch.diagonal(hinv_u)
     if perm is not None:
