@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from sqllm.codes import num_groups
 from sqllm.config import GPTQConfig
 from sqllm.quant.gptq import (
     drop_dead_inputs,
@@ -80,7 +81,7 @@ def measure(out: int, n_in: int, seed: int) -> dict[str, Any]:
     """Seconds of each part, both ways, on one random layer, and how far the two ways' results differ."""
     w, h = layer(out, n_in, seed)
     w1, h1 = drop_dead_inputs(w, h)
-    bits = torch.full((-(-n_in // CFG.group_size),), CFG.bits)
+    bits = torch.full((num_groups(n_in, CFG.group_size),), CFG.bits)
 
     def fit(wg: torch.Tensor, b: int, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return minmax_grid(wg, b, CFG.sym)
