@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_model
 from sqllm.codes import QuantizedMatrix
-from sqllm.config import RTNConfig
+from sqllm.config import GPTQConfig, RTNConfig, SliMConfig
 from sqllm.engine.loop import EngineOptions, _collect, capture_first_block_inputs, quantize_blocks, run_block
 from sqllm.engine.stats import HessianAccumulator
 from sqllm.methods import HESSIAN, INPUTS, LayerStats, MethodSpec, get_method
@@ -100,6 +100,36 @@ def test_linears_fed_one_tensor_share_their_hessian_but_not_their_input_sample(m
         x = torch.cat(captured[name])
         torch.testing.assert_close(seen["model.layers.0." + name].hessian, 2.0 / x.shape[0] * x.T @ x,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, cfg", [("gptq", GPTQConfig(3, 32)), ("slim", SliMConfig(2, group_size=32))])
+def test_linears_of_one_input_share_one_prepared_hessian(monkeypatch, method, cfg):
+    """GPTQ and SliM-LLM factor each input's Hessian once: on a LLaMA block four factorizations serve the
+    seven linears (q/k/v and gate/up share theirs), and every code equals, bit for bit, a run where each
+    linear prepares its own."""
+    import sqllm.methods
+    import sqllm.quant.gptq as gptq
+
+    def run(share: bool) -> dict:
+        if not share:  # the reference: a fresh preparation for every linear
+            monkeypatch.setattr(sqllm.methods, "_prepared_hessian", lambda stats, percdamp, act_order:
+                                gptq.prepare_hessian(stats.hessian, percdamp, act_order, stats.name))
+        model = tiny_model("llama")
+        return quantize_blocks(model, arch_spec(model), get_method(method), cfg, windows=_windows(n=5, L=12),
+                               opts=EngineOptions(batch_size=2, progress=False))
+
+    calls = []
+    prepare = gptq.prepare_hessian
+    monkeypatch.setattr(gptq, "prepare_hessian", lambda *a, **k: calls.append(1) or prepare(*a, **k))
+    shared = run(share=True)
+    n_blocks = len(get_blocks(tiny_model("llama"), arch_spec(tiny_model("llama"))))
+    assert len(calls) == 4 * n_blocks
+    separate = run(share=False)
+    assert len(calls) == 4 * n_blocks + 7 * n_blocks
+    assert sorted(shared) == sorted(separate)
+    for name in shared:
+        assert torch.equal(shared[name].dense.codes, separate[name].dense.codes), name
+        assert torch.equal(shared[name].dense.scales, separate[name].dense.scales), name
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

@@ -8,7 +8,7 @@ import torch
 
 from sqllm.config import GPTQConfig, RTNConfig
 from sqllm.errors import InvalidConfig, NumericalError
-from sqllm.quant.gptq import gptq_quantize, hessian_error, hessian_inverse_factor
+from sqllm.quant.gptq import gptq_quantize, hessian_error, hessian_inverse_factor, prepare_hessian
 from sqllm.quant.rtn import rtn_quantize
 
 
@@ -128,6 +128,35 @@ def test_dead_inputs_are_zeroed():
     q = gptq_quantize(w, h, GPTQConfig(2, 64)).dequantize()
     assert bool((q[:, [3, 100]] == 0).all())
     assert torch.isfinite(q).all()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"act_order": True, "static_groups": True}])
+def test_a_prepared_hessian_serves_another_weight_of_the_same_input(kwargs):
+    """What prepare_hessian keeps must not depend on the weight it was first used for: built with one
+    weight (dead inputs and act-order included) and reused for another, it gives that weight's codes and
+    reported error bit for bit as a fresh solve does (q/k/v and gate/up share one this way)."""
+    w1, x, _ = _layer(seed=1)
+    w2, _, _ = _layer(seed=2)
+    x[:, [3, 100]] = 0
+    h = 2 / x.shape[0] * x.T @ x
+    cfg = GPTQConfig(3, 64, **kwargs)
+    prepared = prepare_hessian(h, cfg.percdamp, cfg.act_order)
+    gptq_quantize(w1, h, cfg, prepared=prepared)
+    shared, fresh = gptq_quantize(w2, h, cfg, prepared=prepared), gptq_quantize(w2, h, cfg)
+    _assert_same_codes(shared, fresh)
+    assert shared.info == fresh.info
+    assert bool((shared.dequantize()[:, [3, 100]] == 0).all())
+
+
+def test_a_prepared_hessian_with_other_settings_is_refused():
+    w, _, h = _layer()
+    prepared = prepare_hessian(h, 0.3, act_order=False)
+    with pytest.raises(ValueError, match="act_order=True"):
+        gptq_quantize(w, h, GPTQConfig(3, 64, act_order=True, static_groups=True), prepared=prepared)
+    with pytest.raises(ValueError, match="percdamp=0.01"):
+        gptq_quantize(w, h, GPTQConfig(3, 64, percdamp=0.01), prepared=prepared)
+    with pytest.raises(ValueError, match=r"\(96, 96\)"):
+        gptq_quantize(w[:, :96], h[:96, :96], GPTQConfig(3, 32), prepared=prepared)
 
 
 def test_singular_hessian_is_retried_with_more_damping():

@@ -23,6 +23,7 @@ from .errors import InvalidConfig
 
 if TYPE_CHECKING:
     from .engine.loop import BlockStage
+    from .quant.gptq import PreparedHessian
 
 
 class Accumulator(Protocol):
@@ -84,6 +85,8 @@ class LayerStats:
 
     fisher: the diagonal Fisher ``sum over windows of grad(W)**2``, ``[out, in]`` float32, from the
     model-level gradient pass (SqueezeLLM §3.2)
+    derived: what a solver computed from the shared statistics alone (e.g. GPTQ's prepared Hessian),
+    one dict for every linear that reads the same input, so q/k/v and gate/up compute it once
     """
 
     name: str
@@ -91,6 +94,7 @@ class LayerStats:
     inputs: Tensor | None = None
     fisher: Tensor | None = None
     plan: Any = None  # what the method's model-wide plan decided for this linear (MethodSpec.plan)
+    derived: dict[Any, Any] = field(default_factory=dict)
 
 
 # ``(layers) -> {full linear name: decision}`` over ``(full name, w [out, in], fisher [out, in])`` of
@@ -147,11 +151,23 @@ def _rtn(w: Tensor, stats: LayerStats, cfg: RTNConfig) -> QuantizedMatrix:
     return rtn_quantize(w, cfg)
 
 
+def _prepared_hessian(stats: LayerStats, percdamp: float, act_order: bool) -> PreparedHessian:
+    """GPTQ's prepared Hessian of this linear's input, built by the first linear that reads it."""
+    from .quant.gptq import prepare_hessian
+
+    assert stats.hessian is not None
+    key = ("prepared_hessian", percdamp, act_order)
+    if key not in stats.derived:
+        stats.derived[key] = prepare_hessian(stats.hessian, percdamp, act_order, stats.name)
+    return stats.derived[key]
+
+
 def _gptq(w: Tensor, stats: LayerStats, cfg: GPTQConfig) -> QuantizedMatrix:
     from .quant.gptq import gptq_quantize
 
     assert stats.hessian is not None
-    return gptq_quantize(w, stats.hessian, cfg, name=stats.name)
+    prepared = _prepared_hessian(stats, cfg.percdamp, cfg.act_order)
+    return gptq_quantize(w, stats.hessian, cfg, name=stats.name, prepared=prepared)
 
 
 def _squeezellm(w: Tensor, stats: LayerStats, cfg: SqueezeLLMConfig) -> QuantizedMatrix:
@@ -182,7 +198,8 @@ def _slim(w: Tensor, stats: LayerStats, cfg: SliMConfig) -> QuantizedMatrix:
     assert stats.hessian is not None and stats.inputs is not None
     # SliM-LLM+'s clipping re-rounds the values SliM's error-compensated sweep rounded.
     return slim_quantize(w, stats.hessian, stats.inputs, cfg, name=stats.name,
-                         keep_rounded=isinstance(cfg, SliMPlusConfig))
+                         keep_rounded=isinstance(cfg, SliMPlusConfig),
+                         prepared=_prepared_hessian(stats, cfg.percdamp, False))
 
 
 def _lwc_stage(cfg: SliMPlusConfig, opts: StageOptions) -> BlockStage:

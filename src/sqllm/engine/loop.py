@@ -183,9 +183,18 @@ def _collect(
         for handle in handles:
             handle.remove()
         last[:] = None, None
-    for acc in {id(a): a for n in names for a in accs[n].values()}.values():
+    unique = {id(a): a for n in names for a in accs[n].values()}
+    for acc in unique.values():
         dist.reduce_accumulator(acc)
-    return {n: LayerStats(name=n, **{kind: acc.result() for kind, acc in accs[n].items()}) for n in names}
+    # One result per accumulator, so linears sharing an input share the tensor, and one ``derived``
+    # dict per input, in which solvers keep what they compute from the shared statistics alone.
+    results = {key: acc.result() for key, acc in unique.items()}
+    derived: dict[str, dict[Any, Any]] = {}
+    return {
+        n: LayerStats(name=n, derived=derived.setdefault(source.get(n, n), {}),
+                      **{kind: results[id(acc)] for kind, acc in accs[n].items()})
+        for n in names
+    }
 
 
 def _solve_group(

@@ -4,7 +4,9 @@ quantized, weighted by the inverse Hessian of the layer's squared output error.
 
 The solver is split so that SliM-LLM reuses it unchanged:
 
-* :func:`drop_dead_inputs` and :func:`hessian_inverse_factor` prepare ``U`` with ``H^-1 = U^T U``;
+* :func:`prepare_hessian` (:func:`fix_dead_inputs`, act-order, :func:`hessian_inverse_factor`) turns an
+  input Hessian into ``U`` with ``H^-1 = U^T U``; it depends on the Hessian and the settings, not on the
+  weight, so linears that read the same input (q/k/v, gate/up) can share one;
 * :func:`gptq_core` runs the sweep with one bit width per column group (``group_bits``) and a
   pluggable per-group grid fit (min-max here; SQC and binarization in ``slim.py``);
 * :func:`gptq_quantize` is the GPTQ method itself (``act_order``, ``static_groups``, damping).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -65,14 +68,14 @@ def nearest_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     return torch.clamp(torch.round(w / scale + (zero - z_int)) + z_int, 0, maxq)
 
 
-def drop_dead_inputs(w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """Inputs never active in calibration (``H_jj == 0``): their weight is irrelevant to the output, so
-    set it to 0 and ``H_jj = 1`` to keep ``H`` invertible (GPTQ reference). Returns new (w, h)."""
+def fix_dead_inputs(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Inputs never active in calibration (``H_jj == 0``): their weights are irrelevant to the output (the
+    solvers set them to 0), and ``H_jj = 1`` keeps ``H`` invertible (GPTQ reference).
+    h: [in, in]. Returns (a float32 copy of ``h`` with those diagonal entries 1, dead: [in] bool)."""
     dead = torch.diagonal(h) == 0
-    w, h = w.clone(), h.clone()
-    w[:, dead] = 0
+    h = h.float().clone()
     h[dead, dead] = 1
-    return w, h
+    return h, dead
 
 
 def _damping_schedule(percdamp: float) -> list[float]:
@@ -148,6 +151,53 @@ def _block_bounds(n_in: int, blocksize: int, group_size: int | None) -> list[tup
         starts |= set(range(0, n_in, group_size))
     s = sorted(starts)
     return list(zip(s, s[1:] + [n_in]))
+
+
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What the GPTQ sweep takes from one input Hessian: built once by :func:`prepare_hessian` and shared
+    by every linear that reads the same input (on a LLaMA block, q/k/v and gate/up: three of the
+    seven factorizations).
+
+    h: [in, in] float32, dead inputs set to ``H_jj = 1``, in processing order; dead: [in] bool, the inputs
+    with ``H_jj == 0`` (natural order); perm: [in] the processing order (act-order) or None; u: [in, in]
+    the upper factor of ``(h + damp I)^-1``; frac: the damping fraction used; percdamp, act_order: the
+    settings it was built with.
+    """
+
+    h: Tensor
+    dead: Tensor
+    perm: Tensor | None
+    u: Tensor
+    frac: float
+    percdamp: float
+    act_order: bool
+
+    @property
+    def damp_abs(self) -> float:
+        """The absolute damping added to the Hessian's diagonal."""
+        return self.frac * float(torch.diagonal(self.h).mean())
+
+    def check(self, hessian: Tensor, percdamp: float, act_order: bool) -> None:
+        """Raise ValueError unless this was built for a Hessian of that size with these settings."""
+        if (self.percdamp, self.act_order) != (percdamp, act_order) or self.h.shape != hessian.shape:
+            raise ValueError(
+                f"prepared Hessian {tuple(self.h.shape)} (percdamp={self.percdamp}, act_order={self.act_order}) "
+                f"does not fit {tuple(hessian.shape)} (percdamp={percdamp}, act_order={act_order})"
+            )
+
+
+def prepare_hessian(hessian: Tensor, percdamp: float, act_order: bool = False, name: str = "") -> PreparedHessian:
+    """Dead inputs fixed (:func:`fix_dead_inputs`), columns ordered by descending ``diag(H)`` with
+    ``act_order`` (the reference code's heuristic), then :func:`hessian_inverse_factor`.
+    hessian: [in, in] ``2/n sum x x^T``; it is not modified."""
+    h, dead = fix_dead_inputs(hessian)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        h = h[perm][:, perm]
+    u, frac = hessian_inverse_factor(h, percdamp, name)
+    return PreparedHessian(h=h, dead=dead, perm=perm, u=u, frac=frac, percdamp=percdamp, act_order=act_order)
 
 
 def gptq_core(
@@ -253,7 +303,7 @@ def sweep_hessian_error(w: Tensor, q: Tensor, rounded: Tensor, hinv_u: Tensor, d
     Each column's scaled error ``e_j = (r_j - q_j) / U_jj`` is what the sweep fed back, and the sweep
     makes ``W - Q = E U`` (every column's update is row ``j`` of ``U`` times ``e_j``). With the damped
     ``H_d = H + damp I = U^-1 U^-T`` this gives ``tr((W - Q) H_d (W - Q)^T) = ||E||^2``, so
-    ``tr((W - Q) H (W - Q)^T) = ||E||^2 - damp ||W - Q||^2``; inputs that :func:`drop_dead_inputs` gave
+    ``tr((W - Q) H (W - Q)^T) = ||E||^2 - damp ||W - Q||^2``; inputs that :func:`fix_dead_inputs` gave
     ``H_jj = 1`` count once more, for the undamped Hessian has zeros there.
 
     w: [out, in] the weight swept (dead inputs zeroed); q, rounded: [out, in] from :func:`gptq_core`;
@@ -277,24 +327,27 @@ def check_hessian_shape(w: Tensor, h: Tensor | None) -> None:
         raise ValueError(f"Hessian of shape {got} does not match weight {tuple(w.shape)}; expected [in, in]")
 
 
-def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = "") -> QuantizedMatrix:
+def gptq_quantize(
+    w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = "", prepared: PreparedHessian | None = None
+) -> QuantizedMatrix:
     """GPTQ on one weight ``w: [out, in]`` given ``hessian = 2/n sum x x^T: [in, in]``.
 
     Grids are min-max (fp16 scales) per output channel or per ``group_size`` columns, fitted on the
     error-updated weights when a group starts, or on the original ``w`` with ``static_groups``.
     ``act_order`` quantizes columns by descending ``diag(H)`` (the reference code's act-order heuristic).
+    prepared: :func:`prepare_hessian` of this ``hessian`` with ``cfg``'s settings, when another linear
+    with the same input already built it; the result is the same bit for bit.
     info: ``damp`` (damping fraction used), ``hessian_error`` (see :func:`sweep_hessian_error`).
     """
     check_hessian_shape(w, hessian)
-    w0, h0 = w.float(), hessian.float()
-    w1, h = drop_dead_inputs(w0, h0)
+    if prepared is None:
+        prepared = prepare_hessian(hessian, cfg.percdamp, cfg.act_order, name)
+    prepared.check(hessian, cfg.percdamp, cfg.act_order)
+    w1 = w.float().clone()
+    w1[:, prepared.dead] = 0
+    u, perm, damp = prepared.u, prepared.perm, prepared.frac
     n_in = w1.shape[1]
     group_size = cfg.group_size if cfg.group_size is not None else n_in
-    perm = None
-    if cfg.act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h = h[perm][:, perm]
-    u, damp = hessian_inverse_factor(h, cfg.percdamp, name)
     group_bits = torch.full((num_groups(n_in, group_size),), cfg.bits, dtype=torch.int64)
 
     def fit(wg: Tensor, bits: int, cols: slice) -> tuple[Tensor, Tensor]:
@@ -303,6 +356,5 @@ def gptq_quantize(w: Tensor, hessian: Tensor, cfg: GPTQConfig, *, name: str = ""
     dense, q, rounded = gptq_core(
         w1, u, group_size, group_bits, fit, blocksize=cfg.blocksize, static_groups=cfg.static_groups, perm=perm
     )
-    damp_abs = damp * float(torch.diagonal(h).mean())
-    err = sweep_hessian_error(w1, q, rounded, u, damp_abs, torch.diagonal(h0) == 0, perm)
+    err = sweep_hessian_error(w1, q, rounded, u, prepared.damp_abs, prepared.dead, perm)
     return QuantizedMatrix(dense=dense, info={"damp": damp, "hessian_error": err})

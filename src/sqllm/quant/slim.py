@@ -21,12 +21,12 @@ from torch import Tensor
 from ..codes import QuantizedMatrix, fp16_grid, num_groups
 from ..config import SliMConfig
 from .gptq import (
+    PreparedHessian,
     check_hessian_shape,
-    drop_dead_inputs,
     gptq_core,
     group_slices,
-    hessian_inverse_factor,
     nearest_codes,
+    prepare_hessian,
     sweep_hessian_error,
 )
 from .uniform import dequantize_grid, minmax_grid, quantize_to_grid
@@ -192,7 +192,8 @@ def kl_search(w: Tensor, inputs: Tensor, salience: Tensor, group_size: int, bits
 
 
 def slim_quantize(
-    w: Tensor, hessian: Tensor, inputs: Tensor, cfg: SliMConfig, *, name: str = "", keep_rounded: bool = False
+    w: Tensor, hessian: Tensor, inputs: Tensor, cfg: SliMConfig, *, name: str = "", keep_rounded: bool = False,
+    prepared: PreparedHessian | None = None,
 ) -> QuantizedMatrix:
     """SliM-LLM on one weight ``w: [out, in]`` given ``hessian: [in, in]`` and calibration ``inputs:
     [n_tok, in]``; ``cfg.bits`` (2 or 3) is the exact average bits per code.
@@ -200,17 +201,21 @@ def slim_quantize(
     info: ``p`` (groups moved down and up), ``group_bits`` (bit map, list), ``kl`` (per candidate p),
     ``damp`` (damping fraction used), ``hessian_error`` (``tr(dW H dW^T)`` of the returned weight).
     keep_rounded: also return the values the sweep rounded (``QuantizedMatrix.rounded``), which
-    SliM-LLM+'s clipping training starts from.
+    SliM-LLM+'s clipping training starts from. prepared: :func:`~sqllm.quant.gptq.prepare_hessian` of
+    this ``hessian`` (``cfg.percdamp``, no act-order), shared with linears of the same input.
     """
     check_hessian_shape(w, hessian)
     if inputs is None or inputs.dim() != 2 or inputs.shape[1] != w.shape[1]:
         got = None if inputs is None else tuple(inputs.shape)
         raise ValueError(f"calibration inputs of shape {got} do not match weight {tuple(w.shape)}; expected [n, in]")
-    w0, h0 = w.float(), hessian.float()
-    w1, h = drop_dead_inputs(w0, h0)
+    if prepared is None:
+        prepared = prepare_hessian(hessian, cfg.percdamp, False, name)
+    prepared.check(hessian, cfg.percdamp, False)
+    w1 = w.float().clone()
+    w1[:, prepared.dead] = 0
+    u, damp = prepared.u, prepared.frac
     n_in = w1.shape[1]
     group_size = cfg.group_size if cfg.group_size is not None else n_in
-    u, damp = hessian_inverse_factor(h, cfg.percdamp, name)
     d = salience_denominator(u, cfg.salience)
     salience = group_salience(w1, d, group_size)
     p, kls = kl_search(w1, inputs.float(), salience, group_size, cfg.bits)
@@ -229,8 +234,6 @@ def slim_quantize(
         "group_bits": group_bits.tolist(),
         "kl": kls,
         "damp": damp,
-        "hessian_error": sweep_hessian_error(
-            w1, q, rounded, u, damp * float(torch.diagonal(h).mean()), torch.diagonal(h0) == 0
-        ),
+        "hessian_error": sweep_hessian_error(w1, q, rounded, u, prepared.damp_abs, prepared.dead),
     }
     return QuantizedMatrix(dense=dense, info=info, rounded=rounded if keep_rounded else None)
