@@ -55,17 +55,17 @@ def group_slices(n_in: int, group_size: int) -> list[slice]:
     return [slice(s, min(s + group_size, n_in)) for s in range(0, n_in, group_size)]
 
 
-def nearest_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+def nearest_codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int, *, out: Tensor | None = None) -> Tensor:
     """Code of the grid level ``scale * (q - zero)`` nearest to ``w``, for integer or fractional zeros.
 
     Shapes broadcast (``w: [...]``, ``scale``/``zero`` against it); returns float codes in ``[0, maxq]``.
     The code is ``round(w / scale + zero)``; the integer part of ``zero`` is added after rounding, so
     for integer zeros this is exactly :func:`~sqllm.quant.uniform.quantize_to_grid` (GPTQ == RTN bit
     for bit when nothing is fed back), while a fractional part (binarized SliM groups) moves the
-    rounding thresholds to the midpoints between levels.
+    rounding thresholds to the midpoints between levels. ``out``: where to write the codes.
     """
     z_int = torch.round(zero)
-    return torch.clamp(torch.round(w / scale + (zero - z_int)) + z_int, 0, maxq)
+    return torch.clamp(torch.round(w / scale + (zero - z_int)) + z_int, 0, maxq, out=out)
 
 
 def fix_dead_inputs(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,10 +237,8 @@ def gptq_core(
             scales[:, g], zeros[:, g] = fit_grid(w[:, cols], bits[g], cols)
     order = perm if perm is not None else torch.arange(n_in, device=w.device)
     col_group = (order // group_size).tolist()
-    W = w[:, order].clone()
-    codes = torch.zeros_like(W)
-    Q = torch.zeros_like(W)
-    R = torch.zeros_like(W)
+    W = w[:, perm] if perm is not None else w.clone()
+    codes, Q, R = torch.empty_like(W), torch.empty_like(W), torch.empty_like(W)  # every column is written
     for b0, b1 in _block_bounds(n_in, blocksize, None if static else group_size):
         if not static and b0 % group_size == 0:
             g = b0 // group_size
@@ -248,29 +246,28 @@ def gptq_core(
         # The block is swept transposed, [columns, out]: each step reads and writes whole contiguous
         # columns (row-major columns are strided: on 11008-row matrices several times slower). Every
         # element sees the same operations as in the row-major sweep, so the result is bit for bit the same.
+        # Each step writes its results into the block's rows in place (no temporaries to copy), and
+        # updates only the columns after its own, so that W1t ends holding every column as it was rounded.
         W1t = W[:, b0:b1].T.contiguous()
         U1 = hinv_u[b0:b1, b0:b1]
-        Err1t = torch.zeros_like(W1t)
-        codes_t, Q_t = torch.zeros_like(W1t), torch.zeros_like(W1t)
-        R_t = torch.zeros_like(W1t)
+        pivots = U1.diagonal().tolist()
+        Err1t, codes_t, Q_t = torch.empty_like(W1t), torch.empty_like(W1t), torch.empty_like(W1t)
         with single_threaded():
             for i in range(b1 - b0):
                 g = col_group[b0 + i]
                 s, z = scales[:, g], zeros[:, g]
-                q = nearest_codes(W1t[i], s, z, 2 ** bits[g] - 1)
-                deq = s * (q - z)
-                R_t[i] = W1t[i]
+                q = nearest_codes(W1t[i], s, z, 2 ** bits[g] - 1, out=codes_t[i])
+                deq = torch.mul(s, q - z, out=Q_t[i])
                 # OBQ update (§3) of the block's remaining columns, from the Cholesky row of column i (§4 step 3)
-                err = (W1t[i] - deq) / U1[i, i]
-                W1t[i:] -= torch.outer(U1[i, i:], err)
-                Err1t[i] = err
-                codes_t[i] = q
-                Q_t[i] = deq
+                err = torch.sub(W1t[i], deq, out=Err1t[i]).div_(pivots[i])
+                W1t[i + 1:] -= torch.outer(U1[i, i + 1:], err)
         codes[:, b0:b1] = codes_t.T
         Q[:, b0:b1] = Q_t.T
-        R[:, b0:b1] = R_t.T
-        # deferred update of all later columns with the whole block's errors (lazy batch)
-        W[:, b1:] -= Err1t.T.contiguous() @ hinv_u[b0:b1, b1:]
+        R[:, b0:b1] = W1t.T
+        # deferred update of all later columns with the whole block's errors (lazy batch), accumulated
+        # into W by the product itself: a product then a subtraction wrote and read an [out, rest]
+        # temporary, a third of the sweep on a 4096 x 11008 layer, for the same values bit for bit
+        W[:, b1:].addmm_(Err1t.T, hinv_u[b0:b1, b1:], alpha=-1)
     if perm is not None:
         codes[:, perm] = codes.clone()
         Q[:, perm] = Q.clone()
