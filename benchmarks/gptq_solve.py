@@ -6,11 +6,14 @@ the 7B GPTQ run's 4929 s). Three parts, timed on the same random Hessian and wei
 * the factor ``U`` with ``H^-1 = U^T U``: the textbook way (GPTQ's reference code) factors ``H``, forms
   ``H^-1`` (``cholesky_inverse``) and factors that again; sqllm factors the reversed ``H`` once and inverts
   the triangle (``hessian_inverse_factor``);
-* the sweep (``gptq_core``), the same in both;
+* the sweep: the reference code's layout (``textbook_sweep`` below: row-major columns, each block's
+  later columns updated through a temporary product) or ``gptq_core`` (each block swept transposed, the
+  later columns updated in place by the product); both are timed on the textbook factor, and how many
+  of their roundings differ is reported;
 * the reported ``tr(dW H dW^T)``: directly (``out * in**2`` multiply-adds) or from the sweep's own errors
   (``sweep_hessian_error``).
 
-"textbook" = textbook factor + sweep + direct error; "sqllm" = ``gptq_quantize`` as shipped. Both run in
+"textbook" = textbook factor + textbook sweep + direct error; "sqllm" = ``gptq_quantize`` as shipped. Both run in
 one process, one after the other, per shape. The Hessian is ``2/n X^T X`` of 512 random tokens (the scale
 runs' 2 x 256 calibration) with heavy-tailed column scales; the default damping 0.3 makes it definite.
 
@@ -41,6 +44,7 @@ from sqllm.quant.gptq import (
     gptq_quantize,
     hessian_error,
     hessian_inverse_factor,
+    nearest_codes,
 )
 from sqllm.quant.uniform import minmax_grid
 from sqllm.report import git_commit, machine_info, machine_line, markdown_table
@@ -72,6 +76,27 @@ def textbook_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
 
 
+def textbook_sweep(w: torch.Tensor, u: torch.Tensor, group_size: int, bits: int, sym: bool) -> torch.Tensor:
+    """GPTQ's Algorithm 1 laid out as the reference code lays it out: blocks of 128 columns swept in the
+    row-major weight, each column's error spread over the block by a rank-one product, then the later
+    columns updated by a product and a subtraction. Grids as ``gptq_core`` fits them (min-max, fitted on
+    the updated weights when a group starts). Returns the dequantized weight ``[out, in]``."""
+    w = w.clone()
+    q = torch.empty_like(w)
+    maxq = 2**bits - 1
+    for b0 in range(0, w.shape[1], 128):
+        b1 = min(b0 + 128, w.shape[1])
+        w1, err1 = w[:, b0:b1].clone(), torch.empty(w.shape[0], b1 - b0)
+        for i in range(b1 - b0):
+            if (b0 + i) % group_size == 0:  # groups of 128 start with blocks: w holds their updated weights
+                scale, zero = minmax_grid(w[:, b0 + i:b0 + i + group_size], bits, sym)
+            q[:, b0 + i] = scale * (nearest_codes(w1[:, i], scale, zero, maxq) - zero)
+            err1[:, i] = (w1[:, i] - q[:, b0 + i]) / u[b0 + i, b0 + i]
+            w1[:, i:] -= err1[:, i:i + 1] @ u[b0 + i:b0 + i + 1, b0 + i:b1]
+        w[:, b1:] -= err1 @ u[b0:b1, b1:]
+    return q
+
+
 def timed(fn: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -90,7 +115,8 @@ def measure(out: int, n_in: int, seed: int) -> dict[str, Any]:
         return minmax_grid(wg, b, CFG.sym)
 
     u_ref, t_factor_ref = timed(lambda: textbook_factor(h1, CFG.percdamp))
-    (_, q_ref, _), t_sweep_ref = timed(lambda: gptq_core(w1, u_ref, CFG.group_size, bits, fit))
+    q_ref, t_sweep_ref = timed(lambda: textbook_sweep(w1, u_ref, CFG.group_size, CFG.bits, CFG.sym))
+    (_, q_core, _), t_sweep = timed(lambda: gptq_core(w1, u_ref, CFG.group_size, bits, fit))
     err_ref, t_error_ref = timed(lambda: hessian_error(w, q_ref, h))
     (u, _), t_factor = timed(lambda: hessian_inverse_factor(h1, CFG.percdamp))
     qm, t_total = timed(lambda: gptq_quantize(w, h, CFG))
@@ -98,7 +124,8 @@ def measure(out: int, n_in: int, seed: int) -> dict[str, Any]:
         "out": out, "in": n_in,
         "textbook_s": {"factor": t_factor_ref, "sweep": t_sweep_ref, "error": t_error_ref,
                        "total": t_factor_ref + t_sweep_ref + t_error_ref},
-        "sqllm_s": {"factor": t_factor, "total": t_total},
+        "sqllm_s": {"factor": t_factor, "sweep": t_sweep, "total": t_total},
+        "sweep_codes_differing": float((q_core != q_ref).float().mean()),
         "factor_max_rel_diff": float((u - u_ref).abs().max() / u_ref.abs().max()),
         "codes_differing": float((qm.dequantize() != q_ref).float().mean()),
         "error_rel_diff": abs(qm.info["hessian_error"] - err_ref) / err_ref,
@@ -124,15 +151,22 @@ def run(models: list[str]) -> dict[str, Any]:
     return results
 
 
+def _sweep_diff(doc: dict[str, Any]) -> str:
+    """The range over the measured linears of the share of roundings the two sweeps alone disagree on."""
+    shares = [r["sweep_codes_differing"] for res in doc["results"].values() for r in res["linears"]]
+    return f"{100 * min(shares):.3f}% to {100 * max(shares):.3f}% of them"
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
-    header = ["model", "linear (out x in)", "per block", "factor s, textbook / sqllm", "sweep s", "error s",
-              "total s, textbook / sqllm", "speedup", "codes differing", "error rel. diff"]
+    header = ["model", "linear (out x in)", "per block", "factor s, textbook / sqllm", "sweep s, textbook / sqllm",
+              "error s", "total s, textbook / sqllm", "speedup", "codes differing", "error rel. diff"]
     rows = []
     for m, res in doc["results"].items():
         for r in res["linears"]:
             tb, sq = r["textbook_s"], r["sqllm_s"]
             rows.append([m, f"{r['linear']} ({r['out']} x {r['in']})", r["count"],
-                         f"{tb['factor']:.1f} / {sq['factor']:.1f}", f"{tb['sweep']:.1f}", f"{tb['error']:.1f}",
+                         f"{tb['factor']:.1f} / {sq['factor']:.1f}", f"{tb['sweep']:.1f} / {sq['sweep']:.1f}",
+                         f"{tb['error']:.1f}",
                          f"{tb['total']:.1f} / {sq['total']:.1f}", f"{tb['total'] / sq['total']:.2f}x",
                          f"{100 * r['codes_differing']:.3f}%", f"{r['error_rel_diff']:.1e}"])
         pb, ms = res["per_block_s"], res["model_s"]
@@ -153,10 +187,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
         markdown_table(header, rows),
         "",
         "textbook: chol(H + damp I), cholesky_inverse, upper chol of the inverse; the sweep; the direct "
-        "tr(dW H dW^T). sqllm: one chol of the reversed H and a triangular inverse; the same sweep; the error "
-        "from the sweep's fed-back errors. 'sweep s' is timed in the textbook run; sqllm's total includes "
-        "its own sweep. 'codes differing': dequantized weights that differ between the two factors (float32 "
-        "round-off moves a few roundings). Whole model: per-block total times blocks, solve stage only "
+        "tr(dW H dW^T), as GPTQ's reference code lays them out. sqllm: one chol of the reversed H and a "
+        "triangular inverse; gptq_core's sweep (transposed blocks, later columns updated in place); the error "
+        "from the sweep's fed-back errors. Both sweeps are timed on the textbook factor; sqllm's total is "
+        "`gptq_quantize` end to end. 'codes differing': dequantized weights that differ between the two ways "
+        "(float32 round-off moves a few roundings; the two sweeps alone differ in "
+        f"{_sweep_diff(doc)}). Whole model: per-block total times blocks, solve stage only "
         "(statistics, loading and writing not included); with factors shared, q/k/v use one factor and "
         "gate/up one (four per block instead of seven), as `sqllm quantize` does, so sqllm's factor time of "
         "those linears is counted once per input.",
