@@ -154,7 +154,7 @@ def run(models: list[str]) -> dict[str, Any]:
 def _sweep_diff(doc: dict[str, Any]) -> str:
     """The range over the measured linears of the share of roundings the two sweeps alone disagree on."""
     shares = [r["sweep_codes_differing"] for res in doc["results"].values() for r in res["linears"]]
-    return f"{100 * min(shares):.3f}% to {100 * max(shares):.3f}% of them"
+    return "none of them" if max(shares) == 0 else f"{100 * min(shares):.3f}% to {100 * max(shares):.3f}% of them"
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -202,7 +202,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--markdown-only", action="store_true", help="re-render gptq_solve.md from gptq_solve.json")
     a = p.parse_args()
+    if a.markdown_only:
+        (RESULTS / "gptq_solve.md").write_text(render_markdown(json.loads((RESULTS / "gptq_solve.json").read_text())))
+        return
     torch.set_num_threads(1)
     machine = {**machine_info(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
     results = run(a.shapes)
