@@ -111,7 +111,7 @@ def sweep_codes(w: Tensor, lut: Tensor, extracted: Tensor, metric: OutputMetric,
             v1[i:] -= torch.outer(u1[i, i:], err)
             err1[i] = err
             codes_t[j] = q
-        v_t[b1:] -= u[b0:b1, b1:].T @ err1
+        v_t[b1:].addmm_(u[b0:b1, b1:].T, err1, alpha=-1)  # in place: no [rest, out] temporary
     return codes_t.T.contiguous()
 
 
