@@ -224,6 +224,10 @@ def _solve_group(
             dist.broadcast_(layer.weight.data)
         bar.update(1)
         bar.set_postfix_str(f"block {b} {name}")
+    # What the group's solvers derived from its inputs (a prepared Hessian holds two [in, in] matrices)
+    # is spent: free it now, not when the caller drops the statistics after the block's propagation.
+    for st in stats.values():
+        st.derived.clear()
     return results
 
 
