@@ -6,7 +6,8 @@ The solver is split so that SliM-LLM reuses it unchanged:
 
 * :func:`prepare_hessian` (:func:`fix_dead_inputs`, act-order, :func:`hessian_inverse_factor`) turns an
   input Hessian into ``U`` with ``H^-1 = U^T U``; it depends on the Hessian and the settings, not on the
-  weight, so linears that read the same input (q/k/v, gate/up) can share one;
+  weight, so linears that read the same input (q/k/v, gate/up) can share one; :func:`solver_inputs`
+  hands a solver that and its weight with the dead inputs zeroed;
 * :func:`gptq_core` runs the sweep with one bit width per column group (``group_bits``) and a
   pluggable per-group grid fit (min-max here; SQC and binarization in ``slim.py``);
 * :func:`gptq_quantize` is the GPTQ method itself (``act_order``, ``static_groups``, damping).
@@ -157,34 +158,35 @@ def _block_bounds(n_in: int, blocksize: int, group_size: int | None) -> list[tup
 class PreparedHessian:
     """What the GPTQ sweep takes from one input Hessian: built once by :func:`prepare_hessian` and shared
     by every linear that reads the same input (on a LLaMA block, q/k/v and gate/up: three of the
-    seven factorizations).
+    seven factorizations). The Hessian itself is not kept: only its factor and the damping are needed.
 
-    h: [in, in] float32, dead inputs set to ``H_jj = 1``, in processing order; dead: [in] bool, the inputs
-    with ``H_jj == 0`` (natural order); perm: [in] the processing order (act-order) or None; u: [in, in]
-    the upper factor of ``(h + damp I)^-1``; frac: the damping fraction used; percdamp, act_order: the
-    settings it was built with.
+    dead: [in] bool, the inputs with ``H_jj == 0`` (natural order); perm: [in] the processing order
+    (act-order) or None; u: [in, in] the upper factor of ``(H + damp I)^-1`` in processing order, dead
+    inputs at ``H_jj = 1``; frac: the damping fraction used; damp_abs: the absolute damping ``damp``;
+    percdamp, act_order: the settings it was built with.
     """
 
-    h: Tensor
     dead: Tensor
     perm: Tensor | None
     u: Tensor
     frac: float
+    damp_abs: float
     percdamp: float
     act_order: bool
 
-    @property
-    def damp_abs(self) -> float:
-        """The absolute damping added to the Hessian's diagonal."""
-        return self.frac * float(torch.diagonal(self.h).mean())
-
     def check(self, hessian: Tensor, percdamp: float, act_order: bool) -> None:
         """Raise ValueError unless this was built for a Hessian of that size with these settings."""
-        if (self.percdamp, self.act_order) != (percdamp, act_order) or self.h.shape != hessian.shape:
+        if (self.percdamp, self.act_order) != (percdamp, act_order) or self.u.shape != hessian.shape:
             raise ValueError(
-                f"prepared Hessian {tuple(self.h.shape)} (percdamp={self.percdamp}, act_order={self.act_order}) "
+                f"prepared Hessian {tuple(self.u.shape)} (percdamp={self.percdamp}, act_order={self.act_order}) "
                 f"does not fit {tuple(hessian.shape)} (percdamp={percdamp}, act_order={act_order})"
             )
+
+    def live_weight(self, w: Tensor) -> Tensor:
+        """A float32 copy of ``w: [out, in]`` with the dead inputs' columns set to 0 (see fix_dead_inputs)."""
+        w = w.float().clone()
+        w[:, self.dead] = 0
+        return w
 
 
 def prepare_hessian(hessian: Tensor, percdamp: float, act_order: bool = False, name: str = "") -> PreparedHessian:
@@ -197,7 +199,19 @@ def prepare_hessian(hessian: Tensor, percdamp: float, act_order: bool = False, n
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         h = h[perm][:, perm]
     u, frac = hessian_inverse_factor(h, percdamp, name)
-    return PreparedHessian(h=h, dead=dead, perm=perm, u=u, frac=frac, percdamp=percdamp, act_order=act_order)
+    return PreparedHessian(dead=dead, perm=perm, u=u, frac=frac, damp_abs=frac * float(torch.diagonal(h).mean()),
+                           percdamp=percdamp, act_order=act_order)
+
+
+def solver_inputs(
+    w: Tensor, hessian: Tensor, percdamp: float, act_order: bool, name: str, prepared: PreparedHessian | None
+) -> tuple[Tensor, PreparedHessian]:
+    """What a GPTQ-style solver starts from: ``w``'s live weight ``[out, in]`` and the prepared Hessian,
+    built here unless another linear of the same input built it (then checked against the settings)."""
+    if prepared is None:
+        prepared = prepare_hessian(hessian, percdamp, act_order, name)
+    prepared.check(hessian, percdamp, act_order)
+    return prepared.live_weight(w), prepared
 
 
 def gptq_core(
@@ -337,11 +351,7 @@ def gptq_quantize(
     info: ``damp`` (damping fraction used), ``hessian_error`` (see :func:`sweep_hessian_error`).
     """
     check_hessian_shape(w, hessian)
-    if prepared is None:
-        prepared = prepare_hessian(hessian, cfg.percdamp, cfg.act_order, name)
-    prepared.check(hessian, cfg.percdamp, cfg.act_order)
-    w1 = w.float().clone()
-    w1[:, prepared.dead] = 0
+    w1, prepared = solver_inputs(w, hessian, cfg.percdamp, cfg.act_order, name, prepared)
     u, perm, damp = prepared.u, prepared.perm, prepared.frac
     n_in = w1.shape[1]
     group_size = cfg.group_size if cfg.group_size is not None else n_in

@@ -26,7 +26,7 @@ from .gptq import (
     gptq_core,
     group_slices,
     nearest_codes,
-    prepare_hessian,
+    solver_inputs,
     sweep_hessian_error,
 )
 from .uniform import dequantize_grid, minmax_grid, quantize_to_grid
@@ -208,11 +208,7 @@ def slim_quantize(
     if inputs is None or inputs.dim() != 2 or inputs.shape[1] != w.shape[1]:
         got = None if inputs is None else tuple(inputs.shape)
         raise ValueError(f"calibration inputs of shape {got} do not match weight {tuple(w.shape)}; expected [n, in]")
-    if prepared is None:
-        prepared = prepare_hessian(hessian, cfg.percdamp, False, name)
-    prepared.check(hessian, cfg.percdamp, False)
-    w1 = w.float().clone()
-    w1[:, prepared.dead] = 0
+    w1, prepared = solver_inputs(w, hessian, cfg.percdamp, False, name, prepared)
     u, damp = prepared.u, prepared.frac
     n_in = w1.shape[1]
     group_size = cfg.group_size if cfg.group_size is not None else n_in
