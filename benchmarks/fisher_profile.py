@@ -14,6 +14,10 @@ its arithmetic:
 * a ceiling: the rate of one bf16 product of a 2048 x 576 by 576 x 1536 matrix (the MLP's shape),
   timed alone on the same threads.
 
+Then, side by side on the same windows (alternating, so that the machine's drift hits both), the pass as
+sqllm runs it, with the loss taken at the frozen head's input (``causal_lm_loss``), and with the model's
+own forward and loss over the whole ``[L, vocab]`` logits; and the two passes' Fisher, compared.
+
     python benchmarks/fisher_profile.py              # writes results/fisher-profile.{json,md}
     python benchmarks/fisher_profile.py --threads 2
 """
@@ -82,11 +86,28 @@ def matmul_ceiling(threads: int) -> float:
     return 2 * SEQLEN * 576 * 1536 / best / 1e9
 
 
+def loss_paths(model: torch.nn.Module, names: list[str], windows: torch.Tensor) -> dict[str, Any]:
+    """Seconds per window of the pass with the frozen-head loss and with the model's own loss, one window
+    each in turn, and the relative L2 distance of their Fisher (per linear: mean and max)."""
+    seconds: dict[str, list[float]] = {"frozen head": [], "model's own": []}
+    fisher: dict[str, dict[str, torch.Tensor]] = {}
+    for window in windows:
+        for key, frozen in (("frozen head", True), ("model's own", False)):
+            t0 = time.perf_counter()
+            f = compute_fisher(model, names, window[None], amp=torch.bfloat16, progress=False,
+                               frozen_head_loss=frozen)
+            seconds[key].append(time.perf_counter() - t0)
+            fisher[key] = {n: fisher[key][n] + f[n] for n in names} if key in fisher else f
+    rel = [float((fisher["frozen head"][n] - fisher["model's own"][n]).norm() / fisher["model's own"][n].norm())
+           for n in names]
+    return {"windows": len(windows), "seconds": seconds, "rel_l2_mean": sum(rel) / len(rel), "rel_l2_max": max(rel)}
+
+
 def run(threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     model, tok = load_model(MODEL)
     names = linear_names(model)
-    windows = calibration_windows(tok, str(WIKI_VALID), 3, SEQLEN, 0)
+    windows = calibration_windows(tok, str(WIKI_VALID), 7, SEQLEN, 0)
     compute_fisher(model, names, windows[:1], amp=torch.bfloat16, progress=False)  # warm-up
     t0 = time.perf_counter()
     compute_fisher(model, names, windows[1:2], amp=torch.bfloat16, progress=False)
@@ -100,7 +121,8 @@ def run(threads: int) -> dict[str, Any]:
     return {"threads": threads, "window_s": window_s, "profiled_s": sum(seconds.values()), "seconds": seconds,
             "gflop": {k: v / 1e9 for k, v in work.items()},
             "gflops_achieved": {k: work[k] / seconds[k] / 1e9 for k in work},
-            "matmul_ceiling_gflops": matmul_ceiling(threads)}
+            "matmul_ceiling_gflops": matmul_ceiling(threads),
+            "loss_paths": loss_paths(model, names, windows[3:7])}
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -123,7 +145,31 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"that rate the window's matrix products take {floor:.2f} s, {32 * floor:.0f} s for protocol P's 32 "
         f"windows, before attention ({r['gflops_achieved']['attention']:.0f} GFLOP/s in the fused kernel) "
         "and the rest.",
+        *_floor_lines(r),
+        *_loss_path_lines(r.get("loss_paths")),
     ]) + "\n"
+
+
+def _floor_lines(r: dict[str, Any]) -> list[str]:
+    """What protocol P's 32 windows cost at the least, with every product at the measured ceiling."""
+    ceiling = r["matmul_ceiling_gflops"]
+    # attention's products without the backward's recomputed scores: 3x the forward's, not 3.5x
+    attention = r["gflop"]["attention"] * 3.0 / 3.5
+    mm_s, att_s = r["gflop"]["matrix products"] / ceiling, attention / ceiling
+    return ["", f"A floor for protocol P's 32 windows on these threads: the matrix products at the ceiling "
+            f"({32 * mm_s:.0f} s) plus attention's products, none recomputed, at the same rate "
+            f"({32 * att_s:.0f} s), {32 * (mm_s + att_s):.0f} s, before anything else (the element-wise rest "
+            f"took {r['seconds']['other']:.2f} s of this window)."]
+
+
+def _loss_path_lines(lp: dict[str, Any] | None) -> list[str]:
+    if lp is None:
+        return []
+    rows = [[k, " / ".join(f"{t:.2f}" for t in v), f"{sum(v) / len(v):.2f}"] for k, v in lp["seconds"].items()]
+    return ["", "## Loss at the head: frozen-head chunked loss against the model's own", "",
+            markdown_table(["loss", f"s per window ({lp['windows']} windows, in turn)", "mean"], rows), "",
+            f"Their Fisher over these windows (bf16 autocast both): relative L2 distance per linear, mean "
+            f"{lp['rel_l2_mean']:.4f}, max {lp['rel_l2_max']:.4f}."]
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 from sqllm.engine.fisher import compute_fisher, load_fisher, save_fisher
+from sqllm.engine.lm_loss import causal_lm_loss
 from sqllm.errors import CorruptCheckpoint, InvalidConfig
 
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
@@ -77,7 +78,8 @@ def test_bf16_pass_equals_per_window_autocast_bit_for_bit():
     want = {n: torch.zeros_like(w) for n, w in zip(NAMES, weights)}
     for window in _windows():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=window[None], labels=window[None], use_cache=False).loss
+            hidden = model.model(input_ids=window[None], use_cache=False).last_hidden_state
+            loss = causal_lm_loss(hidden, model.lm_head, window[None])
         loss.backward()
         for n, w in zip(NAMES, weights):
             want[n] += w.grad.float() ** 2
@@ -85,6 +87,33 @@ def test_bf16_pass_equals_per_window_autocast_bit_for_bit():
     got = compute_fisher(model, NAMES, _windows(), amp=torch.bfloat16, progress=False)
     for n in NAMES:
         assert torch.equal(got[n], want[n]), n
+
+
+def test_the_frozen_head_loss_replaces_the_models_own_loss(llama_and_reference):
+    """The default pass never runs the head module (its loss is taken at the head's input) and gives the
+    Fisher of the model's own forward and loss."""
+    model, _ = llama_and_reference
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        fused = compute_fisher(model, NAMES, _windows(), progress=False)
+        assert calls == []
+        own = compute_fisher(model, NAMES, _windows(), progress=False, frozen_head_loss=False)
+        assert len(calls) == len(_windows())
+    finally:
+        hook.remove()
+    for n in NAMES:
+        torch.testing.assert_close(fused[n], own[n], rtol=1e-5, atol=1e-12)
+
+
+def test_a_trainable_head_takes_the_models_own_loss(llama_and_reference):
+    """With the head among the targets, the pass cannot use the frozen-head loss; it must still be exact."""
+    model, _ = llama_and_reference
+    names = [NAMES[0], "lm_head"]
+    want = _naive_fisher(model, names, _windows())
+    got = compute_fisher(model, names, _windows(), progress=False)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
 
 
 def test_unknown_linear_and_bad_windows_are_rejected(llama_and_reference):

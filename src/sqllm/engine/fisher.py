@@ -33,7 +33,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import CorruptCheckpoint, InvalidConfig
+from ..models import ARCHITECTURES
 from . import distributed as dist
+from .lm_loss import causal_lm_loss
 from .stream import ActivationCache, ModelParts, block_output, first_block_inputs, head_loss
 
 FISHER_FORMAT = "sqllm-fisher"
@@ -132,6 +134,20 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
 
 
+def _frozen_head(model: nn.Module) -> nn.Linear | None:
+    """The head of a supported architecture whose weights get no gradient in this pass, or None.
+
+    For those architectures the logits are exactly ``head(base_model(ids).last_hidden_state)``, so the
+    loss can be taken at the head's input by :func:`~sqllm.engine.lm_loss.causal_lm_loss`; other models,
+    and a head that is itself a target, run the model's own forward and loss."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in ARCHITECTURES:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
+        return None
+    return head
+
+
 def compute_fisher(
     model: nn.Module,
     linear_names: list[str],
@@ -140,6 +156,7 @@ def compute_fisher(
     grad_checkpointing: bool = False,
     amp: torch.dtype | None = None,
     progress: bool = True,
+    frozen_head_loss: bool = True,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher ``{name: [out, in] float32}`` of the named linears' weights, on CPU.
 
@@ -149,6 +166,9 @@ def compute_fisher(
     mode and gradient checkpointing state are restored afterwards). Each gradient is squared into its
     float32 accumulator as soon as it is complete and then dropped, so at most one gradient per weight
     is alive; no optimizer is involved. ``amp``: run forward and backward under autocast to that dtype.
+    ``frozen_head_loss``: take the loss at the head's input (:func:`_frozen_head`), the same loss without
+    the ``[L, vocab]`` float32 logits and their backward; False always runs the model's own forward and
+    loss, the reference that path is checked against.
     """
     _check_windows(windows)
     weights = _target_weights(model, linear_names)
@@ -162,9 +182,14 @@ def compute_fisher(
         # One autocast context around every window: its cast cache keeps each target weight's
         # low-precision copy until the pass ends, so weights are cast once, not once per window.
         with _autocast(device, amp):
+            head = _frozen_head(model) if frozen_head_loss else None
             for window in tqdm(windows, desc="Fisher", unit="window", disable=not progress):
                 ids = window.unsqueeze(0).to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if head is None:
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                else:
+                    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                    loss = causal_lm_loss(hidden, head, ids)
                 with _autocast(device, None):  # backward outside autocast (nested: keeps the cache)
                     loss.backward()
     for t in acc.values():
@@ -189,7 +214,7 @@ def _run_blocks_forward(
 def _head_gradients(parts: ModelParts, hidden: Tensor, windows: Tensor, amp: torch.dtype | None) -> Tensor:
     """Gradient of each window's loss at the last block's output: ``[n, L, d]`` float32."""
     grads = []
-    with parts.loaded(parts.head_names()), torch.enable_grad():
+    with parts.loaded(parts.head_names()), _only_these_require_grad(parts.model, []), torch.enable_grad():
         for w in range(hidden.shape[0]):
             h = hidden[w : w + 1].detach().requires_grad_(True)
             with _autocast(parts.device, amp):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import CorruptCheckpoint, InvalidConfig, UnknownModel
 from ..models import ArchSpec, arch_spec, check_loading_info
+from .lm_loss import causal_lm_loss
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -411,9 +412,13 @@ def block_output(out: Any) -> Tensor:
 
 def head_loss(parts: ModelParts, hidden: Tensor, labels: Tensor) -> Tensor:
     """The causal-LM loss of the last block's output ``hidden [b, L, d]`` on ``labels [b, L]``: the
-    architecture's final modules, the head and the model's own loss function (head part loaded)."""
+    architecture's final modules, then the head and the model's own loss function (head part loaded); a
+    frozen linear head takes the chunked loss of :func:`~sqllm.engine.lm_loss.causal_lm_loss`."""
     h = hidden
     for name in parts.final_names:
         h = parts.model.get_submodule(name)(h)
-    logits = parts.model.get_submodule(parts.head_name)(h)
+    head = parts.model.get_submodule(parts.head_name)
+    if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        return causal_lm_loss(h, head, labels)
+    logits = head(h)
     return parts.model.loss_function(logits=logits, labels=labels, vocab_size=parts.model.config.vocab_size)
