@@ -13,7 +13,6 @@ logits and the gradient products run in the autocast dtype, the softmax in float
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
@@ -31,7 +30,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
     """loss = mean over labelled rows of ``-log softmax(x W^T + b)[target]``; gradient for ``x`` only."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None,
         targets: Tensor, chunk: int,
     ) -> Tensor:
@@ -45,21 +44,41 @@ class _FrozenHeadLoss(torch.autograd.Function):
             b = None if bias is None else bias.to(dtype)
             grad = torch.zeros_like(x)
             total = torch.zeros((), dtype=torch.float64, device=x.device)
+            # One set of chunk buffers for the whole call: a fresh [chunk, vocab] tensor per step and per
+            # op costs page faults and zeroing comparable to the arithmetic.
+            rows_max = min(chunk, x.shape[0])
+            low = dtype != torch.float32  # products in a lower precision than the float32 softmax
+            logits = torch.empty(rows_max, w.shape[0], dtype=dtype, device=x.device)
+            p = torch.empty(logits.shape, dtype=torch.float32, device=x.device) if low else logits
+            g_low = torch.empty(rows_max, x.shape[1], dtype=dtype, device=x.device)
             for s in range(0, x.shape[0], chunk):
                 rows = slice(s, s + chunk)
+                r = min(chunk, x.shape[0] - s)
                 t, keep = targets[rows].clamp_min(0).unsqueeze(1), valid[rows].unsqueeze(1)
-                log_p = torch.log_softmax(F.linear(x[rows].to(dtype), w, b).float(), dim=-1)
-                total -= log_p.gather(1, t).masked_fill_(~keep, 0).sum(dtype=torch.float64)
+                z, pr = logits[:r], p[:r]
+                if b is None:
+                    torch.mm(x[rows].to(dtype), w.t(), out=z)
+                else:
+                    torch.addmm(b, x[rows].to(dtype), w.t(), out=z)
+                if low:
+                    pr.copy_(z)
+                pr.sub_(pr.amax(dim=1, keepdim=True))  # z - max: every exp <= 1
+                z_t = pr.gather(1, t)
+                sums = pr.exp_().sum(dim=1, keepdim=True)
+                total -= (z_t - sums.log()).masked_fill_(~keep, 0).sum(dtype=torch.float64)
                 # d loss / d logits = (softmax - onehot(target)) / n on labelled rows, 0 on the others
                 scale = keep.float() / n
-                d_logits = log_p.exp_().mul_(scale).scatter_add_(1, t, -scale)
-                grad[rows] = (d_logits.to(dtype) @ w).to(x.dtype)
+                pr.mul_(scale / sums).scatter_add_(1, t, -scale)
+                if low:  # into the logits buffer, free again
+                    z.copy_(pr)
+                torch.mm(z, w, out=g_low[:r])
+                grad[rows] = g_low[:r]
         ctx.save_for_backward(grad)
         return (total / n).float()
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
         return grad * grad_loss, None, None, None, None
 
 
