@@ -39,6 +39,12 @@ def _naive_fisher(model, names, windows) -> dict[str, torch.Tensor]:
     return total
 
 
+def _assert_fisher_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """float32 round-off: the loss's gradient sums over the vocabulary with cancellation, so an entry's
+    error scales with the largest entries, not with itself."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def llama_and_reference():
     model = _tiny_llama()
@@ -53,7 +59,7 @@ def test_matches_naive_squared_gradients(llama_and_reference):
     assert list(got) == NAMES
     for n in NAMES:
         assert got[n].dtype == torch.float32 and got[n].shape == model.get_submodule(n).weight.shape
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
+        _assert_fisher_close(got[n], want[n])
         assert bool((got[n] > 0).any())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
@@ -64,7 +70,7 @@ def test_matches_naive_squared_gradients(llama_and_reference):
 def test_gradient_checkpointing_gives_the_same_fisher(llama_and_reference):
     model, want = llama_and_reference
     got = compute_fisher(model, NAMES[:1], _windows(), grad_checkpointing=True, progress=False)
-    torch.testing.assert_close(got[NAMES[0]], want[NAMES[0]], rtol=1e-5, atol=1e-12)
+    _assert_fisher_close(got[NAMES[0]], want[NAMES[0]])
     assert not model.training and not model.is_activation_checkpointing
 
 
@@ -103,7 +109,7 @@ def test_the_frozen_head_loss_replaces_the_models_own_loss(llama_and_reference):
     finally:
         hook.remove()
     for n in NAMES:
-        torch.testing.assert_close(fused[n], own[n], rtol=1e-5, atol=1e-12)
+        _assert_fisher_close(fused[n], own[n])
 
 
 def test_a_trainable_head_takes_the_models_own_loss(llama_and_reference):
@@ -113,7 +119,7 @@ def test_a_trainable_head_takes_the_models_own_loss(llama_and_reference):
     want = _naive_fisher(model, names, _windows())
     got = compute_fisher(model, names, _windows(), progress=False)
     for n in names:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
+        _assert_fisher_close(got[n], want[n])
 
 
 def test_unknown_linear_and_bad_windows_are_rejected(llama_and_reference):
