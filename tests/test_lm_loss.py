@@ -73,3 +73,5 @@ def test_bad_input_is_refused():
         causal_lm_loss(hidden, head, labels, chunk=0)
     with pytest.raises(ValueError, match="ignore index"):
         causal_lm_loss(hidden, head, torch.full_like(labels, IGNORE_INDEX))
+    with pytest.raises(ValueError, match="one token"):
+        causal_lm_loss(hidden[:, :1], head, labels[:, :1])

@@ -38,7 +38,8 @@ class _FrozenHeadLoss(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         n = int(valid.sum())
         if n == 0:
-            raise ValueError("causal_lm_loss: every label is the ignore index; the mean loss is undefined")
+            raise ValueError("causal_lm_loss: no position has a next token to predict (every label is the "
+                             "ignore index, or the sequences hold one token); the mean loss is undefined")
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
