@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
+from conftest import assert_fisher_close
 from sqllm.engine.fisher import compute_fisher, load_fisher, save_fisher
 from sqllm.engine.lm_loss import causal_lm_loss
 from sqllm.errors import CorruptCheckpoint, InvalidConfig
@@ -39,12 +40,6 @@ def _naive_fisher(model, names, windows) -> dict[str, torch.Tensor]:
     return total
 
 
-def _assert_fisher_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    """float32 round-off: the loss's gradient sums over the vocabulary with cancellation, so an entry's
-    error scales with the largest entries, not with itself."""
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7 * want.abs().max().item())
-
-
 @pytest.fixture(scope="module")
 def llama_and_reference():
     model = _tiny_llama()
@@ -59,7 +54,7 @@ def test_matches_naive_squared_gradients(llama_and_reference):
     assert list(got) == NAMES
     for n in NAMES:
         assert got[n].dtype == torch.float32 and got[n].shape == model.get_submodule(n).weight.shape
-        _assert_fisher_close(got[n], want[n])
+        assert_fisher_close(got[n], want[n])
         assert bool((got[n] > 0).any())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
@@ -70,7 +65,7 @@ def test_matches_naive_squared_gradients(llama_and_reference):
 def test_gradient_checkpointing_gives_the_same_fisher(llama_and_reference):
     model, want = llama_and_reference
     got = compute_fisher(model, NAMES[:1], _windows(), grad_checkpointing=True, progress=False)
-    _assert_fisher_close(got[NAMES[0]], want[NAMES[0]])
+    assert_fisher_close(got[NAMES[0]], want[NAMES[0]])
     assert not model.training and not model.is_activation_checkpointing
 
 
@@ -109,7 +104,7 @@ def test_the_frozen_head_loss_replaces_the_models_own_loss(llama_and_reference):
     finally:
         hook.remove()
     for n in NAMES:
-        _assert_fisher_close(fused[n], own[n])
+        assert_fisher_close(fused[n], own[n])
 
 
 def test_a_trainable_head_takes_the_models_own_loss(llama_and_reference):
@@ -119,7 +114,7 @@ def test_a_trainable_head_takes_the_models_own_loss(llama_and_reference):
     want = _naive_fisher(model, names, _windows())
     got = compute_fisher(model, names, _windows(), progress=False)
     for n in names:
-        _assert_fisher_close(got[n], want[n])
+        assert_fisher_close(got[n], want[n])
 
 
 def test_unknown_linear_and_bad_windows_are_rejected(llama_and_reference):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..errors import CorruptCheckpoint, InvalidConfig
 from ..models import ARCHITECTURES
 from . import distributed as dist
-from .lm_loss import causal_lm_loss
+from .lm_loss import causal_lm_loss, is_frozen_linear
 from .stream import ActivationCache, ModelParts, block_output, first_block_inputs, head_loss
 
 FISHER_FORMAT = "sqllm-fisher"
@@ -143,9 +143,7 @@ def _frozen_head(model: nn.Module) -> nn.Linear | None:
     if getattr(getattr(model, "config", None), "model_type", None) not in ARCHITECTURES:
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
-        return None
-    return head
+    return head if is_frozen_linear(head) else None
 
 
 def compute_fisher(

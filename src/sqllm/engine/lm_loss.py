@@ -12,6 +12,8 @@ logits and the gradient products run in the autocast dtype, the softmax in float
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import Tensor, nn
 
@@ -83,6 +85,12 @@ class _FrozenHeadLoss(torch.autograd.Function):
         return grad * grad_loss, None, None, None, None
 
 
+def is_frozen_linear(head: nn.Module | None) -> TypeGuard[nn.Linear]:
+    """Whether :func:`causal_lm_loss` can stand in for ``head`` and the loss after it: a plain linear
+    whose parameters take no gradient."""
+    return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
 def causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, *, chunk: int = 256) -> Tensor:
     """Mean next-token cross-entropy of ``head(hidden)`` on ``labels``, as transformers' causal-LM loss
     (row ``t`` predicts ``labels[:, t + 1]``; labels of -100 are skipped).
@@ -102,5 +110,4 @@ def causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, *, chunk: in
     # The last position has no next token: it takes no part in the loss, and its gradient is 0.
     x = hidden[:, :-1].reshape(-1, d)
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
-    loss = _FrozenHeadLoss.apply(x, head.weight, head.bias, targets, chunk)
-    return loss
+    return _FrozenHeadLoss.apply(x, head.weight, head.bias, targets, chunk)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import CorruptCheckpoint, InvalidConfig, UnknownModel
 from ..models import ArchSpec, arch_spec, check_loading_info
-from .lm_loss import causal_lm_loss
+from .lm_loss import causal_lm_loss, is_frozen_linear
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -418,7 +418,7 @@ def head_loss(parts: ModelParts, hidden: Tensor, labels: Tensor) -> Tensor:
     for name in parts.final_names:
         h = parts.model.get_submodule(name)(h)
     head = parts.model.get_submodule(parts.head_name)
-    if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):
+    if is_frozen_linear(head):
         return causal_lm_loss(h, head, labels)
     logits = head(h)
     return parts.model.loss_function(logits=logits, labels=labels, vocab_size=parts.model.config.vocab_size)
