@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from sqllm.codes import fp16_grid
 from sqllm.quant import kmeans
-from sqllm.quant.kmeans import weighted_kmeans, weighted_kmeans_objective
+from sqllm.quant.kmeans import value_faults, weighted_kmeans, weighted_kmeans_objective
 
 KINDS = ["normal-uniform", "laplace-gamma", "t3-squared", "tiny-weights", "repeated-values", "some-zero-weights",
          "adjacent-floats"]
@@ -242,3 +243,50 @@ def test_bad_inputs(args, message):
 def test_no_rows_gives_empty_tables():
     c, codes = weighted_kmeans(torch.zeros(0, 12), torch.zeros(0, 12), 4)
     assert c.shape == (0, 4) and codes.shape == (0, 12) and codes.dtype == torch.uint8
+
+
+def _float64_objective(x, w, c, codes):
+    """The objective on torch's float64 path (float64 inputs never take the library's)."""
+    return weighted_kmeans_objective(x.double(), None if w is None else w.double(), c.double(), codes)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_objective_in_the_library_equals_the_float64_reference(weighted, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 301, generator=g).to(dtype)
+    w = torch.rand(70, 301, generator=g) if weighted else None
+    c, codes = weighted_kmeans(x, w, 8, fp16=True)
+    want = _float64_objective(x, w, c, codes)
+    got = weighted_kmeans_objective(x, w, c, codes)
+    assert got.dtype == torch.float64 and got.shape == (70,)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(weighted_kmeans_objective(x, w, c, codes), got)  # row sums do not depend on threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_objective_refuses_codes_and_tables_that_do_not_fit():
+    x = torch.randn(4, 10)
+    c, codes = weighted_kmeans(x, None, 4)
+    with pytest.raises(ValueError, match="some codes are 4 or more"):
+        weighted_kmeans_objective(x, None, c, codes.clone().fill_(4))
+    with pytest.raises(ValueError, match="centroids"):
+        weighted_kmeans_objective(x, None, c[:3], codes)
+    with pytest.raises(ValueError, match="weight shape"):
+        weighted_kmeans_objective(x, torch.ones(4, 9), c, codes)
+
+
+def test_value_faults_in_the_library_equal_torch():
+    bad_values = [float("nan"), float("inf"), -float("inf"), -1e-30, -0.0, 0.0, 3.0]
+    for a, b in itertools.product(bad_values, repeat=2):
+        x = torch.ones(3, 5)
+        w = torch.ones(3, 5)
+        x[1, 2], w[2, 4] = a, b
+        native = value_faults(x, w)
+        on_torch = value_faults(x.t().contiguous().t(), w.double())  # not contiguous / not float32: torch
+        assert native == on_torch, (a, b)
+        assert native == (not math.isfinite(a), not (math.isfinite(b) and b >= 0))

@@ -13,7 +13,7 @@ from sqllm.config import SqueezeLLMConfig
 from sqllm.errors import InvalidConfig
 from sqllm.methods import LayerStats, get_method
 from sqllm.nn import QuantLinear
-from sqllm.quant.kmeans import weighted_kmeans
+from sqllm.quant.kmeans import weighted_kmeans, weighted_kmeans_objective
 from sqllm.quant.squeezellm import (
     WIDTHS,
     allocate_row_bits,
@@ -126,6 +126,19 @@ def test_fisher_weighting_lowers_weighted_error():
     err_weighted = (fisher * (squeezellm_quantize(w, fisher, cfg).dequantize() - w) ** 2).sum()
     err_plain = (fisher * (squeezellm_quantize(w, None, cfg).dequantize() - w) ** 2).sum()
     assert err_weighted < 0.8 * err_plain
+
+
+@pytest.mark.parametrize("fisher_given", [True, False])
+def test_dense_setting_is_the_weighted_kmeans_with_its_objective(fisher_given):
+    w, fisher = _matrix(seed=2)
+    fisher = fisher if fisher_given else None
+    qm = squeezellm_quantize(w, fisher, SqueezeLLMConfig(3))
+    lut, codes = weighted_kmeans(w, fisher, 8, fp16=True)
+    assert torch.equal(qm.dense.lut, lut) and torch.equal(qm.dense.codes, codes) and qm.sparse is None
+    assert qm.info["zeroed_lut_rows"] == 0 and qm.info["sensitive"] == qm.info["outliers"] == 0
+    weight = None if fisher is None else fisher.double()
+    want = weighted_kmeans_objective(w.double(), weight, lut.double(), codes).sum()
+    assert qm.info["kmeans_objective"] == pytest.approx(float(want), rel=1e-12)
 
 
 def test_zero_fisher_rows_fall_back_to_unweighted():

@@ -82,6 +82,8 @@ def _native(simd: bool) -> ctypes.CDLL:
     dll.kmeans_rows.restype = None
     dll.kmeans_check.argtypes = [p, p, i64]
     dll.kmeans_check.restype = i32
+    dll.kmeans_objective.argtypes = [p, p, p, p, i64, i64, i32, i32, p]
+    dll.kmeans_objective.restype = i32
     return dll
 
 
@@ -94,14 +96,18 @@ def _check_shapes(x: Tensor, weight: Tensor | None, k: int) -> None:
         raise ValueError(f"weight shape {tuple(weight.shape)} differs from x shape {tuple(x.shape)}")
 
 
-def _check_values(dll: ctypes.CDLL, x32: Tensor, w32: Tensor | None) -> None:
-    """The values' contract, checked by the solver's library in one pass (torch's isfinite, all and min
-    took four, about a tenth of the whole k-means at 3 bits)."""
-    bad = dll.kmeans_check(x32.data_ptr(), None if w32 is None else w32.data_ptr(), x32.numel())
-    if bad & 1:
-        raise ValueError("x has NaN or infinite values")
-    if bad & 2:
-        raise ValueError("k-means weights must be finite and >= 0")
+def value_faults(x: Tensor, weight: Tensor | None = None) -> tuple[bool, bool]:
+    """(whether ``x`` holds a NaN or an infinity, whether ``weight`` (same shape) holds a NaN, an infinity
+    or a negative value; -0.0 is fine). For contiguous float32 CPU tensors the solver's library reads
+    each value once (torch's isfinite, all and min take four passes, a tenth of the k-means at 3 bits)."""
+    if weight is not None and weight.shape != x.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} differs from x shape {tuple(x.shape)}")
+    tensors = [x] + ([] if weight is None else [weight])
+    if all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        bad = _native(_simd()).kmeans_check(x.data_ptr(), None if weight is None else weight.data_ptr(), x.numel())
+        return bool(bad & 1), bool(bad & 2)
+    bad_w = weight is not None and not bool((torch.isfinite(weight) & (weight >= 0)).all())
+    return not bool(torch.isfinite(x).all()), bad_w
 
 
 def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, fp16: bool = False) -> tuple[Tensor, Tensor]:
@@ -124,10 +130,13 @@ def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, fp16: bool = Fa
     centroids = torch.empty(rows, k, dtype=torch.float32)
     codes = torch.empty(rows, n, dtype=torch.uint8)
     if rows:
-        dll = _native(_simd())
-        _check_values(dll, x32, w32)
+        bad_x, bad_w = value_faults(x32, w32)
+        if bad_x:
+            raise ValueError("x has NaN or infinite values")
+        if bad_w:
+            raise ValueError("k-means weights must be finite and >= 0")
         w32 = torch.zeros_like(x32) if w32 is None else w32
-        dll.kmeans_rows(x32.data_ptr(), w32.data_ptr(), rows, n, k, int(fp16), torch.get_num_threads(),
+        _native(_simd()).kmeans_rows(x32.data_ptr(), w32.data_ptr(), rows, n, k, int(fp16), torch.get_num_threads(),
                         centroids.data_ptr(), codes.data_ptr())
     return centroids.to(device, dtype), codes.to(device)
 
@@ -138,7 +147,34 @@ def nearest_codes(x: Tensor, centroids: Tensor) -> Tensor:
     return torch.searchsorted(mid.contiguous(), x.to(mid.dtype).contiguous()).to(torch.uint8)
 
 
+_FLOAT32_EXACT = (torch.float32, torch.bfloat16, torch.float16)  # dtypes whose values float32 holds exactly
+
+
 def weighted_kmeans_objective(x: Tensor, weight: Tensor | None, centroids: Tensor, codes: Tensor) -> Tensor:
-    """``[rows]`` float64 ``sum_i weight_i (x_i - centroids[codes_i])^2`` (``weight=None``: all ones)."""
-    err = (x.to(torch.float64) - centroids.to(torch.float64).gather(1, codes.long())) ** 2
-    return err.sum(1) if weight is None else (weight.to(torch.float64) * err).sum(1)
+    """``[rows]`` float64 ``sum_i weight_i (x_i - centroids[codes_i])^2`` (``weight=None``: all ones) of
+    ``x: [rows, n]``, ``centroids: [rows, k]``, ``codes: [rows, n]``.
+
+    Every term is formed in float64. On the CPU, with uint8 codes and float32 (or narrower) values, the
+    solver's library sums each row in one pass in column order; torch's float64 path, for everything
+    else, takes six passes and a [rows, n] int64 copy of the codes (most of SqueezeLLM's time on a 7B
+    model's matrices). The two agree to float64 round-off.
+    """
+    if codes.shape != x.shape or centroids.dim() != 2 or centroids.shape[0] != x.shape[0]:
+        raise ValueError(f"codes {tuple(codes.shape)} and centroids {tuple(centroids.shape)} do not fit x "
+                         f"{tuple(x.shape)}: want codes [rows, n] and centroids [rows, k]")
+    if weight is not None and weight.shape != x.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} differs from x shape {tuple(x.shape)}")
+    tensors = [x, centroids] + ([] if weight is None else [weight])
+    native = (codes.dtype == torch.uint8 and all(t.device.type == "cpu" for t in [codes, *tensors])
+              and all(t.dtype in _FLOAT32_EXACT for t in tensors) and x.numel() > 0)
+    if not native:
+        err = (x.to(torch.float64) - centroids.to(torch.float64).gather(1, codes.long())) ** 2
+        return err.sum(1) if weight is None else (weight.to(torch.float64) * err).sum(1)
+    x32, c32, q = x.detach().float().contiguous(), centroids.detach().float().contiguous(), codes.contiguous()
+    w32 = None if weight is None else weight.detach().float().contiguous()
+    (rows, n), k = x.shape, centroids.shape[1]
+    out = torch.empty(rows, dtype=torch.float64)
+    if _native(_simd()).kmeans_objective(x32.data_ptr(), None if w32 is None else w32.data_ptr(), c32.data_ptr(),
+                                         q.data_ptr(), rows, n, k, torch.get_num_threads(), out.data_ptr()):
+        raise ValueError(f"codes index {k} centroids per row; some codes are {k} or more")
+    return out

@@ -21,6 +21,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -548,21 +549,52 @@ extern "C" int32_t kmeans_check(const float* x, const float* w, int64_t count) {
     return int32_t(bad_x | (bad_w << 1));
 }
 
+// Runs ``row_fn(begin, end)`` over ``rows`` rows split evenly over at most ``threads`` threads (at least 16
+// rows a thread: below that, starting a thread costs more than it saves).
+template <class F>
+void over_rows(int64_t rows, int32_t threads, F row_fn) {
+    threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 16)));
+    if (threads == 1) {
+        row_fn(int64_t(0), rows);
+        return;
+    }
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(row_fn, rows * t / threads, rows * (t + 1) / threads);
+    for (auto& th : pool) th.join();
+}
+
 // x, w: [rows, n] float32 row-major (w >= 0, finite); writes centroids [rows, k] float32 and codes
 // [rows, n] uint8. Rows are split evenly over ``threads`` threads.
 extern "C" void kmeans_rows(const float* x, const float* w, int64_t rows, int64_t n, int32_t k, int32_t fp16,
                             int32_t threads, float* centroids, uint8_t* codes) {
-    auto work = [=](int64_t begin, int64_t end) {
+    over_rows(rows, threads, [=](int64_t begin, int64_t end) {
         RowWork r;
         for (int64_t i = begin; i < end; ++i)
             kmeans_row(x + i * n, w + i * n, int(n), k, fp16 != 0, centroids + i * k, codes + i * n, r);
-    };
-    threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 16)));
-    if (threads == 1) {
-        work(0, rows);
-        return;
-    }
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) pool.emplace_back(work, rows * t / threads, rows * (t + 1) / threads);
-    for (auto& th : pool) th.join();
+    });
+}
+
+// The weighted k-means objective of every row: out[i] = sum_j w[i, j] (x[i, j] - centroids[i, codes[i, j]])^2,
+// each term and the row's sum in double, in column order (so the result does not depend on ``threads``);
+// w null means weight 1. x, w: [rows, n] float32; centroids: [rows, k] float32; codes: [rows, n] uint8.
+// Returns 1 if a code is k or more (its term then reads entry 0; the caller raises), else 0.
+extern "C" int32_t kmeans_objective(const float* x, const float* w, const float* centroids, const uint8_t* codes,
+                                    int64_t rows, int64_t n, int32_t k, int32_t threads, double* out) {
+    std::atomic<int32_t> bad{0};
+    over_rows(rows, threads, [&](int64_t begin, int64_t end) {
+        int32_t row_bad = 0;
+        for (int64_t i = begin; i < end; ++i) {
+            const float *xi = x + i * n, *ci = centroids + i * k, *wi = w ? w + i * n : nullptr;
+            const uint8_t* qi = codes + i * n;
+            double sum = 0;
+            for (int64_t j = 0; j < n; ++j) {
+                row_bad |= qi[j] >= k;
+                const double d = double(xi[j]) - double(ci[qi[j] < k ? qi[j] : 0]);
+                sum += wi ? double(wi[j]) * (d * d) : d * d;
+            }
+            out[i] = sum;
+        }
+        if (row_bad) bad.store(1, std::memory_order_relaxed);
+    });
+    return bad.load();
 }
