@@ -141,6 +141,13 @@ def test_dense_setting_is_the_weighted_kmeans_with_its_objective(fisher_given):
     assert qm.info["kmeans_objective"] == pytest.approx(float(want), rel=1e-12)
 
 
+def test_dequantize_over_many_rows_is_the_table_lookup():
+    w, fisher = _matrix(out=150, seed=4)  # more rows than dequantize takes at a time
+    qm = squeezellm_quantize(w, fisher, SqueezeLLMConfig(3, mixed=True))
+    lut, codes = qm.dense.lut, qm.dense.codes
+    assert torch.equal(qm.dense.dequantize(), lut[torch.arange(150)[:, None], codes.long()])
+
+
 def test_zero_fisher_rows_fall_back_to_unweighted():
     w, fisher = _matrix()
     fisher[3] = 0.0

@@ -121,7 +121,12 @@ class LUTCodes:
 
     def dequantize(self) -> Tensor:
         """Reference dequantization: ``[out, in]`` float32."""
-        return torch.gather(self.lut, 1, self.codes.long())
+        out = torch.empty(self.codes.shape, dtype=self.lut.dtype, device=self.codes.device)
+        # A few rows at a time: gather wants int64 indices, and their copy of a whole 7B MLP matrix's codes
+        # (360 MB) costs as much again as the gather; a chunk's copy stays in cache.
+        for s in range(0, self.codes.shape[0], 64):
+            torch.gather(self.lut[s : s + 64], 1, self.codes[s : s + 64].long(), out=out[s : s + 64])
+        return out
 
     def storage_bits(self) -> dict[str, int]:
         """Bits by part: codes at each row's width, fp16 tables of ``2**width`` entries, and one byte per
