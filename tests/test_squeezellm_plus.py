@@ -104,6 +104,18 @@ def test_tables_solve_the_per_row_least_squares():
         assert ours <= best * (1 + 1e-6)
 
 
+def test_tables_solved_a_few_rows_at_a_time_equal_the_whole_solve():
+    w, fisher, h = _layer()
+    qm, extracted = _start(w, fisher, sensitive_pct=1.0, outlier_pct=1.0)
+    m = output_metric(fisher, h, 0.01, 0.01)
+    whole = solve_tables(w, qm.dense.lut, qm.dense.codes, extracted, m)
+    k, n_in = qm.dense.lut.shape[1], w.shape[1]
+    for rows in (2, 5, w.shape[0] - 1):  # uneven chunks, the last one short
+        chunked = solve_tables(w, qm.dense.lut, qm.dense.codes, extracted, m, chunk_elements=rows * k * n_in)
+        # the same per-row problems; only the float32 product C B of a smaller batch may round otherwise
+        torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6 * float(whole.abs().max()))
+
+
 def test_tables_with_uncorrelated_inputs_are_fisher_weighted_means():
     w, fisher, _ = _layer()
     qm, extracted = _start(w, fisher)

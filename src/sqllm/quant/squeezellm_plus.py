@@ -115,20 +115,37 @@ def sweep_codes(w: Tensor, lut: Tensor, extracted: Tensor, metric: OutputMetric,
     return codes_t.T.contiguous()
 
 
-def solve_tables(w: Tensor, lut: Tensor, codes: Tensor, extracted: Tensor, metric: OutputMetric) -> Tensor:
+def solve_tables(
+    w: Tensor, lut: Tensor, codes: Tensor, extracted: Tensor, metric: OutputMetric, *, chunk_elements: int = 1 << 24
+) -> Tensor:
     """Least-squares tables ``[out, K]`` (float64, unsorted, not rounded) for fixed codes.
 
     Row r minimises ``(t_r - B_r c)^T C (t_r - B_r c)`` over ``c``, with ``t = S w`` and ``B_r[j, a] =
     s_rj [codes_rj = a]`` (zero at extracted values, whose error is zero anyway): the normal equations
     ``G_r c = h_r``, ``G_r = B_r^T C B_r``, ``h_r = B_r^T C t_r``. A small ridge towards the current
     table keeps rows with unused entries solvable (those entries stay where they are).
+
+    Rows are solved in chunks of about ``chunk_elements`` entries of ``B^T`` (``[rows, K, in]``, held in
+    float32 and float64 at once): whole, a 7B model's MLP matrix would need about 10 GB at 3 bits and 20 GB
+    at 4, by those tensors' sizes.
     """
+    rows = max(1, chunk_elements // (lut.shape[1] * w.shape[1]))
+    parts = [
+        _solve_table_rows(w[r : r + rows], lut[r : r + rows], codes[r : r + rows], extracted[r : r + rows],
+                          metric.scale[r : r + rows], metric.corr)
+        for r in range(0, w.shape[0], rows)
+    ]
+    return torch.cat(parts) if parts else torch.empty(lut.shape, dtype=torch.float64)
+
+
+def _solve_table_rows(w: Tensor, lut: Tensor, codes: Tensor, extracted: Tensor, scale: Tensor, corr: Tensor) -> Tensor:
+    """:func:`solve_tables` of a few rows, ``scale: [rows, in]`` their part of the metric's scale."""
     out, n_in = w.shape
     k = lut.shape[1]
-    s = metric.scale * (~extracted)
+    s = scale * (~extracted)
     bt = torch.zeros(out, k, n_in).scatter_(1, codes.long().unsqueeze(1), s.unsqueeze(1))  # B_r^T, [out, K, in]
     # B_r^T C and t_r^T C for every row in one product (C is symmetric): [out * (K + 1), in] @ [in, in].
-    m = torch.cat([bt.reshape(out * k, n_in), w * s]) @ metric.corr
+    m = torch.cat([bt.reshape(out * k, n_in), w * s]) @ corr
     bc, tc = m[: out * k].reshape(out, k, n_in).double(), m[out * k:].double()
     btd = bt.double()
     g = torch.bmm(bc, btd.transpose(1, 2))  # [out, K, K]
