@@ -137,7 +137,7 @@ def weighted_kmeans(x: Tensor, weight: Tensor | None, k: int, *, fp16: bool = Fa
             raise ValueError("k-means weights must be finite and >= 0")
         w32 = torch.zeros_like(x32) if w32 is None else w32
         _native(_simd()).kmeans_rows(x32.data_ptr(), w32.data_ptr(), rows, n, k, int(fp16), torch.get_num_threads(),
-                        centroids.data_ptr(), codes.data_ptr())
+                                     centroids.data_ptr(), codes.data_ptr())
     return centroids.to(device, dtype), codes.to(device)
 
 
