@@ -9,7 +9,14 @@ import torch
 
 from conftest import assert_fisher_close, tiny_model
 from sqllm.engine.fisher import compute_fisher, streamed_fisher_dict
-from sqllm.engine.stream import ActivationCache, InMemoryParts, StreamedModel, check_device, first_block_inputs
+from sqllm.engine.stream import (
+    ActivationCache,
+    InMemoryParts,
+    StreamedModel,
+    all_finite,
+    check_device,
+    first_block_inputs,
+)
 from sqllm.errors import CorruptCheckpoint, InvalidConfig
 from sqllm.models import linear_names
 
@@ -127,3 +134,13 @@ def test_streamed_perplexity_equals_whole_model_perplexity(family, tmp_path):
     got = streamed_perplexity(StreamedModel(_saved(model, tmp_path / "ckpt")), tokens, seqlen=32, progress=False)
     assert got["windows"] == want["windows"] == 3
     torch.testing.assert_close(torch.tensor(got["window_nll"]), torch.tensor(want["window_nll"]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite(dtype):
+    for bad in (None, float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(7, 33).to(dtype)
+        if bad is not None:
+            t[3, 5] = bad
+        assert all_finite(t) == bool(torch.isfinite(t).all()) == (bad is None)
+    assert all_finite(torch.empty(0, 4, dtype=dtype))
