@@ -148,6 +148,10 @@ def main() -> None:
         return
     if not a.baseline:
         p.error("--baseline is required")
+    from scale import SHAPES  # only here: a worker must import sqllm from its own tree first
+
+    if a.shape not in SHAPES:
+        p.error(f"--shape {a.shape!r} is not one of benchmarks/scale.py's shapes: {', '.join(SHAPES)}")
     sys.path.insert(0, str(ROOT / "src"))
     from sqllm.report import git_commit, machine_info
 
