@@ -106,15 +106,14 @@ def _kmeans_weight(w: Tensor, fisher: Tensor | None, extracted: Tensor | None) -
     A row whose remaining Fisher is all zero is weighted uniformly over its remaining values, so the
     extracted ones still do not pull its centroids.
     """
-    if extracted is None:
-        if fisher is None:
-            return torch.ones_like(w)
-        weight = fisher.float()
-        empty = weight.sum(1, keepdim=True) <= 0  # Fisher >= 0: a row sums to 0 only if it is all zero
-        return torch.where(empty, 1.0, weight) if bool(empty.any()) else weight
-    keep = (~extracted).float()
-    weight = keep if fisher is None else fisher.float() * keep
-    return torch.where(weight.sum(1, keepdim=True) > 0, weight, keep)
+    keep = None if extracted is None else (~extracted).float()
+    if fisher is None:
+        return torch.ones_like(w) if keep is None else keep
+    weight = fisher.float() if keep is None else fisher.float() * keep
+    empty = weight.sum(1, keepdim=True) <= 0  # Fisher >= 0: a row sums to 0 only if it is all zero
+    if not bool(empty.any()):
+        return weight
+    return torch.where(empty, 1.0 if keep is None else keep, weight)
 
 
 WIDTHS = (2, 3, 4)  # table widths a mixed-precision row may get
@@ -292,9 +291,10 @@ def squeezellm_quantize(
     else:
         lut, codes = weighted_kmeans(w, weight, 2**cfg.bits, fp16=True)
     sparse = None
-    zeroed = torch.zeros(w.shape[0], dtype=torch.bool)
+    n_zeroed = 0
     if any_extracted:
         lut, codes, zeroed = _exact_sparse(w, extracted, lut, codes)
+        n_zeroed = int(torch.count_nonzero(zeroed))
         rows, cols = extracted.nonzero(as_tuple=True)  # row-major: sorted by row, then column
         values = w[rows, cols] - lut[rows, codes[rows, cols].long()]
         sparse = SparseOutliers(rows=rows, cols=cols, values=values, shape=(w.shape[0], w.shape[1]))
@@ -306,7 +306,7 @@ def squeezellm_quantize(
         "sensitive_pct": 100.0 * n_sensitive / total,
         "outliers": n_outliers,
         "outlier_pct": 100.0 * n_outliers / total,
-        "zeroed_lut_rows": int(torch.count_nonzero(zeroed)),
+        "zeroed_lut_rows": n_zeroed,
         "kmeans_objective": float(weighted_kmeans_objective(w, weight, lut, codes).sum()),
     }
     if row_bits is not None:
